@@ -1,0 +1,104 @@
+"""Reading and writing model weights: safetensors (ours) and SAM-Med3D `.pth` files, never unpickled blindly."""
+
+import hashlib
+import importlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..models import build_sam3d
+
+
+class WeightsMissingError(FileNotFoundError):
+    """The configured checkpoint does not exist; the task stays registered and says so."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    checkpoint: str | None  # path of the weights, None for a factory that needs none
+    checkpoint_sha256: str | None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state_dict from safetensors, or from a torch file loaded with `weights_only=True`.
+
+    Accepts SAM-Med3D's training checkpoints (`{"model_state_dict": ...}`) as well as a bare state_dict.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} holds no state_dict of tensors")
+    return obj
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, config: dict, half: bool = False) -> None:
+    """Weights as safetensors plus `<stem>.yaml` with the network config; each file replaced atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    _atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _resolve_factory(spec: str):
+    module, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"factory must be 'module:callable', got {spec!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+def load_model(model_config: dict, base_dir: str | os.PathLike | None = None) -> LoadedModel:
+    """The network a model config describes, with its weights.
+
+    Config keys: `preset` (a name in `sam3d.models.PRESETS`), `network` (size overrides), `checkpoint` (path,
+    relative to `base_dir`), or `factory: "module:callable"` for a user's own module with the same
+    `encode_image`/`decode` interface (called with the config; it loads its own weights).
+    """
+    if model_config.get("factory"):
+        model = _resolve_factory(model_config["factory"])(model_config)
+        return LoadedModel(model.eval(), model_config.get("checkpoint"), None)
+    ckpt = model_config.get("checkpoint")
+    if not ckpt:
+        raise WeightsMissingError("no checkpoint configured: set `checkpoint` in the model config or with --conf")
+    path = Path(ckpt)
+    if base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
+    if not path.is_file():
+        raise WeightsMissingError(f"checkpoint not found: {path}")
+    model = build_sam3d(model_config.get("preset", "sam_med3d_turbo"), **(model_config.get("network") or {}))
+    state = {k: v.float() for k, v in read_state_dict(path).items()}
+    model.load_state_dict(state, strict=True)
+    return LoadedModel(model.eval(), str(path), file_sha256(path))
