@@ -1,0 +1,320 @@
+"""Clicks and boxes on an image -> a 3D mask on the image's own grid.
+
+The image is loaded and resampled once per session; the image embedding of each window is cached; each
+(image, label) keeps the previous low-res logits so the next click refines the last mask, as SAM-Med3D does.
+"""
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cache import ByteLRU
+from .checkpoint import LoadedModel
+from .errors import Sam3DInputError
+from .image_session import ImageKey, ImageSession
+from .windows import contains, crop, interior_point, neighbour_start, overlap, touched_faces, window_start
+
+_EMPTY_LOGIT = -20.0  # "certainly background" where no window has looked
+
+
+@dataclass
+class EngineConfig:
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    clip: tuple[float, float] | None = None  # intensity window applied before normalisation (e.g. CT HU)
+    normalize: str = "zscore_foreground"  # SAM-Med3D's: z-score over the window's voxels > 0
+    cache_mb: int = 2048  # image embeddings
+    session_cache_mb: int = 4096  # resampled images
+    max_windows: int = 8  # windows one request may use to follow a large structure
+    max_voxels: int = 400_000_000  # larger images are refused rather than exhausting memory
+    reuse_margin: int = 8  # keep the last window while every prompt is this many voxels inside it
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "EngineConfig":
+        intensity = cfg.get("intensity") or {}
+        out = cls()
+        if cfg.get("spacing") is not None:
+            sp = cfg["spacing"]
+            out.spacing = tuple(float(v) for v in (sp if isinstance(sp, (list, tuple)) else [sp] * 3))
+        if intensity.get("clip") is not None:
+            out.clip = tuple(float(v) for v in intensity["clip"])
+        out.normalize = intensity.get("normalize", out.normalize)
+        for name in ("cache_mb", "session_cache_mb", "max_windows", "max_voxels", "reuse_margin"):
+            if cfg.get(name) is not None:
+                setattr(out, name, int(cfg[name]))
+        if out.normalize not in ("zscore_foreground", "zscore", "none"):
+            raise ValueError(f"unknown intensity normalisation {out.normalize!r}")
+        return out
+
+
+@dataclass
+class SegmentResult:
+    mask: np.ndarray  # uint8 0/1, the image array's shape
+    affine: np.ndarray  # 4x4, the image's affine as LoadImage reports it
+    timings: dict[str, float]
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class _LabelState:
+    prompts: list  # [(i, j, k, is_foreground)] and roi of the request that produced this state
+    low_res: dict  # window start -> low-res logits (1, 1, s, s, s)
+    canvas: torch.Tensor  # model-grid logits of the last answer (float16)
+
+
+def _normalize(x: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
+    if cfg.clip is not None:
+        x = x.clamp(*cfg.clip)
+    if cfg.normalize == "none":
+        return x
+    values = x[x > 0] if cfg.normalize == "zscore_foreground" else x
+    if values.numel() < 2:
+        values = x
+    return (x - values.mean()) / values.std().clamp_min(1e-8)
+
+
+def _parse_points(points, name: str) -> np.ndarray:
+    if points is None:
+        return np.zeros((0, 3))
+    try:
+        arr = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise Sam3DInputError(f"{name} must be a list of [i, j, k] voxel indices, got {points!r}") from None
+    if arr.size == 0:
+        return np.zeros((0, 3))
+    if arr.ndim != 2 or arr.shape[1] != 3 or not np.isfinite(arr).all():
+        raise Sam3DInputError(f"{name} must be a list of [i, j, k] voxel indices, got {points!r}")
+    return arr
+
+
+class InteractiveEngine:
+    """Thread-safe; one per served model."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, device: str = "cpu") -> None:
+        self.config = config or EngineConfig()
+        self.device = torch.device(device)
+        self.model = loaded.model.to(self.device).eval()
+        self.checkpoint = loaded.checkpoint
+        self.model_id = loaded.checkpoint_sha256 or f"{type(self.model).__name__}@{id(self.model)}"
+        self._sessions = ByteLRU(self.config.session_cache_mb << 20, sizeof=lambda s: s.nbytes)
+        self._embeddings = ByteLRU(self.config.cache_mb << 20, sizeof=lambda t: t.element_size() * t.nelement())
+        self._states: OrderedDict = OrderedDict()
+        self._max_states = 32
+        self._lock = threading.RLock()
+
+    # ---- sessions and caches -------------------------------------------------------------------------------
+
+    def _session(self, path: str) -> tuple[ImageSession, ImageKey, bool]:
+        key = ImageKey.of(path)
+        sess = self._sessions.get(key)
+        if sess is not None:
+            return sess, key, True
+        sess = ImageSession(path, self.config.spacing, self.config.max_voxels)
+        self._sessions.put(key, sess)
+        # a changed file makes the caches of its old version useless
+        self._embeddings.discard(lambda k: k[0].path == key.path and k[0] != key)
+        for old in [k for k in self._states if k[0].path == key.path and k[0] != key]:
+            del self._states[old]
+        return sess, key, False
+
+    def _embedding(self, sess: ImageSession, key: ImageKey, start: tuple) -> tuple[torch.Tensor, float]:
+        cache_key = (key, self.model_id, start)
+        emb = self._embeddings.get(cache_key)
+        if emb is not None:
+            return emb, 0.0
+        t = time.perf_counter()
+        window = _normalize(sess.crop(start, self.model.img_size), self.config)
+        emb = self.model.encode_image(window[None, None].to(self.device))
+        self._synchronize()
+        self._embeddings.put(cache_key, emb)
+        return emb, time.perf_counter() - t
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ---- one request ---------------------------------------------------------------------------------------
+
+    def segment(self, image_path: str, foreground=None, background=None, roi=None, label: str = "structure"):
+        t_start = time.perf_counter()
+        fg = _parse_points(foreground, "foreground")
+        bg = _parse_points(background, "background")
+        if len(fg) == 0 and len(bg) == 0 and roi is None:
+            raise Sam3DInputError("no prompt: give at least one foreground click or a box (roi)")
+        if len(fg) == 0 and roi is None:
+            raise Sam3DInputError("only background clicks: add a foreground click or a box (roi) on the structure")
+        with self._lock, torch.inference_mode():
+            sess, key, cached_session = self._session(str(image_path))
+            t_loaded = time.perf_counter()
+            self._check_inside(fg, sess.shape, "foreground")
+            self._check_inside(bg, sess.shape, "background")
+            box_image = self._parse_roi(roi, sess.shape)
+            result = self._segment(sess, key, fg, bg, box_image, label)
+        result.timings["load"] = 0.0 if cached_session else t_loaded - t_start
+        result.timings["total"] = time.perf_counter() - t_start
+        return result
+
+    @staticmethod
+    def _check_inside(points: np.ndarray, shape: tuple, name: str) -> None:
+        for p in points:
+            if np.any(p < 0) or np.any(p > np.asarray(shape) - 1):
+                raise Sam3DInputError(f"{name} point {p.astype(int).tolist()} is outside the image of shape {list(shape)}")
+
+    @staticmethod
+    def _parse_roi(roi, shape: tuple) -> np.ndarray | None:
+        """[i0, j0, i1, j1, k0, k1] -> (2, 3) corners in image indices."""
+        if roi is None or (hasattr(roi, "__len__") and len(roi) == 0):
+            return None
+        try:
+            i0, j0, i1, j1, k0, k1 = (float(v) for v in roi)
+        except (TypeError, ValueError):
+            raise Sam3DInputError(f"roi must be [i0, j0, i1, j1, k0, k1], got {roi!r}") from None
+        box = np.array([[i0, j0, k0], [i1, j1, k1]])
+        if np.any(box[0] > box[1]):
+            raise Sam3DInputError(f"roi {roi} is empty: each start must not exceed its end")
+        InteractiveEngine._check_inside(box, shape, "roi corner")
+        return box
+
+    def _segment(self, sess, key, fg, bg, box_image, label) -> SegmentResult:
+        cfg, size = self.config, self.model.img_size
+        state_key = (key, label)
+        prompts = [(*p, True) for p in fg.tolist()] + [(*p, False) for p in bg.tolist()]
+        prompts.append(("roi", None if box_image is None else box_image.tolist()))
+        state = self._states.get(state_key)
+        # the client resends every click so far: a request that extends the last one continues it
+        if state is not None and not _extends(prompts, state.prompts):
+            state = None
+
+        fg_m, bg_m = sess.image_to_model(fg), sess.image_to_model(bg)
+        box_m = None
+        if box_image is not None:
+            corners = np.array(np.meshgrid(*box_image.T, indexing="ij")).reshape(3, -1).T
+            cm = sess.image_to_model(corners)
+            box_m = np.stack([cm.min(0), cm.max(0)])
+        anchor = fg_m.mean(0) if len(fg_m) else box_m.mean(0)
+        every_point = np.concatenate([fg_m, bg_m] + ([box_m] if box_m is not None else []))
+        primary = None
+        if state is not None and state.low_res:
+            last = next(iter(state.low_res))
+            if contains(last, size, every_point, cfg.reuse_margin):
+                primary = last
+        if primary is None:
+            primary = window_start(anchor, size, sess.volume.shape)
+            if len(fg_m) and not contains(primary, size, fg_m, 0):  # clicks spread wider than a window
+                primary = window_start(fg_m[-1], size, sess.volume.shape)
+
+        canvas = torch.full(sess.volume.shape, _EMPTY_LOGIT, dtype=torch.float16)
+        timings = {"encode": 0.0, "decode": 0.0}
+        windows, low_res_out = [], OrderedDict()
+        queue, seen = [(primary, None)], {primary}
+        while queue:
+            start, seed = queue.pop(0)
+            emb, t_enc = self._embedding(sess, key, start)
+            t = time.perf_counter()
+            mask_input = self._mask_input(state, start, canvas if seed is not None else None)
+            low = self._decode(emb, start, fg_m, bg_m, box_m, seed, mask_input)
+            logits = F.interpolate(low, size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
+            self._paste(canvas, logits.float().cpu(), start, overwrite=seed is None)
+            self._synchronize()
+            timings["encode"] += t_enc
+            timings["decode"] += time.perf_counter() - t
+            low_res_out[start] = low
+            windows.append({"start": list(start), "size": size, "embedding_cached": t_enc == 0.0})
+            for face in touched_faces(logits > 0, start, sess.volume.shape):
+                nxt = neighbour_start(start, face, size, sess.volume.shape)
+                if nxt not in seen and len(seen) < cfg.max_windows:
+                    seen.add(nxt)
+                    queue.append((nxt, start))
+
+        if box_m is not None and not self.model.supports_boxes:  # the box is a hard limit for click-only models
+            keep = torch.zeros_like(canvas, dtype=torch.bool)
+            lo = np.clip(np.floor(box_m[0]).astype(int), 0, None)
+            hi = np.ceil(box_m[1]).astype(int) + 1
+            keep[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
+            canvas[~keep] = _EMPTY_LOGIT
+
+        t = time.perf_counter()
+        lo = np.clip(np.min([w["start"] for w in windows], 0), 0, None)
+        hi = np.minimum(np.max([w["start"] for w in windows], 0) + size, sess.volume.shape)
+        box_lo, box_hi = sess.model_box_to_image_box(lo, hi)
+        mask = sess.to_image_grid(canvas[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], lo, box_lo, box_hi)
+        timings["resample"] = time.perf_counter() - t
+
+        self._states[state_key] = _LabelState(prompts, low_res_out, canvas)
+        self._states.move_to_end(state_key)
+        while len(self._states) > self._max_states:
+            self._states.popitem(last=False)
+        info = {
+            "model": getattr(self.model, "name", type(self.model).__name__),
+            "checkpoint": self.checkpoint,
+            "windows": windows,
+            "embedding_cached": windows[0]["embedding_cached"],
+            "spacing": list(cfg.spacing),
+            "voxels": int(mask.sum()),
+        }
+        return SegmentResult(mask, sess.affine.copy(), timings, info)
+
+    def _mask_input(self, state, start, canvas) -> torch.Tensor:
+        s = self.model.low_res_size
+        if state is not None and start in state.low_res and canvas is None:
+            return state.low_res[start]
+        source = canvas if canvas is not None else (state.canvas if state is not None else None)
+        if source is None:
+            return torch.zeros((1, 1, s, s, s), device=self.device)  # what SAM-Med3D feeds on a first click
+        window = crop(source, start, self.model.img_size, _EMPTY_LOGIT).float()
+        return F.interpolate(window[None, None], size=(s,) * 3, mode="trilinear", align_corners=False).to(self.device)
+
+    def _decode(self, emb, start, fg_m, bg_m, box_m, seed, mask_input) -> torch.Tensor:
+        size = self.model.img_size
+        origin = np.asarray(start, dtype=np.float64)
+        pts = [(p - origin, 1) for p in fg_m] + [(p - origin, 0) for p in bg_m]
+        pts = [(p, lab) for p, lab in pts if np.all(p >= 0) and np.all(p <= size - 1)]
+        if seed is not None:  # a neighbour window: a click deep inside the part of the mask it already holds
+            inner = interior_point(mask_input_to_binary(mask_input, size))
+            if inner is not None:
+                pts.append((inner, 1))
+        points = None
+        if pts:
+            coords = torch.tensor(np.array([p for p, _ in pts]), dtype=torch.float32, device=self.device)[None]
+            labels = torch.tensor([lab for _, lab in pts], dtype=torch.int64, device=self.device)[None]
+            points = (coords, labels)
+        boxes = None
+        if box_m is not None and self.model.supports_boxes:
+            boxes = torch.tensor(box_m - origin, dtype=torch.float32, device=self.device)[None]
+        low, _ = self.model.decode(emb, points=points, boxes=boxes, mask_input=mask_input)
+        return low
+
+    @staticmethod
+    def _paste(canvas: torch.Tensor, logits: torch.Tensor, start: tuple, overwrite: bool) -> None:
+        src, dst = overlap(start, logits.shape[0], canvas.shape)
+        if overwrite:
+            canvas[dst] = logits[src].to(canvas.dtype)
+        else:
+            canvas[dst] = torch.maximum(canvas[dst], logits[src].to(canvas.dtype))
+
+    def write_label(self, result: SegmentResult, path: str) -> None:
+        """The mask as NIfTI with the image's affine; written to a temporary file, then moved into place."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{path.suffix if path.suffix != '.gz' else '.nii.gz'}")
+        try:
+            nib.save(nib.Nifti1Image(result.mask, result.affine), str(tmp))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def mask_input_to_binary(mask_input: torch.Tensor, size: int) -> np.ndarray:
+    up = F.interpolate(mask_input.float(), size=(size,) * 3, mode="trilinear", align_corners=False)
+    return (up[0, 0] > 0).cpu().numpy()
+
+
+def _extends(prompts: list, previous: list) -> bool:
+    """True when `prompts` keeps every click of `previous` (in order) and the same roi."""
+    clicks, prev_clicks = prompts[:-1], previous[:-1]
+    return prompts[-1] == previous[-1] and clicks[: len(prev_clicks)] == prev_clicks
