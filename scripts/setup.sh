@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Install what is missing, then start the server or run the tests.
+#
+#   bash scripts/setup.sh server [start_server args...]  # sample datastore, http://127.0.0.1:8000
+#   bash scripts/setup.sh test [pytest args...]          # python -m pytest (slow tests deselected)
+#   bash scripts/setup.sh install                        # only install
+#
+# Installs into .venv (or $SAM3D_VENV): `pip install -r requirements.txt` and `pip install -e . --no-deps`,
+# again only when requirements.txt or pyproject.toml changed (a hash stamp is kept inside the venv).
+# As root with apt-get, also installs python3-venv if needed and Debian's mricron-data (sample volumes).
+# server: builds sample-data/brain-mr (or $SAM3D_SAMPLE_DATA) if missing, unless you pass --studies;
+# extra args go to `monailabel start_server` and win over the defaults, e.g.
+#   bash scripts/setup.sh server --port 8080 --conf models.sam3d_point.checkpoint /path/sam_med3d_turbo.pth
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${SAM3D_VENV:-$ROOT/.venv}
+SAMPLE=${SAM3D_SAMPLE_DATA:-$ROOT/sample-data/brain-mr}
+STAMP=$VENV/.sam3d-requirements.sha256
+
+log() { echo "[setup] $*" >&2; }
+can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
+apt_install() {
+    log "apt-get install $*"
+    # the package lists may be missing on a fresh machine
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
+}
+
+find_python() {
+    local p
+    for p in ${SAM3D_PYTHON:-} python3.11 python3; do
+        if command -v "$p" >/dev/null 2>&1 &&
+            "$p" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            echo "$p"
+            return
+        fi
+    done
+    log "Python >= 3.11 not found (set SAM3D_PYTHON)"
+    exit 1
+}
+
+ensure_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        local py
+        py=$(find_python)
+        log "creating $VENV with $py"
+        if ! "$py" -m venv "$VENV"; then
+            can_apt || { log "'$py -m venv' failed; install your distribution's python3-venv"; exit 1; }
+            rm -rf "$VENV"
+            apt_install "python3-venv" || apt_install "$(basename "$py")-venv"
+            "$py" -m venv "$VENV"
+        fi
+    fi
+    local want
+    want=$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+        log "installing requirements.txt into $VENV (first time: several GB, takes a while)"
+        rm -f "$STAMP"
+        "$VENV/bin/python" -m pip install ${CI:+--progress-bar off} -r "$ROOT/requirements.txt"
+        "$VENV/bin/python" -m pip install ${CI:+--progress-bar off} --no-deps -e "$ROOT"
+        echo "$want" >"$STAMP"
+    elif [ "$("$VENV/bin/python" -c 'import sam3d, os; print(os.path.dirname(os.path.dirname(sam3d.__file__)))' 2>/dev/null)" != "$ROOT/lib" ]; then
+        log "installing sam3d from $ROOT (editable)"
+        "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+    fi
+}
+
+ensure_sample_sources() {
+    if [ ! -d /usr/share/mricron/templates ] && can_apt; then
+        apt_install mricron-data || log "could not install mricron-data; the sample datastore uses nilearn's MNI152 only"
+    fi
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+install)
+    ensure_venv
+    ensure_sample_sources
+    ;;
+server)
+    ensure_venv
+    studies=(--studies "$SAMPLE")
+    for a in "$@"; do
+        case "$a" in -s | --studies | --studies=*) studies=() ;; esac
+    done
+    if [ ${#studies[@]} -gt 0 ] && ! compgen -G "$SAMPLE/*.nii.gz" >/dev/null; then
+        ensure_sample_sources
+        "$VENV/bin/python" "$ROOT/scripts/make_sample_datastore.py" "$SAMPLE"
+    fi
+    export PATH=$VENV/bin:$PATH
+    log "monailabel start_server --app $ROOT/apps/sam3d ${studies[*]} --host 127.0.0.1 --port 8000 $*"
+    exec monailabel start_server --app "$ROOT/apps/sam3d" "${studies[@]}" --host 127.0.0.1 --port 8000 "$@"
+    ;;
+test)
+    ensure_venv
+    ensure_sample_sources
+    export MONAI_LABEL_AUTO_UPDATE_SCORING=false
+    export PATH=$VENV/bin:$PATH
+    cd "$ROOT"
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+*)
+    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ] || [ "$cmd" = help ]
+    ;;
+esac
