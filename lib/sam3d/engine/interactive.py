@@ -197,6 +197,8 @@ class InteractiveEngine:
             corners = np.array(np.meshgrid(*box_image.T, indexing="ij")).reshape(3, -1).T
             cm = sess.image_to_model(corners)
             box_m = np.stack([cm.min(0), cm.max(0)])
+            if not self.model.supports_boxes and len(fg_m) == 0:  # a click-only model gets the box's centre
+                fg_m = box_m.mean(0, keepdims=True)
         anchor = fg_m.mean(0) if len(fg_m) else box_m.mean(0)
         every_point = np.concatenate([fg_m, bg_m] + ([box_m] if box_m is not None else []))
         primary = None

@@ -1,0 +1,219 @@
+"""The engine end to end on real volumes, with models whose output is known."""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sam3d.engine import EngineConfig, InteractiveEngine, LoadedModel, Sam3DInputError
+from sam3d.engine.cache import ByteLRU
+
+
+class BallModel(nn.Module):
+    """Logits = radius - distance to the first positive click, plus the previous mask when `accumulate`."""
+
+    img_size = 128
+    low_res_size = 128  # no upsampling in the engine: the ball lands exactly where the model puts it
+    supports_boxes = False
+
+    def __init__(self, radius: float = 4.0, accumulate: bool = False) -> None:
+        super().__init__()
+        self.radius, self.accumulate = radius, accumulate
+        self.encoded, self.mask_inputs = 0, []
+        grid = torch.meshgrid(*[torch.arange(128.0)] * 3, indexing="ij")
+        self.register_buffer("grid", torch.stack(grid, -1), persistent=False)
+
+    def encode_image(self, x):
+        self.encoded += 1
+        return x.mean().reshape(1)
+
+    def decode(self, emb, points=None, boxes=None, mask_input=None, multimask_output=False):
+        coords, labels = points
+        self.mask_inputs.append(mask_input)
+        click = coords[0][labels[0] == 1][-1 if self.accumulate else 0]
+        ball = self.radius - ((self.grid - click) ** 2).sum(-1).sqrt()
+        if self.accumulate and mask_input is not None:
+            ball = torch.maximum(ball, mask_input[0, 0])
+        return ball[None, None], torch.ones(1, 1)
+
+
+def engine_for(model, **cfg) -> InteractiveEngine:
+    return InteractiveEngine(LoadedModel(model, None, None), EngineConfig(**cfg))
+
+
+@pytest.fixture(scope="module")
+def ct(shared_data):
+    return str(shared_data / "totalseg_ct" / "image.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def mr(shared_data):
+    return str(shared_data / "totalseg_mr" / "image.nii.gz")
+
+
+@pytest.mark.parametrize("name, click", [("ct", [60, 50, 56]), ("mr", [40, 30, 10]), ("mr", [116, 0, 19])])
+def test_click_maps_to_model_grid_and_back(request, name, click):
+    """A ball the model draws around the click comes back centred on the clicked voxel, on the image's grid."""
+    path = request.getfixturevalue(name)
+    ref = nib.load(path)
+    res = engine_for(BallModel(radius=6.0)).segment(path, [click], [], label="x")
+    assert res.mask.shape == ref.shape and res.mask.dtype == np.uint8
+    np.testing.assert_allclose(res.affine, ref.affine, atol=1e-4)
+    assert res.mask[tuple(click)] == 1
+    vox = np.argwhere(res.mask)
+    zooms = np.asarray(ref.header.get_zooms())
+    dist_mm = np.linalg.norm((vox - click) * zooms, axis=1)
+    assert dist_mm.max() <= 6.0 * 1.5 + zooms.max()  # nothing far from the click
+    if not np.any(np.asarray(click) == 0) and not np.any(np.asarray(click) == np.asarray(ref.shape) - 1):
+        np.testing.assert_allclose(vox.mean(0), click, atol=0.25)  # symmetric around it
+
+
+def test_mr_is_not_ras_and_stays_on_its_own_grid(mr):
+    """The MR is LPS: the mask must still address the same array the client clicked in."""
+    ref = nib.load(mr)
+    assert nib.aff2axcodes(ref.affine) != ("R", "A", "S")
+    res = engine_for(BallModel(radius=3.0)).segment(mr, [[10, 80, 5]], [], label="x")
+    assert res.mask[10, 80, 5] == 1 and res.mask[106, 10, 14] == 0
+
+
+def test_second_click_reuses_the_embedding(ct):
+    model = BallModel()
+    eng = engine_for(model)
+    first = eng.segment(ct, [[60, 50, 56]], [], label="liver")
+    second = eng.segment(ct, [[60, 50, 56]], [[62, 50, 56]], label="liver")
+    assert not first.info["embedding_cached"] and first.timings["encode"] > 0
+    assert second.info["embedding_cached"] and second.timings["encode"] == 0.0
+    assert second.info["windows"][0]["start"] == first.info["windows"][0]["start"]
+    assert model.encoded == 1
+    assert second.timings["load"] == 0.0
+
+
+def test_next_click_refines_the_previous_mask_of_the_same_label(ct):
+    model = BallModel(radius=3.0, accumulate=True)
+    eng = engine_for(model)
+    a, b = [50, 50, 56], [70, 50, 56]
+    eng.segment(ct, [a], [], label="liver")
+    assert float(model.mask_inputs[-1].abs().max()) == 0.0  # first click: zeros, as SAM-Med3D
+    both = eng.segment(ct, [a, b], [], label="liver")
+    assert both.mask[tuple(a)] == 1 and both.mask[tuple(b)] == 1
+    other_label = eng.segment(ct, [b], [], label="spleen")
+    assert other_label.mask[tuple(a)] == 0 and other_label.mask[tuple(b)] == 1
+    restart = eng.segment(ct, [b], [], label="liver")  # not an extension of [a, b]: starts over
+    assert restart.mask[tuple(a)] == 0 and restart.mask[tuple(b)] == 1
+
+
+def test_structure_larger_than_a_window_is_followed(ct):
+    """A ball wider than the 128^3 window is not cut at the window's edge."""
+    res = engine_for(BallModel(radius=90.0)).segment(ct, [[60, 50, 56]], [], label="x")
+    assert len(res.info["windows"]) > 1
+    extent = np.ptp(np.argwhere(res.mask), axis=0) + 1  # image voxels are 3 mm, model voxels 1.5 mm
+    assert extent.max() > 128 * 1.5 / 3.0 + 4
+    single = engine_for(BallModel(radius=90.0), max_windows=1).segment(ct, [[60, 50, 56]], [], label="x")
+    assert len(single.info["windows"]) == 1 and single.mask.sum() < res.mask.sum()
+
+
+def test_roi_limits_a_click_only_model(ct):
+    roi = [55, 45, 65, 55, 50, 60]  # i0, j0, i1, j1, k0, k1
+    res = engine_for(BallModel(radius=30.0)).segment(ct, [[60, 50, 56]], [], roi=roi, label="x")
+    vox = np.argwhere(res.mask)
+    assert vox.min(0).tolist() >= [55, 45, 50] and vox.max(0).tolist() <= [65, 55, 60]
+    center_only = engine_for(BallModel(radius=3.0)).segment(ct, [], [], roi=roi, label="x")
+    assert center_only.mask[60, 50, 55] == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"foreground": [[122, 0, 0]]}, "outside the image"),
+        ({"foreground": [[-1, 0, 0]]}, "outside the image"),
+        ({"foreground": [[1, 2]]}, "voxel indices"),
+        ({}, "no prompt"),
+        ({"background": [[1, 1, 1]]}, "only background"),
+        ({"foreground": [[1, 1, 1]], "roi": [5, 5, 1, 1, 5, 6]}, "roi"),
+    ],
+)
+def test_bad_prompts_are_refused_and_the_engine_keeps_working(ct, kwargs, message):
+    eng = engine_for(BallModel())
+    with pytest.raises(Sam3DInputError, match=message):
+        eng.segment(ct, label="x", **kwargs)
+    assert eng.segment(ct, [[60, 50, 56]], [], label="x").mask.any()
+
+
+def test_bad_images_are_refused(tmp_path, ct):
+    eng = engine_for(BallModel())
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"this is not a nifti file")
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32), np.float32), np.eye(4)), flat)
+    thin = tmp_path / "thin.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 1), np.float32), np.eye(4)), thin)
+    nans = tmp_path / "nans.nii.gz"
+    data = np.zeros((16, 16, 16), np.float32)
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), nans)
+    for path, message in [
+        (corrupt, "cannot read image"),
+        (flat, "3D"),
+        (thin, "2D"),
+        (nans, "NaN"),
+        (tmp_path / "missing.nii.gz", "not found"),
+    ]:
+        with pytest.raises(Sam3DInputError, match=message):
+            eng.segment(str(path), [[1, 1, 0]], [], label="x")
+    with pytest.raises(Sam3DInputError, match="too large"):
+        engine_for(BallModel(), max_voxels=1000).segment(ct, [[1, 1, 1]], [], label="x")
+    assert eng.segment(ct, [[60, 50, 56]], [], label="x").mask.any()
+
+
+def test_changed_image_gets_a_new_session(tmp_path, ct):
+    path = tmp_path / "img.nii.gz"
+    shutil.copy(ct, path)
+    model = BallModel()
+    eng = engine_for(model)
+    eng.segment(str(path), [[60, 50, 56]], [], label="x")
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine), path)
+    res = eng.segment(str(path), [[60, 50, 56]], [], label="x")
+    assert not res.info["embedding_cached"] and res.timings["load"] > 0 and model.encoded == 2
+
+
+def test_dicom_series_and_nrrd_load(shared_data):
+    dicom = shared_data / "dcmqi_ct3slice"
+    folder_res = None
+    series = sorted(dicom.glob("*.dcm"))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        for f in series:
+            shutil.copy(f, d)
+        folder_res = engine_for(BallModel(radius=3.0)).segment(d, [[256, 256, 1]], [], label="x")
+    assert folder_res.mask.shape == (512, 512, 3) and folder_res.mask[256, 256, 1] == 1
+    nrrd = shared_data / "pyradiomics_small" / "prostate_phantom_subvolume.nrrd"
+    res = engine_for(BallModel(radius=3.0)).segment(str(nrrd), [[40, 30, 6]], [], label="x")
+    assert res.mask.shape == (82, 67, 13) and res.mask[40, 30, 6] == 1
+
+
+def test_write_label_keeps_the_grid(tmp_path, mr):
+    eng = engine_for(BallModel())
+    res = eng.segment(mr, [[40, 30, 10]], [], label="x")
+    out = tmp_path / "label.nii.gz"
+    eng.write_label(res, str(out))
+    saved = nib.load(out)
+    assert saved.shape == res.mask.shape
+    np.testing.assert_allclose(saved.affine, nib.load(mr).affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), res.mask)
+    assert [p.name for p in tmp_path.iterdir()] == ["label.nii.gz"]  # no temporary file left behind
+
+
+def test_byte_lru_evicts_least_recent_by_bytes():
+    cache = ByteLRU(100, sizeof=len)
+    cache.put("a", b"x" * 40)
+    cache.put("b", b"x" * 40)
+    cache.get("a")
+    cache.put("c", b"x" * 40)  # over budget: "b" is the least recently used
+    assert "a" in cache and "c" in cache and "b" not in cache and cache.nbytes == 80
+    cache.put("huge", b"x" * 101)
+    assert "huge" not in cache
