@@ -1,0 +1,97 @@
+"""sam3d: the MONAI Label app that serves 3D Segment-Anything models to Slicer and OHIF.
+
+    monailabel start_server --app apps/sam3d --studies DATASET [--conf KEY VALUE ...]
+
+The app reads `configs/app.yaml` (the tasks, their model YAMLs in `configs/models/`, the labels) and registers one
+infer task per entry; no model or image code lives here (see `sam3d.monailabel` and `sam3d.engine`).
+
+`--conf` keys (MONAI Label passes them as strings; see `sam3d.monailabel.app_config`):
+
+    model NAME_OR_YAML       model config of `sam3d_point`: sam3d_small (default) | sam_med3d_turbo | a YAML path
+    checkpoint PATH          its weights (.safetensors, or SAM-Med3D's .pth loaded with weights_only=True)
+    device auto|cpu|cuda:N   where the models run (auto: cuda when available)
+    preload true|false       load the weights in the background at start-up instead of on the first click
+    strict_labels true|false reject label names that configs/app.yaml does not declare (default true)
+    config PATH              another app YAML instead of configs/app.yaml
+    infers.TASK.KEY VALUE    any key of a task or of its model config, e.g. infers.sam3d_point.spacing "[2,2,2]";
+                             a new TASK adds a task, `infers.TASK null` removes one
+    labels.NAME VALUE        declare another label
+
+Relative paths in the YAML files resolve against the project root (the folder holding configs/); relative paths
+given with --conf against the working directory. Example:
+
+    monailabel start_server --app apps/sam3d --studies data \\
+        --conf model sam_med3d_turbo --conf checkpoint ~/weights/sam_med3d_turbo.pth --conf device cuda
+
+The server starts without weights: a task whose checkpoint is missing stays listed in /info with a description
+that says what to set, and its requests answer HTTP 503 until the file is there.
+"""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelError, MONAILabelException
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+try:
+    import sam3d
+except ImportError:  # a plain checkout without `pip install -e .`
+    sys.path.insert(0, str(PROJECT_ROOT / "lib"))
+    import sam3d
+
+from sam3d.monailabel import Sam3DPointInfer, load_app_config
+
+logger = logging.getLogger(__name__)
+
+
+class MyApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.app_config = load_app_config(conf, config_dir=PROJECT_ROOT / "configs")
+        logger.info(f"sam3d: app config {self.app_config.source}; tasks {list(self.app_config.infers)}")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name=self.app_config.name,
+            description=self.app_config.description,
+            version=sam3d.__version__,
+        )
+
+    def init_infers(self):
+        c = self.app_config
+        infers = {}
+        for name, spec in c.infers.items():
+            task = Sam3DPointInfer(spec, device=c.device, strict_labels=c.strict_labels, preload=c.preload)
+            state, message = task.status()
+            (logger.info if state in ("not_loaded", "ready") else logger.warning)(f"sam3d: task {name}: {message}")
+            infers[name] = task
+        return infers
+
+    def init_trainers(self):
+        return {}
+
+    def init_strategies(self):
+        return {"random": Random(), "first": First()}
+
+    def infer(self, request, datastore=None):
+        """MONAI Label's infer, with its errors for unknown models and images answered as 404 instead of 500."""
+        image = request.get("image")
+        ds = datastore or self.datastore()
+        if isinstance(image, str) and image and not os.path.exists(image) and isinstance(ds, LocalDatastore):
+            if not ds.get_image_uri(image):
+                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        try:
+            return super().infer(request, datastore)
+        except MONAILabelException as e:
+            if isinstance(e, ImageNotFoundException) or (e.error == MONAILabelError.INVALID_INPUT and "no model" in e.msg):
+                raise HTTPException(status_code=404, detail=e.msg) from e
+            if e.error == MONAILabelError.INVALID_INPUT:
+                raise HTTPException(status_code=400, detail=e.msg) from e
+            raise

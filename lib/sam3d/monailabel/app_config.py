@@ -1,0 +1,230 @@
+"""The app's configuration: `configs/app.yaml`, the model YAMLs it names, and MONAI Label's `--conf KEY VALUE`.
+
+MONAI Label hands the app a flat dict of strings (`--conf KEY VALUE`, repeated). Keys:
+
+- `model`, `checkpoint`: the model config and the weights of the default task `sam3d_point`
+  (short for `infers.sam3d_point.model` / `infers.sam3d_point.checkpoint`);
+- `device` (auto | cpu | cuda | cuda:N), `preload` (true | false), `strict_labels` (true | false);
+- `config`: another app YAML instead of `configs/app.yaml`;
+- any dotted path into the app YAML, its value parsed as YAML: `infers.sam3d_point.spacing "[2, 2, 2]"`,
+  `labels.tumour 200`, `infers.turbo.model sam_med3d_turbo` (a new name adds a task), `infers.sam3d_point null`
+  (removes it).
+
+A task's `model` is a name in `<configs>/models/` or a path to a YAML file; every key of the task other than
+`model`, `description` and `labels` overrides the same key of its model config (`checkpoint`, `spacing`, ...).
+
+Paths: a relative path written in a YAML file resolves against the project root (the folder that holds
+`configs/`); a relative path given with `--conf` resolves against the server's working directory.
+"""
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TASK = "sam3d_point"
+DEFAULT_LABEL = "structure"
+TASK_KEYS = {"model", "description", "labels"}  # every other key of a task overrides its model config
+ALIASES = {
+    "model": f"infers.{DEFAULT_TASK}.model",
+    "checkpoint": f"infers.{DEFAULT_TASK}.checkpoint",
+}
+TOP_KEYS = {"name", "description", "device", "preload", "strict_labels", "infers", "labels"}
+NOT_OURS = {"config", "server_mode"}  # `config` is read first; `server_mode` belongs to MONAI Label
+STRING_KEYS = {"model", "checkpoint", "factory", "description", "device", "name"}  # values never YAML-parsed
+
+
+class AppConfigError(ValueError):
+    """The app YAML itself is unusable (the server should not start on a broken file)."""
+
+
+@dataclass
+class TaskSpec:
+    """One infer task as configured; `error` says why it cannot run (the task still shows in /info)."""
+
+    name: str
+    model_name: str  # the model config's name, or its YAML path
+    model_config: dict[str, Any]  # the model YAML with the task's overrides; `checkpoint` absolute or None
+    description: str
+    labels: dict[str, int]
+    error: str | None = None
+    conf_prefix: str = ""  # how to override this task's keys on the command line
+
+
+@dataclass
+class AppConfig:
+    name: str
+    description: str
+    device: str
+    preload: bool
+    strict_labels: bool
+    labels: dict[str, int]
+    infers: dict[str, TaskSpec] = field(default_factory=dict)
+    source: Path | None = None  # the app YAML read
+    root: Path | None = None  # relative YAML paths resolve against this
+
+
+def _as_bool(value, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes", "on", "y", "t"):
+        return True
+    if s in ("0", "false", "no", "off", "n", "f", ""):
+        return False
+    raise AppConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _parse_value(key: str, value: Any, cwd: Path) -> Any:
+    """A --conf string -> a YAML value; paths made absolute against the working directory."""
+    last = key.rsplit(".", 1)[-1]
+    if not isinstance(value, str):
+        return value
+    if last in STRING_KEYS:
+        v = value.strip()
+        if last == "checkpoint":
+            if v.lower() in ("", "null", "none"):
+                return None
+            return str((cwd / Path(v).expanduser()).resolve())
+        if last == "model" and _looks_like_path(v):
+            return str((cwd / Path(v).expanduser()).resolve())
+        return v
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.endswith((".yaml", ".yml")) or "/" in ref or os.sep in ref
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def _labels(value, where: str) -> dict[str, int]:
+    if value is None:
+        return {}
+    if isinstance(value, (list, tuple)):
+        return {str(name): i + 1 for i, name in enumerate(value)}
+    if isinstance(value, dict):
+        try:
+            return {str(k): int(v) for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise AppConfigError(f"{where}: label values must be integers, got {value!r}") from None
+    raise AppConfigError(f"{where}: labels must be a mapping name -> value or a list of names")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise AppConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise AppConfigError(f"{path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _resolve_against(path: str, root: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[str, int]) -> TaskSpec:
+    prefix = "" if name == DEFAULT_TASK else f"infers.{name}."
+    if not isinstance(raw, dict):
+        raw = {"model": raw} if isinstance(raw, str) else {}
+    model_ref = raw.get("model")
+    labels = _labels(raw["labels"], f"infers.{name}.labels") if raw.get("labels") else dict(default_labels)
+    description = str(raw.get("description") or "Segment Anything in 3D: clicks -> one structure")
+    spec = TaskSpec(name, str(model_ref), {}, description, labels, conf_prefix=prefix)
+    if not model_ref:
+        spec.error = f"no model configured: set `--conf {prefix or ''}model NAME_OR_YAML`"
+        return spec
+
+    model_ref = str(model_ref)
+    if _looks_like_path(model_ref):
+        candidates = [Path(_resolve_against(model_ref, root))]
+    else:
+        candidates = [cfg_dir / "models" / f"{model_ref}.yaml", root / "configs" / "models" / f"{model_ref}.yaml"]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        known = sorted({p.stem for d in {cfg_dir / "models", root / "configs" / "models"} for p in d.glob("*.yaml")})
+        spec.error = f"model config {model_ref!r} not found (looked for {candidates[0]}); known models: {known}"
+        return spec
+    try:
+        model_config = _read_yaml(path)
+    except AppConfigError as e:
+        spec.error = str(e)
+        return spec
+
+    model_config.update({k: copy.deepcopy(v) for k, v in raw.items() if k not in TASK_KEYS})
+    if model_config.get("checkpoint"):
+        model_config["checkpoint"] = _resolve_against(str(model_config["checkpoint"]), root)
+    else:
+        model_config["checkpoint"] = None
+    model_config.setdefault("name", path.stem)
+    spec.model_config = model_config
+    spec.model_name = model_ref
+    return spec
+
+
+def load_app_config(conf: dict[str, str] | None, config_dir: str | os.PathLike, cwd: str | os.PathLike | None = None) -> AppConfig:
+    """The app config from `<config_dir>/app.yaml` (or `conf["config"]`) with MONAI Label's `conf` applied."""
+    conf = dict(conf or {})
+    cwd = Path(cwd or os.getcwd())
+    config_dir = Path(config_dir).resolve()
+    root = config_dir.parent
+    source = Path(conf["config"]).expanduser() if conf.get("config") else config_dir / "app.yaml"
+    if not source.is_absolute():
+        source = (cwd / source).resolve()
+    if not source.is_file():
+        raise AppConfigError(f"app config not found: {source}")
+    tree = _read_yaml(source)
+
+    for key, value in conf.items():
+        if key in NOT_OURS:
+            continue
+        dotted = ALIASES.get(key, key)
+        if dotted.split(".", 1)[0] not in TOP_KEYS:
+            logger.warning(f"sam3d: ignoring unknown --conf key {key!r} (known: {sorted(TOP_KEYS | set(ALIASES))})")
+            continue
+        _set_dotted(tree, dotted, _parse_value(dotted, value, cwd))
+
+    labels = _labels(tree.get("labels"), "labels")
+    if DEFAULT_LABEL not in labels:
+        labels[DEFAULT_LABEL] = max(labels.values(), default=0) + 1
+    infers = tree.get("infers") or {}
+    if not isinstance(infers, dict):
+        raise AppConfigError("infers must be a mapping task name -> task config")
+
+    out = AppConfig(
+        name=str(tree.get("name") or "sam3d"),
+        description=str(tree.get("description") or ""),
+        device=str(tree.get("device") or "auto"),
+        preload=_as_bool(tree.get("preload", False), "preload"),
+        strict_labels=_as_bool(tree.get("strict_labels", True), "strict_labels"),
+        labels=labels,
+        source=source,
+        root=root,
+    )
+    for name, raw in infers.items():
+        if raw is None:  # `--conf infers.NAME null` removes a task
+            continue
+        out.infers[str(name)] = _task(str(name), raw, source.parent, root, labels)
+    return out
