@@ -1,0 +1,306 @@
+"""The app's configuration and the `sam3d_point` task in-process: request parsing, error mapping, weights state."""
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from fastapi import HTTPException
+
+from sam3d.engine import Sam3DInputError
+from sam3d.monailabel import AppConfigError, Sam3DPointInfer, TaskSpec, load_app_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+BALL = {"factory": "fakes:build_ball_model", "ball_radius": 3, "spacing": [1.5, 1.5, 1.5]}
+LABELS = {"liver": 5, "spleen": 1, "structure": 255}
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `fakes` for the factory
+
+
+def spec(model_config=None, labels=None, error=None, name="sam3d_point") -> TaskSpec:
+    return TaskSpec(name, "test", dict(model_config or BALL), "test task", dict(labels or LABELS), error=error)
+
+
+@pytest.fixture
+def tmpdir_for_results(tmp_path, monkeypatch):
+    """Result files land in an own folder, so a test can see what is left there."""
+    d = tmp_path / "results"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def ct(shared_data):
+    return str(shared_data / "totalseg_ct" / "image.nii.gz")
+
+
+class StubEngine:
+    """Records requests; raises what it is told to."""
+
+    def __init__(self, raise_on_segment=None, raise_on_write=None):
+        self.calls, self.raise_on_segment, self.raise_on_write = [], raise_on_segment, raise_on_write
+
+    def segment(self, image_path, foreground, background, roi=None, label="structure"):
+        self.calls.append((image_path, foreground, background, roi, label))
+        if self.raise_on_segment:
+            raise self.raise_on_segment
+        from sam3d.engine import SegmentResult
+
+        return SegmentResult(np.zeros((4, 4, 4), np.uint8), np.eye(4), {"load": 0.0, "encode": 0.0, "decode": 0.0, "total": 0.0},
+                             {"windows": [], "embedding_cached": True, "model": "Stub", "checkpoint": None})
+
+    def write_label(self, res, path):
+        Path(path).write_bytes(b"partial")
+        if self.raise_on_write:
+            raise self.raise_on_write
+        nib.save(nib.Nifti1Image(res.mask, res.affine), path)
+
+
+def stub_task(engine, **kw) -> Sam3DPointInfer:
+    return Sam3DPointInfer(spec(), device="cpu", engine_factory=lambda cfg, device: engine, **kw)
+
+
+def status_of(fn) -> HTTPException:
+    with pytest.raises(HTTPException) as e:
+        fn()
+    return e.value
+
+
+# ---- configuration --------------------------------------------------------------------------------------------
+
+
+def test_shipped_config_defaults_to_sam3d_small_without_failing():
+    c = load_app_config({}, CONFIGS)
+    t = c.infers["sam3d_point"]
+    assert t.error is None and t.model_name == "sam3d_small"
+    assert t.model_config["preset"] == "sam3d_small"
+    assert t.model_config["checkpoint"] == str(REPO / "models" / "sam3d_small.safetensors")  # against the project root
+    assert c.device == "auto" and c.preload is False and c.strict_labels is True
+    assert c.labels["liver"] == 5 and c.labels["aorta"] == 52 and "structure" in c.labels
+
+
+def test_conf_short_keys_and_dotted_paths(tmp_path):
+    c = load_app_config(
+        {
+            "model": "sam_med3d_turbo",
+            "checkpoint": "weights/turbo.pth",
+            "device": "cuda:1",
+            "preload": "true",
+            "strict_labels": "false",
+            "infers.sam3d_point.spacing": "[2, 2, 2]",
+            "infers.extra.model": "sam3d_small",
+            "labels.tumour": "200",
+            "server_mode": "true",  # MONAI Label's own key: ignored
+            "nonsense": "1",  # unknown: ignored with a warning
+        },
+        CONFIGS,
+        cwd=tmp_path,
+    )
+    t = c.infers["sam3d_point"]
+    assert t.model_config["preset"] == "sam_med3d_turbo"
+    assert t.model_config["checkpoint"] == str(tmp_path / "weights" / "turbo.pth")  # --conf paths: against cwd
+    assert t.model_config["spacing"] == [2, 2, 2]
+    assert c.device == "cuda:1" and c.preload is True and c.strict_labels is False
+    assert c.labels["tumour"] == 200 and c.infers["sam3d_point"].labels["tumour"] == 200
+    assert c.infers["extra"].model_config["preset"] == "sam3d_small" and c.infers["extra"].conf_prefix == "infers.extra."
+
+
+def test_conf_can_point_at_a_model_yaml_and_remove_a_task(tmp_path):
+    (tmp_path / "ball.yaml").write_text(yaml.safe_dump(BALL))
+    c = load_app_config({"model": "ball.yaml", "infers.gone.model": "sam3d_small", "infers.gone": "null"}, CONFIGS, cwd=tmp_path)
+    assert c.infers["sam3d_point"].model_config["factory"] == "fakes:build_ball_model"
+    assert "gone" not in c.infers
+
+
+def test_unknown_model_is_a_task_error_not_a_startup_failure():
+    c = load_app_config({"model": "no_such_model"}, CONFIGS)
+    assert "no_such_model" in c.infers["sam3d_point"].error and "sam3d_small" in c.infers["sam3d_point"].error
+
+
+def test_broken_app_yaml_fails_loudly(tmp_path):
+    (tmp_path / "app.yaml").write_text("infers: [1, 2\n")
+    with pytest.raises(AppConfigError):
+        load_app_config({"config": str(tmp_path / "app.yaml")}, CONFIGS)
+    with pytest.raises(AppConfigError):
+        load_app_config({"preload": "maybe"}, CONFIGS)
+
+
+# ---- request parsing and error mapping ----------------------------------------------------------------------------
+
+
+def test_request_is_passed_to_the_engine(ct, tmpdir_for_results):
+    engine = StubEngine()
+    task = stub_task(engine)
+    out, res = task({"image": ct, "foreground": [[1, 2, 3]], "background": [[4, 5, 6.0]], "roi": [], "label": "liver", "extra": 1})
+    assert engine.calls == [(ct, [[1, 2, 3]], [[4, 5, 6.0]], None, "liver")]
+    assert Path(out).parent == tmpdir_for_results and nib.load(out).shape == (4, 4, 4)
+    assert res["label_names"] == {"liver": 1} and res["task"] == "sam3d_point" and res["network"] == "Stub"
+    assert {"load", "encode", "decode", "write", "request"} <= set(res["timings"])
+
+
+def test_missing_label_means_the_generic_structure(ct, tmpdir_for_results):
+    engine = StubEngine()
+    stub_task(engine)({"image": ct, "foreground": [[1, 2, 3]]})
+    assert engine.calls[0][-1] == "structure"
+
+
+@pytest.mark.parametrize(
+    "request_, status, fragment",
+    [
+        ({}, 422, "no prompt"),
+        ({"foreground": [], "background": [], "roi": []}, 422, "no prompt"),
+        ({"foreground": [[1, 2]]}, 422, "voxel indices"),
+        ({"foreground": "1,2,3"}, 422, "voxel indices"),
+        ({"foreground": [[1, 2, float("nan")]]}, 422, "voxel indices"),
+        ({"foreground": [[1, 2, True]]}, 422, "voxel indices"),
+        ({"foreground": [[1, 2, 3]], "roi": "all"}, 422, "roi"),
+        ({"foreground": [[1, 2, 3]], "label": "no_such_organ"}, 422, "unknown label"),
+        ({"foreground": [[1, 2, 3]], "label": 5}, 422, "label"),
+    ],
+)
+def test_bad_requests_are_422_before_any_model_work(ct, request_, status, fragment):
+    engine = StubEngine()
+    err = status_of(lambda: stub_task(engine)({"image": ct, **request_}))
+    assert err.status_code == status and fragment in err.detail
+    assert engine.calls == []
+
+
+def test_unknown_labels_pass_when_not_strict(ct, tmpdir_for_results):
+    engine = StubEngine()
+    stub_task(engine, strict_labels=False)({"image": ct, "foreground": [[1, 2, 3]], "label": "Segment_1"})
+    assert engine.calls[0][-1] == "Segment_1"
+
+
+def test_missing_image_is_404(tmp_path):
+    err = status_of(lambda: stub_task(StubEngine())({"image": str(tmp_path / "nope.nii.gz"), "foreground": [[1, 2, 3]]}))
+    assert err.status_code == 404
+    err = status_of(lambda: stub_task(StubEngine())({"image": "", "foreground": [[1, 2, 3]]}))
+    assert err.status_code == 422 and "no image" in err.detail
+
+
+def test_engine_input_errors_are_422_and_leave_no_file(ct, tmpdir_for_results):
+    engine = StubEngine(raise_on_segment=Sam3DInputError("foreground point [1, 2, 999] is outside the image"))
+    err = status_of(lambda: stub_task(engine)({"image": ct, "foreground": [[1, 2, 999]]}))
+    assert err.status_code == 422 and "outside the image" in err.detail
+    assert list(tmpdir_for_results.iterdir()) == []
+
+
+def test_a_failed_write_leaves_no_file(ct, tmpdir_for_results):
+    engine = StubEngine(raise_on_write=OSError("disk full"))
+    with pytest.raises(OSError):
+        stub_task(engine)({"image": ct, "foreground": [[1, 2, 3]]})
+    assert list(tmpdir_for_results.iterdir()) == []
+
+
+# ---- weights ---------------------------------------------------------------------------------------------------
+
+
+def test_missing_weights_keep_the_task_listed_and_answer_503(tmp_path, ct):
+    t = Sam3DPointInfer(spec({"preset": "sam3d_small", "checkpoint": str(tmp_path / "none.safetensors")}), device="cpu")
+    assert t.is_valid()
+    info = t.info()
+    assert info["type"] == "deepgrow" and info["dimension"] == 3 and info["labels"] == LABELS
+    assert info["sam3d"]["status"] == "weights_missing"
+    assert info["description"].startswith("UNAVAILABLE") and "--conf checkpoint" in info["description"]
+    err = status_of(lambda: t({"image": ct, "foreground": [[1, 2, 3]]}))
+    assert err.status_code == 503 and "weights missing" in err.detail and "none.safetensors" in err.detail
+
+    none = Sam3DPointInfer(spec({"preset": "sam3d_small", "checkpoint": None}, name="other"), device="cpu")
+    assert none.status()[0] == "weights_missing"
+    assert "no checkpoint configured" in none.info()["description"]
+
+
+def test_config_error_is_listed_and_answers_503(ct):
+    t = Sam3DPointInfer(spec(error="model config 'x' not found"), device="cpu")
+    assert t.is_valid() and "configuration error" in t.info()["description"]
+    assert status_of(lambda: t({"image": ct, "foreground": [[1, 2, 3]]})).status_code == 503
+
+
+def test_load_failure_is_500_with_the_reason_and_shown_in_info(ct):
+    def broken(cfg, device):
+        raise RuntimeError("size mismatch for image_encoder.pos_embed")
+
+    t = Sam3DPointInfer(spec(), device="cpu", engine_factory=broken)
+    err = status_of(lambda: t({"image": ct, "foreground": [[1, 2, 3]]}))
+    assert err.status_code == 500 and "size mismatch" in err.detail
+    assert t.info()["sam3d"]["status"] == "load_failed"
+
+
+def test_a_changed_checkpoint_is_reloaded_and_a_bad_one_keeps_the_last_good(tmp_path, ct, tmpdir_for_results):
+    ckpt = tmp_path / "w.safetensors"
+    ckpt.write_bytes(b"v1")
+    built = []
+
+    def factory(cfg, device):
+        data = Path(cfg["checkpoint"]).read_bytes()
+        if data == b"broken":
+            raise ValueError("not a safetensors file")
+        built.append(data)
+        return StubEngine()
+
+    t = Sam3DPointInfer(spec({"preset": "sam3d_small", "checkpoint": str(ckpt)}), device="cpu", engine_factory=factory)
+    assert t.status()[0] == "not_loaded"
+    req = {"image": ct, "foreground": [[1, 2, 3]]}
+    t(req)
+    t(req)
+    assert built == [b"v1"] and t.status()[0] == "ready"
+    ckpt.write_bytes(b"v2-longer")
+    t(req)
+    assert built == [b"v1", b"v2-longer"]
+    ckpt.write_bytes(b"broken")
+    t(req)  # still answers, with the v2 weights
+    state, message = t.status()
+    assert state == "ready" and "previous weights" in message
+
+
+def test_ball_model_through_the_real_engine(ct, tmpdir_for_results):
+    t = Sam3DPointInfer(spec(), device="cpu")
+    click = [60, 50, 56]
+    out, res = t({"image": ct, "foreground": [click], "label": "liver"})
+    mask = np.asarray(nib.load(out).dataobj)
+    assert mask.shape == nib.load(ct).shape and mask[tuple(click)] == 1
+    np.testing.assert_allclose(np.argwhere(mask).mean(0), click, atol=1.0)
+    assert res["embedding_cached"] is False and res["network"] == "ball"
+    _, res2 = t({"image": ct, "foreground": [click, [61, 50, 56]], "label": "liver"})
+    assert res2["embedding_cached"] is True and res2["timings"]["encode"] == 0.0
+    assert t._engine.model.encode_calls == 1
+
+
+# ---- the app ---------------------------------------------------------------------------------------------------
+
+
+def test_app_registers_tasks_and_maps_unknown_images_to_404(tmp_path, shared_data, monkeypatch):
+    from monailabel.config import settings
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_SESSION_PATH", str(tmp_path / "sessions"))
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
+    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(shared_data / "totalseg_mr" / "image.nii.gz", studies / "mr.nii.gz")
+    (tmp_path / "ball.yaml").write_text(yaml.safe_dump(BALL))
+
+    main_py = REPO / "apps" / "sam3d" / "main.py"
+    mod_spec = importlib.util.spec_from_file_location("sam3d_app_main", main_py)
+    main = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(main)
+    app = main.MyApp(str(main_py.parent), str(studies), {"model": str(tmp_path / "ball.yaml"), "device": "cpu"})
+
+    info = app.info()
+    assert info["models"]["sam3d_point"]["type"] == "deepgrow" and "liver" in info["labels"]
+    assert set(info["strategies"]) == {"random", "first"}
+    err = status_of(lambda: app.infer({"model": "sam3d_point", "image": "nope", "foreground": [[1, 2, 3]]}))
+    assert err.status_code == 404 and "nope" in err.detail
+    err = status_of(lambda: app.infer({"model": "no_such_task", "image": "mr", "foreground": [[1, 2, 3]]}))
+    assert err.status_code == 404 and "no_such_task" in err.detail
+    result = app.infer({"model": "sam3d_point", "image": "mr", "foreground": [[40, 30, 10]], "label": "liver"})
+    assert nib.load(result["file"]).shape == (117, 91, 20)
+    os.unlink(result["file"])

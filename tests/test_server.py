@@ -1,0 +1,274 @@
+"""The app behind a real `monailabel start_server`, spoken to only through MONAI Label's own client.
+
+The point task runs the ball model of tests/fakes.py (its mask is a ball around the first foreground click), so
+every answer can be checked exactly: shape and affine of the returned volume, the clicked voxel inside, the
+centroid on the click. A second task points at weights that do not exist.
+"""
+
+import gzip
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+REPO = Path(__file__).resolve().parents[1]
+NOWEIGHTS = "sam3d_noweights"
+STARTUP_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url, proc, log, tmp, studies, client):
+        self.url, self.proc, self.log, self.tmp, self.studies, self.client = url, proc, log, tmp, studies, client
+
+    def log_tail(self, n=60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def infer(self, image_id="", params=None, model="sam3d_point", file=None):
+        try:
+            return self.client.infer(model, image_id, dict(params or {}), file=file)
+        except MONAILabelClientException as e:
+            raise HttpError(e.msg) from None
+
+
+class HttpError(Exception):
+    def __init__(self, msg: str):
+        super().__init__(msg)
+        m = re.match(r"Status: (\d+); Response: (.*)", msg, re.S)
+        self.status = int(m.group(1)) if m else None
+        body = m.group(2) if m else msg
+        try:
+            self.detail = str(json.loads(body).get("detail"))
+        except (ValueError, AttributeError):
+            self.detail = body
+
+
+@pytest.fixture(scope="module")
+def server(shared_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sam3d_server")
+    studies = tmp / "studies"
+    studies.mkdir()
+    shutil.copy(shared_data / "totalseg_ct" / "image.nii.gz", studies / "ct.nii.gz")
+    shutil.copy(shared_data / "totalseg_mr" / "image.nii.gz", studies / "mr.nii.gz")
+    ball = tmp / "ball.yaml"
+    ball.write_text(
+        yaml.safe_dump(
+            {
+                "factory": "fakes:build_ball_model",
+                "ball_radius": 3,
+                "spacing": [1.5, 1.5, 1.5],
+                "intensity": {"clip": None, "normalize": "zscore_foreground"},
+                "cache_mb": 64,
+                "max_windows": 4,
+            }
+        )
+    )
+    server_tmp = tmp / "server_tmp"  # the server's TMPDIR: result and upload files land here
+    server_tmp.mkdir()
+    (tmp / "client").mkdir()
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join([str(REPO / "lib"), str(REPO / "tests"), env.get("PYTHONPATH", "")]),
+            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+            "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions"),
+            "TMPDIR": str(server_tmp),
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
+        }
+    )
+    cmd = [
+        sys.executable, "-m", "monailabel.main", "start_server",
+        "--app", str(REPO / "apps" / "sam3d"),
+        "--studies", str(studies),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--conf", "model", str(ball),
+        "--conf", "device", "cpu",
+        "--conf", f"infers.{NOWEIGHTS}.model", "sam3d_small",
+        "--conf", f"infers.{NOWEIGHTS}.checkpoint", str(tmp / "absent" / "sam3d_small.safetensors"),
+    ]  # fmt: skip
+    log = tmp / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    srv = Server(url, proc, log, tmp, studies, MONAILabelClient(url, tmpdir=str(tmp / "client")))
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode} during start-up:\n{srv.log_tail()}")
+            try:
+                srv.client.info()
+                break
+            except (OSError, MONAILabelClientException):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server not up after {STARTUP_TIMEOUT_S} s:\n{srv.log_tail()}")
+                time.sleep(0.5)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+def _check_ball(server, image_id, result_file, click):
+    """The returned volume lies on the image's grid and holds a ball centred on the clicked voxel."""
+    src = nib.load(server.studies / f"{image_id}.nii.gz")
+    out = nib.load(result_file)
+    assert out.shape == src.shape
+    np.testing.assert_allclose(out.affine, src.affine, atol=1e-4)
+    mask = np.asarray(out.dataobj)
+    assert set(np.unique(mask)) <= {0, 1}
+    assert mask[tuple(click)] == 1, "the clicked voxel is not in the mask"
+    centroid = np.argwhere(mask).mean(0)
+    assert np.abs(centroid - np.asarray(click)).max() <= 1.0, f"centroid {centroid} is off the click {click}"
+    return mask
+
+
+def _good_request_works(server):
+    f, params = server.infer("ct", {"foreground": [[60, 50, 56]], "label": "liver"})
+    _check_ball(server, "ct", f, [60, 50, 56])
+
+
+def test_info_lists_the_point_task_and_its_labels(server):
+    info = server.client.info()
+    task = info["models"]["sam3d_point"]
+    assert task["type"] == "deepgrow" and task["dimension"] == 3
+    assert task["labels"]["liver"] == 5 and task["labels"]["spleen"] == 1 and "structure" in task["labels"]
+    assert "UNAVAILABLE" not in task["description"]
+    assert task["sam3d"]["status"] in ("not_loaded", "ready")
+    assert "liver" in info["labels"]
+    assert set(info["strategies"]) >= {"random", "first"}
+
+
+def test_task_without_weights_is_listed_and_says_what_to_set(server):
+    task = server.client.info()["models"][NOWEIGHTS]
+    assert task["sam3d"]["status"] == "weights_missing"
+    assert "UNAVAILABLE" in task["description"] and "weights missing" in task["description"]
+    assert f"--conf infers.{NOWEIGHTS}.checkpoint" in task["description"]
+
+    with pytest.raises(HttpError) as e:
+        server.infer("ct", {"foreground": [[60, 50, 56]], "label": "liver"}, model=NOWEIGHTS)
+    assert e.value.status == 503
+    assert "weights missing" in e.value.detail and "absent" in e.value.detail
+    _good_request_works(server)  # the server keeps serving
+
+
+@pytest.mark.parametrize(
+    "image_id, click, background",
+    [("ct", [60, 50, 56], [[20, 20, 20]]), ("mr", [40, 30, 10], []), ("mr", [116, 0, 19], [[5, 5, 5]])],
+)
+def test_click_returns_a_mask_on_the_image_grid(server, image_id, click, background):
+    """CT (RAS) and MR (LPS), a corner voxel included: the click maps to the model grid and back exactly."""
+    f, params = server.infer(image_id, {"foreground": [click], "background": background, "label": "liver"})
+    _check_ball(server, image_id, f, click)
+    assert params["task"] == "sam3d_point" and params["label"] == "liver"
+    assert params["model"].endswith("ball.yaml") and params["network"] == "ball"
+    assert params["windows"] and len(params["windows"][0]["start"]) == 3
+    assert {"load", "encode", "decode", "total", "request"} <= set(params["timings"])
+    assert "checkpoint" in params
+
+
+def test_second_click_reuses_the_embedding(server):
+    first = [60, 50, 56]
+    server.infer("ct", {"foreground": [first], "label": "spleen"})
+    f, params = server.infer("ct", {"foreground": [first, [62, 51, 57]], "label": "spleen"})
+    assert params["embedding_cached"] is True
+    assert params["timings"]["encode"] == 0.0
+    _check_ball(server, "ct", f, first)  # the ball model follows the first positive click
+
+
+def _corrupt(server) -> Path:
+    path = server.tmp / "corrupt.nii.gz"
+    path.write_bytes((server.studies / "ct.nii.gz").read_bytes()[:3000])  # a truncated gzip
+    return path
+
+
+def _flat(server) -> Path:
+    path = server.tmp / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32), np.eye(4)), path)
+    return path
+
+
+def _not_gzip(server) -> Path:
+    path = server.tmp / "garbage.nii.gz"
+    path.write_bytes(gzip.compress(b"this is not an image at all" * 10))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, status, fragment",
+    [
+        ("outside", 422, "outside the image"),
+        ("no_prompt", 422, "no prompt"),
+        ("bad_points", 422, "voxel indices"),
+        ("unknown_label", 422, "unknown label"),
+        ("unknown_image", 404, "not in the datastore"),
+        ("corrupt_upload", 422, "cannot read image"),
+        ("not_an_image_upload", 422, "cannot read image"),
+        ("2d_upload", 422, "3D"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_a_message_and_the_server_carries_on(server, case, status, fragment):
+    image, params, upload = "ct", {"foreground": [[60, 50, 56]], "label": "liver"}, None
+    if case == "outside":
+        params["foreground"] = [[60, 50, 500]]
+    elif case == "no_prompt":
+        params = {"label": "liver"}
+    elif case == "bad_points":
+        params["foreground"] = [[60, 50]]
+    elif case == "unknown_label":
+        params["label"] = "no_such_organ"
+    elif case == "unknown_image":
+        image = "no_such_image"
+    elif case == "corrupt_upload":
+        image, upload = "", _corrupt(server)
+    elif case == "not_an_image_upload":
+        image, upload = "", _not_gzip(server)
+    elif case == "2d_upload":
+        image, upload = "", _flat(server)
+        params["foreground"] = [[30, 30, 0]]
+    with pytest.raises(HttpError) as e:
+        server.infer(image, params, file=str(upload) if upload else None)
+    assert e.value.status == status, f"{case}: {e.value}\n{server.log_tail(20)}"
+    assert fragment in e.value.detail
+    assert len(e.value.detail) > 10 and "Traceback" not in e.value.detail
+    _good_request_works(server)
+
+
+def test_errors_leave_no_result_files_behind(server):
+    for params in ({"foreground": [[60, 50, 500]], "label": "liver"}, {"label": "liver"}):
+        with pytest.raises(HttpError):
+            server.infer("ct", params)
+    time.sleep(0.5)  # MONAI Label deletes a sent result file in a background task
+    left = [p.name for p in (server.tmp / "server_tmp").iterdir() if p.name.startswith("sam3d_point_")]
+    assert left == []
+
+
+def test_server_is_still_alive(server):
+    assert server.proc.poll() is None, server.log_tail()
+    assert "sam3d_point" in server.client.info()["models"]
