@@ -274,12 +274,39 @@ def test_ball_model_through_the_real_engine(ct, tmpdir_for_results):
     assert t._engine.model.encode_calls == 1
 
 
+TINY = dict(encoder_embed_dim=48, encoder_depth=1, encoder_num_heads=2, encoder_global_attn_indexes=[0],
+            prompt_embed_dim=48, decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=16)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_a_preset_network_with_weights_on_disk(tmp_path, ct, tmpdir_for_results, fmt):
+    """The path real models take: preset + network overrides + a checkpoint file (ours, or SAM-Med3D's .pth)."""
+    import torch
+
+    from sam3d.engine import save_checkpoint
+    from sam3d.models import build_sam3d
+
+    net = build_sam3d("sam3d_small", **TINY)
+    path = tmp_path / f"tiny.{fmt}"
+    if fmt == "safetensors":
+        save_checkpoint(net, path, {"preset": "sam3d_small", "network": TINY})
+    else:
+        torch.save({"model_state_dict": net.state_dict(), "epoch": 1}, path)
+    cfg = {"preset": "sam3d_small", "network": TINY, "checkpoint": str(path), "max_windows": 1}
+    t = Sam3DPointInfer(spec(cfg), device="cpu")
+    out, res = t({"image": ct, "foreground": [[60, 50, 56]], "label": "liver"})
+    assert nib.load(out).shape == nib.load(ct).shape
+    assert res["checkpoint"] == str(path) and res["network"] == "Sam3D" and t.status()[0] == "ready"
+
+
 # ---- the app ---------------------------------------------------------------------------------------------------
 
 
-def test_app_registers_tasks_and_maps_unknown_images_to_404(tmp_path, shared_data, monkeypatch):
+@pytest.mark.parametrize("concurrency", [-1, 1])  # -1: in the request's thread; 1: MONAI Label's infer thread pool
+def test_app_registers_tasks_and_maps_errors_to_http(tmp_path, shared_data, monkeypatch, concurrency):
     from monailabel.config import settings
 
+    monkeypatch.setattr(settings, "MONAI_LABEL_INFER_CONCURRENCY", concurrency)
     monkeypatch.setattr(settings, "MONAI_LABEL_SESSION_PATH", str(tmp_path / "sessions"))
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
     monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
@@ -301,6 +328,8 @@ def test_app_registers_tasks_and_maps_unknown_images_to_404(tmp_path, shared_dat
     assert err.status_code == 404 and "nope" in err.detail
     err = status_of(lambda: app.infer({"model": "no_such_task", "image": "mr", "foreground": [[1, 2, 3]]}))
     assert err.status_code == 404 and "no_such_task" in err.detail
+    err = status_of(lambda: app.infer({"model": "sam3d_point", "image": "mr", "foreground": [[40, 30, 99]]}))
+    assert err.status_code == 422 and "outside the image" in err.detail  # survives the thread pool's f.result()
     result = app.infer({"model": "sam3d_point", "image": "mr", "foreground": [[40, 30, 10]], "label": "liver"})
     assert nib.load(result["file"]).shape == (117, 91, 20)
     os.unlink(result["file"])
