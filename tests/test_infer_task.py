@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -232,6 +233,25 @@ def test_load_failure_is_500_with_the_reason_and_shown_in_info(ct):
     err = status_of(lambda: t({"image": ct, "foreground": [[1, 2, 3]]}))
     assert err.status_code == 500 and "size mismatch" in err.detail
     assert t.info()["sam3d"]["status"] == "load_failed"
+
+
+def test_preload_loads_in_the_background():
+    t = Sam3DPointInfer(spec(), device="cpu", preload=True)
+    for _ in range(100):
+        if t.status()[0] == "ready":
+            break
+        time.sleep(0.05)
+    assert t.status()[0] == "ready"
+
+
+def test_an_unusable_device_is_a_config_error(ct):
+    import torch
+
+    bad = "cuda:99" if torch.cuda.is_available() else "cuda"
+    t = Sam3DPointInfer(spec(), device=bad)
+    assert t.status()[0] == "config_error" and "CUDA" in t.info()["description"]
+    assert status_of(lambda: t({"image": ct, "foreground": [[1, 2, 3]]})).status_code == 503
+    assert Sam3DPointInfer(spec(), device="tpu").status()[0] == "config_error"
 
 
 def test_a_changed_checkpoint_is_reloaded_and_a_bad_one_keeps_the_last_good(tmp_path, ct, tmpdir_for_results):

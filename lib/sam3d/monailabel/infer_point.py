@@ -46,14 +46,20 @@ def default_engine_factory(model_config: dict, device: str):
     return InteractiveEngine(loaded, EngineConfig.from_dict(model_config), device=device)
 
 
-def resolve_device(device: str | None) -> str:
-    """auto -> cuda when available, else cpu."""
+def resolve_device(device: str | None) -> tuple[str, str | None]:
+    """(device, error): auto -> cuda when available, else cpu; an unusable device is an error for /info."""
+    import torch
+
     device = (device or "auto").strip().lower()
     if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+        return ("cuda" if torch.cuda.is_available() else "cpu"), None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return device, f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)"
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        return device, f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return device, None
 
 
 def _input_error_types() -> tuple[type[BaseException], ...]:
@@ -114,7 +120,7 @@ class Sam3DPointInfer(InferTask):
         self.model_name = spec.model_name
         self.model_config = spec.model_config
         self.strict_labels = strict_labels
-        self.device = resolve_device(device)
+        self.device, self._device_error = resolve_device(device)
         self._engine_factory = engine_factory or default_engine_factory
         self._engine = None
         self._engine_stamp = None  # (path, mtime_ns, size) of the checkpoint the engine holds
@@ -127,7 +133,7 @@ class Sam3DPointInfer(InferTask):
             description=spec.description,
             config={},
         )
-        if preload and spec.error is None:
+        if preload and self.status()[0] == "not_loaded":
             threading.Thread(target=self._preload, name=f"preload-{spec.name}", daemon=True).start()
 
     # ---- what /info shows --------------------------------------------------------------------------------------
@@ -153,11 +159,11 @@ class Sam3DPointInfer(InferTask):
 
     def status(self) -> tuple[str, str]:
         """(state, message): ready | not_loaded | weights_missing | load_failed | config_error."""
-        if self.spec.error:
-            return "config_error", f"configuration error: {self.spec.error}"
+        if self.spec.error or self._device_error:
+            return "config_error", f"configuration error: {self.spec.error or self._device_error}"
         if self._failure is not None and self._failure[0] == self._stamp():
             if self._engine is None:
-                return "load_failed", f"failed to load the weights: {self._failure[1]}"
+                return "load_failed", f"failed to load the model: {self._failure[1]}"
             return "ready", f"serving the previous weights; the new checkpoint failed to load: {self._failure[1]}"
         if not self.uses_factory:
             ckpt = self.checkpoint
@@ -221,7 +227,7 @@ class Sam3DPointInfer(InferTask):
             if self._failure is not None and self._failure[0] == stamp:
                 if self._engine is not None:
                     return self._engine
-                raise HTTPException(status_code=500, detail=f"{self.name} cannot segment: failed to load the weights: {self._failure[1]}")
+                raise HTTPException(status_code=500, detail=f"{self.name} cannot segment: failed to load the model: {self._failure[1]}")
             t = time.perf_counter()
             try:
                 engine = self._engine_factory(self.model_config, self.device)
@@ -233,7 +239,7 @@ class Sam3DPointInfer(InferTask):
                 if self._engine is not None:  # a bad new checkpoint: keep answering with the last good weights
                     logger.warning(f"{self.name}: keeping the previously loaded weights")
                     return self._engine
-                raise HTTPException(status_code=500, detail=f"{self.name} cannot segment: failed to load the weights: {self._failure[1]}") from e
+                raise HTTPException(status_code=500, detail=f"{self.name} cannot segment: failed to load the model: {self._failure[1]}") from e
             logger.info(f"{self.name}: loaded {self.model_name} ({self.checkpoint or self.model_config.get('factory')}) on {self.device} in {time.perf_counter() - t:.1f} s")
             self._engine, self._engine_stamp, self._failure = engine, stamp, None
             return engine
