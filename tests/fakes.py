@@ -38,7 +38,7 @@ class BallModel(nn.Module):
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or tuple(x.shape[2:]) != (self.img_size,) * 3:
-            raise ValueError(f"BallModel expects (B, 1, {self.img_size}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}")
+            raise ValueError(f"BallModel expects (B, 1, {self.img_size}, ...) windows, got {tuple(x.shape)}")
         with self._count_lock:
             self.encode_calls += 1
         return x.new_zeros((x.shape[0], 1, 1, 1, 1))  # tiny: the cache should hold many

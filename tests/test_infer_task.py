@@ -55,8 +55,9 @@ class StubEngine:
             raise self.raise_on_segment
         from sam3d.engine import SegmentResult
 
-        return SegmentResult(np.zeros((4, 4, 4), np.uint8), np.eye(4), {"load": 0.0, "encode": 0.0, "decode": 0.0, "total": 0.0},
-                             {"windows": [], "embedding_cached": True, "model": "Stub", "checkpoint": None})
+        timings = {"load": 0.0, "encode": 0.0, "decode": 0.0, "total": 0.0}
+        info = {"windows": [], "embedding_cached": True, "model": "Stub", "checkpoint": None}
+        return SegmentResult(np.zeros((4, 4, 4), np.uint8), np.eye(4), timings, info)
 
     def write_label(self, res, path):
         Path(path).write_bytes(b"partial")
@@ -111,12 +112,14 @@ def test_conf_short_keys_and_dotted_paths(tmp_path):
     assert t.model_config["spacing"] == [2, 2, 2]
     assert c.device == "cuda:1" and c.preload is True and c.strict_labels is False
     assert c.labels["tumour"] == 200 and c.infers["sam3d_point"].labels["tumour"] == 200
-    assert c.infers["extra"].model_config["preset"] == "sam3d_small" and c.infers["extra"].conf_prefix == "infers.extra."
+    extra = c.infers["extra"]
+    assert extra.model_config["preset"] == "sam3d_small" and extra.conf_prefix == "infers.extra."
 
 
 def test_conf_can_point_at_a_model_yaml_and_remove_a_task(tmp_path):
     (tmp_path / "ball.yaml").write_text(yaml.safe_dump(BALL))
-    c = load_app_config({"model": "ball.yaml", "infers.gone.model": "sam3d_small", "infers.gone": "null"}, CONFIGS, cwd=tmp_path)
+    conf = {"model": "ball.yaml", "infers.gone.model": "sam3d_small", "infers.gone": "null"}
+    c = load_app_config(conf, CONFIGS, cwd=tmp_path)
     assert c.infers["sam3d_point"].model_config["factory"] == "fakes:build_ball_model"
     assert "gone" not in c.infers
 
@@ -140,7 +143,8 @@ def test_broken_app_yaml_fails_loudly(tmp_path):
 def test_request_is_passed_to_the_engine(ct, tmpdir_for_results):
     engine = StubEngine()
     task = stub_task(engine)
-    out, res = task({"image": ct, "foreground": [[1, 2, 3]], "background": [[4, 5, 6.0]], "roi": [], "label": "liver", "extra": 1})
+    req = {"image": ct, "foreground": [[1, 2, 3]], "background": [[4, 5, 6.0]], "roi": [], "label": "liver", "x": 1}
+    out, res = task(req)
     assert engine.calls == [(ct, [[1, 2, 3]], [[4, 5, 6.0]], None, "liver")]
     assert Path(out).parent == tmpdir_for_results and nib.load(out).shape == (4, 4, 4)
     assert res["label_names"] == {"liver": 1} and res["task"] == "sam3d_point" and res["network"] == "Stub"
@@ -181,9 +185,10 @@ def test_unknown_labels_pass_when_not_strict(ct, tmpdir_for_results):
 
 
 def test_missing_image_is_404(tmp_path):
-    err = status_of(lambda: stub_task(StubEngine())({"image": str(tmp_path / "nope.nii.gz"), "foreground": [[1, 2, 3]]}))
+    task = stub_task(StubEngine())
+    err = status_of(lambda: task({"image": str(tmp_path / "nope.nii.gz"), "foreground": [[1, 2, 3]]}))
     assert err.status_code == 404
-    err = status_of(lambda: stub_task(StubEngine())({"image": "", "foreground": [[1, 2, 3]]}))
+    err = status_of(lambda: task({"image": "", "foreground": [[1, 2, 3]]}))
     assert err.status_code == 422 and "no image" in err.detail
 
 

@@ -90,7 +90,8 @@ class MyApp(MONAILabelApp):
         try:
             return super().infer(request, datastore)
         except MONAILabelException as e:
-            if isinstance(e, ImageNotFoundException) or (e.error == MONAILabelError.INVALID_INPUT and "no model" in e.msg):
+            unknown_model = e.error == MONAILabelError.INVALID_INPUT and "no model" in e.msg
+            if isinstance(e, ImageNotFoundException) or unknown_model:
                 raise HTTPException(status_code=404, detail=e.msg) from e
             if e.error == MONAILabelError.INVALID_INPUT:
                 raise HTTPException(status_code=400, detail=e.msg) from e

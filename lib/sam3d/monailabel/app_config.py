@@ -184,7 +184,9 @@ def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[s
     return spec
 
 
-def load_app_config(conf: dict[str, str] | None, config_dir: str | os.PathLike, cwd: str | os.PathLike | None = None) -> AppConfig:
+def load_app_config(
+    conf: dict[str, str] | None, config_dir: str | os.PathLike, cwd: str | os.PathLike | None = None
+) -> AppConfig:
     """The app config from `<config_dir>/app.yaml` (or `conf["config"]`) with MONAI Label's `conf` applied."""
     conf = dict(conf or {})
     cwd = Path(cwd or os.getcwd())

@@ -213,13 +213,14 @@ class Sam3DPointInfer(InferTask):
         except Exception as e:  # the server keeps serving; /info and requests say what is wrong
             logger.warning(f"{self.name}: preload failed: {getattr(e, 'detail', e)}")
 
+    def _unavailable(self, status_code: int, message: str) -> HTTPException:
+        return HTTPException(status_code=status_code, detail=f"{self.name} cannot segment: {message}")
+
     def engine(self):
         """The engine, loaded (or reloaded after the checkpoint changed) on demand; HTTP errors when it cannot be."""
         state, message = self.status()
-        if state == "config_error":
-            raise HTTPException(status_code=503, detail=f"{self.name} cannot segment: {message}")
-        if state == "weights_missing":
-            raise HTTPException(status_code=503, detail=f"{self.name} cannot segment: {message}")
+        if state in ("config_error", "weights_missing"):
+            raise self._unavailable(503, message)
         with self._lock:
             stamp = self._stamp()
             if self._engine is not None and stamp == self._engine_stamp:
@@ -227,20 +228,22 @@ class Sam3DPointInfer(InferTask):
             if self._failure is not None and self._failure[0] == stamp:
                 if self._engine is not None:
                     return self._engine
-                raise HTTPException(status_code=500, detail=f"{self.name} cannot segment: failed to load the model: {self._failure[1]}")
+                raise self._unavailable(500, f"failed to load the model: {self._failure[1]}")
+            source = self.checkpoint or self.model_config.get("factory")
             t = time.perf_counter()
             try:
                 engine = self._engine_factory(self.model_config, self.device)
             except _weights_missing_types() as e:
-                raise HTTPException(status_code=503, detail=f"{self.name} cannot segment: weights missing: {e}; {self._how_to_set()}") from e
+                raise self._unavailable(503, f"weights missing: {e}; {self._how_to_set()}") from e
             except Exception as e:
-                logger.exception(f"{self.name}: loading {self.checkpoint or self.model_config.get('factory')} failed")
+                logger.exception(f"{self.name}: loading {source} failed")
                 self._failure = (stamp, f"{type(e).__name__}: {e}")
                 if self._engine is not None:  # a bad new checkpoint: keep answering with the last good weights
                     logger.warning(f"{self.name}: keeping the previously loaded weights")
                     return self._engine
-                raise HTTPException(status_code=500, detail=f"{self.name} cannot segment: failed to load the model: {self._failure[1]}") from e
-            logger.info(f"{self.name}: loaded {self.model_name} ({self.checkpoint or self.model_config.get('factory')}) on {self.device} in {time.perf_counter() - t:.1f} s")
+                raise self._unavailable(500, f"failed to load the model: {self._failure[1]}") from e
+            dt = time.perf_counter() - t
+            logger.info(f"{self.name}: loaded {self.model_name} ({source}) on {self.device} in {dt:.1f} s")
             self._engine, self._engine_stamp, self._failure = engine, stamp, None
             return engine
 
