@@ -24,6 +24,7 @@ class LoadedModel:
     model: nn.Module
     checkpoint: str | None  # path of the weights, None for a factory that needs none
     checkpoint_sha256: str | None
+    name: str = ""  # the preset or factory, for the answers' metadata
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -89,16 +90,31 @@ def load_model(model_config: dict, base_dir: str | os.PathLike | None = None) ->
     """
     if model_config.get("factory"):
         model = _resolve_factory(model_config["factory"])(model_config)
-        return LoadedModel(model.eval(), model_config.get("checkpoint"), None)
-    ckpt = model_config.get("checkpoint")
-    if not ckpt:
+        return LoadedModel(model.eval(), model_config.get("checkpoint"), None, model_config["factory"])
+    path = resolve_checkpoint(model_config, base_dir)
+    if path is None:
         raise WeightsMissingError("no checkpoint configured: set `checkpoint` in the model config or with --conf")
-    path = Path(ckpt)
-    if base_dir is not None and not path.is_absolute():
-        path = Path(base_dir) / path
     if not path.is_file():
         raise WeightsMissingError(f"checkpoint not found: {path}")
-    model = build_sam3d(model_config.get("preset", "sam_med3d_turbo"), **(model_config.get("network") or {}))
+    preset = model_config.get("preset", "sam_med3d_turbo")
+    network = model_config.get("network") or {}
+    sidecar = path.with_suffix(".yaml")
+    if path.suffix == ".safetensors" and sidecar.is_file():
+        # our checkpoints carry their network (preset + overrides): it wins over the model config's
+        saved = yaml.safe_load(sidecar.read_text()) or {}
+        preset, network = saved.get("preset", preset), saved.get("network", network) or {}
+    model = build_sam3d(preset, **network)
     state = {k: v.float() for k, v in read_state_dict(path).items()}
     model.load_state_dict(state, strict=True)
-    return LoadedModel(model.eval(), str(path), file_sha256(path))
+    return LoadedModel(model.eval(), str(path), file_sha256(path), preset)
+
+
+def resolve_checkpoint(model_config: dict, base_dir: str | os.PathLike | None = None) -> Path | None:
+    """The configured checkpoint path (relative paths against `base_dir`), or None when none is set."""
+    ckpt = model_config.get("checkpoint")
+    if not ckpt:
+        return None
+    path = Path(ckpt).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
+    return path

@@ -101,6 +101,7 @@ class InteractiveEngine:
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
         self.checkpoint = loaded.checkpoint
+        self.model_name = loaded.name or type(self.model).__name__
         self.model_id = loaded.checkpoint_sha256 or f"{type(self.model).__name__}@{id(self.model)}"
         self._sessions = ByteLRU(self.config.session_cache_mb << 20, sizeof=lambda s: s.nbytes)
         self._embeddings = ByteLRU(self.config.cache_mb << 20, sizeof=lambda t: t.element_size() * t.nelement())
@@ -253,7 +254,7 @@ class InteractiveEngine:
         while len(self._states) > self._max_states:
             self._states.popitem(last=False)
         info = {
-            "model": getattr(self.model, "name", type(self.model).__name__),
+            "model": self.model_name,
             "checkpoint": self.checkpoint,
             "windows": windows,
             "embedding_cached": windows[0]["embedding_cached"],

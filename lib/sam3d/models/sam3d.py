@@ -43,6 +43,25 @@ class Sam3DConfig:
             values["encoder_global_attn_indexes"] = tuple(values["encoder_global_attn_indexes"])
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.img_size % self.patch_size:
+            problems.append("img_size must be a multiple of patch_size")
+        if self.encoder_embed_dim % self.encoder_num_heads:
+            problems.append("encoder_num_heads must divide encoder_embed_dim")
+        if self.prompt_embed_dim % 3:
+            problems.append("prompt_embed_dim must be a multiple of 3 (sin, cos, sin Fourier features)")
+        if self.prompt_embed_dim % 8:
+            problems.append("prompt_embed_dim must be a multiple of 8 (the decoder upscales to dim/8 channels)")
+        if (self.prompt_embed_dim // 2) % self.decoder_num_heads or self.prompt_embed_dim % self.decoder_num_heads:
+            problems.append("decoder_num_heads must divide prompt_embed_dim and prompt_embed_dim / 2")
+        if self.mask_in_chans % 4:
+            problems.append("mask_in_chans must be a multiple of 4")
+        if self.num_point_embeddings not in (2, 4):
+            problems.append("num_point_embeddings must be 2 (clicks) or 4 (clicks and boxes)")
+        if problems:
+            raise ValueError("invalid network config: " + "; ".join(problems))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
@@ -73,8 +92,6 @@ class Sam3D(nn.Module):
     def __init__(self, config: Sam3DConfig) -> None:
         super().__init__()
         c = config
-        if c.img_size % c.patch_size:
-            raise ValueError("img_size must be a multiple of patch_size")
         grid = c.img_size // c.patch_size
         self.config = c
         self.image_encoder = ImageEncoderViT3D(
