@@ -279,9 +279,10 @@ class InteractiveEngine:
         pts = [(p - origin, 1) for p in fg_m] + [(p - origin, 0) for p in bg_m]
         pts = [(p, lab) for p, lab in pts if np.all(p >= 0) and np.all(p <= size - 1)]
         if seed is not None:  # a neighbour window: a click deep inside the part of the mask it already holds
-            inner = interior_point(mask_input_to_binary(mask_input, size))
+            inner = interior_point((mask_input[0, 0] > 0).cpu().numpy())  # on the low-res grid: 64x cheaper
             if inner is not None:
-                pts.append((inner, 1))
+                scale = size / mask_input.shape[-1]
+                pts.append(((inner + 0.5) * scale - 0.5, 1))
         points = None
         if pts:
             coords = torch.tensor(np.array([p for p, _ in pts]), dtype=torch.float32, device=self.device)[None]
@@ -310,11 +311,6 @@ class InteractiveEngine:
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
-
-
-def mask_input_to_binary(mask_input: torch.Tensor, size: int) -> np.ndarray:
-    up = F.interpolate(mask_input.float(), size=(size,) * 3, mode="trilinear", align_corners=False)
-    return (up[0, 0] > 0).cpu().numpy()
 
 
 def _extends(prompts: list, previous: list) -> bool:
