@@ -10,7 +10,7 @@
 # As root with apt-get, also installs python3-venv if needed and Debian's mricron-data (sample volumes).
 # server: builds sample-data/brain-mr (or $SAM3D_SAMPLE_DATA) if missing, unless you pass --studies;
 # extra args go to `monailabel start_server` and win over the defaults, e.g.
-#   bash scripts/setup.sh server --port 8080 --conf models.sam3d_point.checkpoint /path/sam_med3d_turbo.pth
+#   bash scripts/setup.sh server --port 8080 --conf model sam_med3d_turbo --conf checkpoint /path/sam_med3d_turbo.pth
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
