@@ -119,8 +119,6 @@ def test_failure_mid_write_keeps_the_old_file(small, tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="lib/sam3d/engine/checkpoint.py::_atomic_write: tempfile.mkstemp creates "
-                   "0600 files and os.replace keeps that mode, so checkpoints are unreadable to other users")
 def test_saved_files_get_the_usual_permissions(small, tmp_path):
     path = tmp_path / "small.safetensors"
     old = os.umask(0o022)

@@ -321,7 +321,7 @@ def test_a_preset_network_with_weights_on_disk(tmp_path, ct, tmpdir_for_results,
     t = Sam3DPointInfer(spec(cfg), device="cpu")
     out, res = t({"image": ct, "foreground": [[60, 50, 56]], "label": "liver"})
     assert nib.load(out).shape == nib.load(ct).shape
-    assert res["checkpoint"] == str(path) and res["network"] == "Sam3D" and t.status()[0] == "ready"
+    assert res["checkpoint"] == str(path) and res["network"] == "sam3d_small" and t.status()[0] == "ready"
 
 
 # ---- the app ---------------------------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)  # readers see the old file or the new one, never half of one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -90,7 +93,8 @@ def load_model(model_config: dict, base_dir: str | os.PathLike | None = None) ->
     """
     if model_config.get("factory"):
         model = _resolve_factory(model_config["factory"])(model_config)
-        return LoadedModel(model.eval(), model_config.get("checkpoint"), None, model_config["factory"])
+        name = getattr(model, "name", model_config["factory"])
+        return LoadedModel(model.eval(), model_config.get("checkpoint"), None, name)
     path = resolve_checkpoint(model_config, base_dir)
     if path is None:
         raise WeightsMissingError("no checkpoint configured: set `checkpoint` in the model config or with --conf")
