@@ -1,0 +1,1 @@
+"""Data: reading cases, click simulation (shared by training and evaluation)."""
