@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""Interactive latency of the bare networks, beside medim's SAM-Med3D on the same input in the same run.
+
+For each model and device it times, as the median (and min) of warm runs:
+
+* encoder      image encoder on one 128^3 window (paid once per window: the first click)
+* decode #1    prompt encoder + mask decoder for the first click: 1 positive click, zero mask input
+* first click  encoder + decode #1
+* next click   prompt encoder + mask decoder for a second click: 2 clicks, the previous low-res logits as mask
+               input (README case B; what every later click costs while the embedding is cached)
+
+Models: sam3d `sam_med3d_turbo` and `sam3d_small`, and medim 0.1.2 "SAM-Med3D" (the official network). The turbo
+network and medim get the same random weights (medim's seeded initialisation) so their outputs can be compared;
+the deviation is printed as a sanity check that both compute the same thing. Weights do not change timings.
+
+    python scripts/benchmark.py --device cpu --threads 2 --out BENCHMARKS.md
+
+prints a markdown table to stdout and, with --out, appends it to that file under a header with the command,
+git commit, hardware, torch version and date. Timings belong here, never in pass/fail tests.
+"""
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # medim builds with pretrained=False: nothing to download
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import sam3d  # noqa: F401
+except ImportError:  # not pip-installed: run from the source tree
+    sys.path.insert(0, str(REPO / "lib"))
+from sam3d.models import build_sam3d  # noqa: E402
+
+PRESETS = ("sam_med3d_turbo", "sam3d_small")
+FIRST_CLICK = [[66.0, 64.0, 64.0]]  # the conformance vectors' clicks (README case A / case B)
+NEXT_CLICKS = [[66.0, 64.0, 64.0], [66.0, 29.0, 32.0]]
+
+
+@dataclass
+class Row:
+    model: str
+    device: str
+    params_m: float
+    times: dict[str, list[float]] = field(default_factory=dict)  # wall seconds per run, by measurement
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # process CPU seconds per run (all threads)
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(fn, runs: int, warmup: int, device: torch.device, desc: str) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of `fn` over `runs` runs after `warmup` untimed ones (CUDA synchronised on
+    both sides). CPU / wall near the thread count means the cores were ours; much less, that others used them."""
+    wall, cpu = [], []
+    with torch.inference_mode():
+        for i in tqdm(range(warmup + runs), desc=desc, leave=False, file=sys.stderr, unit="run"):
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            _sync(device)
+            if i >= warmup:
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+    return wall, cpu
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _prompts(device):
+    first = (torch.tensor([FIRST_CLICK], device=device), torch.tensor([[1]], device=device))
+    nxt = (torch.tensor([NEXT_CLICKS], device=device), torch.tensor([[1, 0]], device=device))
+    return first, nxt
+
+
+class Bare:
+    """encode / decode callables for one network, ours or medim's, on one device."""
+
+    def __init__(self, name: str, model: torch.nn.Module, medim: bool, device: torch.device) -> None:
+        self.name, self.model, self.medim, self.device = name, model.to(device).eval(), medim, device
+        self.low = 4 * model.prompt_encoder.image_embedding_size[0]  # low-res logits: 4x the token grid
+
+    def encode(self, x):
+        return self.model.image_encoder(x) if self.medim else self.model.encode_image(x)
+
+    def decode(self, emb, points, mask_input):
+        m = self.model
+        if not self.medim:
+            return m.decode(emb, points=points, mask_input=mask_input, multimask_output=False)
+        sparse, dense = m.prompt_encoder(points=points, boxes=None, masks=mask_input)
+        return m.mask_decoder(image_embeddings=emb, image_pe=m.prompt_encoder.get_dense_pe(),
+                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                              multimask_output=False)
+
+    @property
+    def params_m(self) -> float:
+        return sum(p.numel() for p in self.model.parameters()) / 1e6
+
+
+def build_models(presets, with_medim: bool) -> list[tuple[str, torch.nn.Module, bool]]:
+    """(name, cpu model, is_medim). Turbo and medim share medim's seeded random weights."""
+    out = []
+    ref = None
+    if with_medim:
+        try:
+            import medim
+        except ImportError:
+            print("medim not installed: its column is skipped", file=sys.stderr)
+        else:
+            torch.manual_seed(0)
+            with contextlib.redirect_stdout(sys.stderr):  # medim prints progress; stdout is the report
+                ref = medim.create_model("SAM-Med3D", pretrained=False).eval()
+    for preset in presets:
+        if preset == "sam_med3d_turbo" and ref is not None:
+            with torch.device("meta"):
+                model = build_sam3d(preset)
+            model.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, strict=True, assign=True)
+        else:
+            torch.manual_seed(0)
+            model = build_sam3d(preset)
+        out.append((f"sam3d {preset}", model.eval(), False))
+        if preset == "sam_med3d_turbo" and ref is not None:
+            out.append(("medim SAM-Med3D (official)", ref, True))
+    return out
+
+
+def bench_bare(bare: Bare, x: torch.Tensor, args) -> tuple[Row, dict]:
+    dev = bare.device
+    first, nxt = _prompts(dev)
+    zeros = torch.zeros(1, 1, bare.low, bare.low, bare.low, device=dev)
+    row = Row(bare.name, str(dev), bare.params_m)
+    with torch.inference_mode():
+        emb = bare.encode(x)
+        low1, _ = bare.decode(emb, first, zeros)
+        low2, _ = bare.decode(emb, nxt, low1)
+    tag = f"{bare.name} [{dev}]"
+    runs = {
+        "encoder": (lambda: bare.encode(x), args.runs, "encoder"),
+        "decode1": (lambda: bare.decode(emb, first, zeros), args.decode_runs, "first-click decode"),
+        "next": (lambda: bare.decode(emb, nxt, low1), args.decode_runs, "next-click decode"),
+    }
+    for key, (fn, n, desc) in runs.items():
+        row.times[key], row.cpu[key] = time_runs(fn, n, args.warmup, dev, f"{tag} {desc}")
+    notes = []
+    if dev.type == "cpu":
+        notes.append(f"encoder {statistics.median(row.cpu['encoder']):.1f} CPU-s/run")
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            bare.encode(x)
+        notes.append(f"encoder {fc.get_total_flops() / 1e9:.1f} GFLOP")
+    row.note = ", ".join(notes)
+    return row, {"emb": emb, "low1": low1, "low2": low2}
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+def bench_engine(args, device: torch.device) -> list[Row]:
+    """Latency through `sam3d.engine.InteractiveEngine` (image in, label volume out): TO BE COMPLETED by the
+    engine's owner once the engine exists.
+
+    Intended measurements, as `Row`s like the bare ones (same `time_runs`, same --runs/--decode-runs/--warmup):
+      * "engine first click": a fresh image (e.g. a 256^3 CT at 1.5 mm), one click -> label volume on the image
+        grid (resampling, normalisation, window crop, encoder, decoder, upsampling, paste back);
+      * "engine next click": a second click in the same window (embedding cached);
+      * "engine click in a new window": a click that needs a window not yet encoded.
+    """
+    try:
+        from sam3d.engine import InteractiveEngine  # noqa: F401
+    except ImportError:
+        print("engine latency: skipped (sam3d.engine.InteractiveEngine is not available yet)", file=sys.stderr)
+        return []
+    print("engine latency: skipped (bench_engine in scripts/benchmark.py is not written yet)", file=sys.stderr)
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _ms(ts: list[float]) -> str:
+    med, lo = statistics.median(ts) * 1e3, min(ts) * 1e3
+    if med >= 1000:
+        return f"{med / 1e3:.2f} s ({lo / 1e3:.2f})"
+    return f"{med:.1f} ms ({lo:.1f})"
+
+
+def _first_click(row: Row) -> str:
+    total = statistics.median(row.times["encoder"]) + statistics.median(row.times["decode1"])
+    return f"{total:.2f} s" if total >= 1 else f"{total * 1e3:.0f} ms"
+
+
+def markdown_table(rows: list[Row], args) -> str:
+    lines = [
+        "| model | device | params | encoder | decode, 1st click | **first click** | **next click** | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.device} | {r.params_m:.1f} M | {_ms(r.times['encoder'])} | {_ms(r.times['decode1'])}"
+            f" | {_first_click(r)} | {_ms(r.times['next'])} | {r.note} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Median (min) of {args.runs} encoder runs and {args.decode_runs} decoder runs, after {args.warmup} warm-up "
+        "run(s); float32, batch 1, 128^3 window. First click = median encoder + median first-click decode."
+    )
+    return "\n".join(lines)
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        # only what is timed matters: the network code and this script
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "lib/sam3d/models",
+                                "scripts/benchmark.py"],
+                               capture_output=True, text=True).stdout.strip()
+        return commit + (" + uncommitted changes in lib/sam3d/models or scripts/benchmark.py" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    """`model name` from /proc/cpuinfo, with the widest SIMD extension its flags list."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.machine())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), []))
+    simd = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
+                None)
+    return f"{name} ({simd})" if simd else name
+
+
+def header(args, devices) -> str:
+    hw = f"{_cpu_model()}, {os.cpu_count()} logical CPUs visible, torch.get_num_threads() = {torch.get_num_threads()}"
+    gpus = [torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"]
+    if gpus:
+        hw += f"; GPU {gpus[0]} (CUDA {torch.version.cuda})"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return "\n".join([
+        f"## {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        "",
+        f"* command: `{' '.join(['python', *map(shlex.quote, [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])])}`",
+        f"* commit: {_git_commit()}",
+        f"* hardware: {hw}",
+        f"* software: torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
+        f"* 1-min load average before the run: {load:.2f}",
+    ])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cpu, and cuda when available (default)")
+    p.add_argument("--runs", type=int, default=7, help="timed encoder runs (default 7)")
+    p.add_argument("--decode-runs", type=int, default=50, help="timed decoder runs (default 50)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
+    p.add_argument("--no-medim", action="store_true", help="skip medim's SAM-Med3D")
+    p.add_argument("--flops", action="store_true", help="also count encoder FLOPs (one extra forward each)")
+    p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file (BENCHMARKS.md)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    else:
+        devices = [torch.device(args.device)]
+    head = header(args, devices)
+
+    models = build_models(args.presets, with_medim=not args.no_medim)
+    x_cpu = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(0))
+    rows: list[Row] = []
+    for dev in devices:
+        x = x_cpu.to(dev)
+        outputs = {}
+        for name, model, is_medim in models:
+            row, outputs[name] = bench_bare(Bare(name, model, is_medim, dev), x, args)
+            rows.append(row)
+            model.cpu()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        ours, ref = outputs.get("sam3d sam_med3d_turbo"), outputs.get("medim SAM-Med3D (official)")
+        if ours and ref:
+            dev_rels = {k: rel(ours[k], ref[k]) for k in ours}
+            note = "same outputs as medim: max rel " + ", ".join(f"{k} {v:.1e}" for k, v in dev_rels.items())
+            for r in rows:
+                if r.model == "sam3d sam_med3d_turbo" and r.device == str(dev):
+                    r.note = "; ".join(filter(None, [r.note, note]))
+        rows.extend(bench_engine(args, dev))
+
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    report = head + f"\n* 1-min load average after the run: {load_after:.2f}\n\n" + markdown_table(rows, args) + "\n"
+    print(report)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + report)
+        print(f"appended to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
