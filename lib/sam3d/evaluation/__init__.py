@@ -1,0 +1,28 @@
+"""Evaluation: click protocols (sam3d.data.clicks), metrics, a baseline without weights, reports and plots.
+
+Nothing here depends on MONAI Label except `ServerSegmenter`, which imports its client when it is built.
+"""
+
+from .baseline import RandomWalkerConfig, RandomWalkerSegmenter, random_walker_segment
+from .metrics import NOC_THRESHOLDS, noc, segmentation_metrics
+from .report import write_report
+from .runner import COLUMNS, EvalConfig, run_evaluation, run_target
+from .segmenters import EngineSegmenter, Segmenter, ServerSegmenter, load_model_config
+
+__all__ = [
+    "COLUMNS",
+    "NOC_THRESHOLDS",
+    "EngineSegmenter",
+    "EvalConfig",
+    "RandomWalkerConfig",
+    "RandomWalkerSegmenter",
+    "Segmenter",
+    "ServerSegmenter",
+    "load_model_config",
+    "noc",
+    "random_walker_segment",
+    "run_evaluation",
+    "run_target",
+    "segmentation_metrics",
+    "write_report",
+]

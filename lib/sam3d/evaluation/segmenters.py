@@ -1,0 +1,188 @@
+"""What the evaluation runs: anything with `segment(image_path, foreground, background, roi, label) -> mask`.
+
+Every call carries all prompts so far (as MONAI Label clients resend every click), and the answer is a 0/1 mask
+on the image's own grid (the array `monai.transforms.LoadImage` returns). Three implementations:
+
+- `EngineSegmenter`: the library, `sam3d.engine.InteractiveEngine` (continues from its previous mask);
+- `RandomWalkerSegmenter` (baseline.py): no learned weights;
+- `ServerSegmenter`: a running sam3d MONAI Label server through `monailabel.client.MONAILabelClient`, so that
+  what users get through the server is what is measured. Only this class imports MONAI Label, and only when
+  it is built.
+"""
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import yaml
+
+from ..data.cases import Case, load_array
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    name: str
+
+    def segment(self, image_path: str, foreground: list, background: list, roi: list | None, label: str) -> np.ndarray:
+        """A 0/1 mask on the image's grid for all the prompts so far."""
+
+    def describe(self) -> dict:
+        """What to print about it in the summary (model, checkpoint, parameters)."""
+
+
+# ---- the library ---------------------------------------------------------------------------------------------
+
+
+def load_model_config(ref: str, configs_dir: str | os.PathLike, checkpoint: str | None = None) -> dict:
+    """A model config by name (`<configs_dir>/models/<ref>.yaml`) or YAML path, with `checkpoint` overriding.
+
+    As in the app, a relative `checkpoint` written in a YAML file resolves against the project root (the folder
+    that holds `configs_dir`); the `checkpoint` argument (a command-line path) against the working directory.
+    """
+    configs_dir = Path(configs_dir)
+    root = configs_dir.resolve().parent
+    path = Path(ref).expanduser()
+    if not (ref.endswith((".yaml", ".yml")) or os.sep in ref or path.is_file()):
+        path = configs_dir / "models" / f"{ref}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (configs_dir / "models").glob("*.yaml"))
+            raise FileNotFoundError(f"unknown model {ref!r}: no {path}; known: {known} (or give a YAML path)")
+    if not path.is_file():
+        raise FileNotFoundError(f"model config not found: {path}")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a model config must be a mapping")
+    cfg.setdefault("name", path.stem)
+    if checkpoint:
+        cfg["checkpoint"] = str(Path(checkpoint).expanduser().resolve())
+    elif cfg.get("checkpoint"):
+        p = Path(str(cfg["checkpoint"])).expanduser()
+        cfg["checkpoint"] = str(p if p.is_absolute() else root / p)
+    return cfg
+
+
+class EngineSegmenter:
+    """The sam3d library: one `InteractiveEngine` over a model config's network and weights."""
+
+    def __init__(self, engine, name: str | None = None, model_config: dict | None = None) -> None:
+        self.engine = engine
+        self.name = name or engine.model_name
+        self.model_config = model_config or {}
+
+    @classmethod
+    def from_config(cls, model_config: dict, device: str = "cpu", name: str | None = None) -> "EngineSegmenter":
+        """Raises `sam3d.engine.WeightsMissingError` when the checkpoint is not set or not there."""
+        from ..engine import EngineConfig, InteractiveEngine, load_model
+
+        loaded = load_model(model_config)
+        engine = InteractiveEngine(loaded, EngineConfig.from_dict(model_config), device=device)
+        return cls(engine, name or str(model_config.get("name") or loaded.name), model_config)
+
+    def describe(self) -> dict:
+        e = self.engine
+        return {
+            "method": f"sam3d engine, network {e.model_name}",
+            "checkpoint": e.checkpoint,
+            "checkpoint sha256": e.model_id if e.checkpoint else None,
+            "device": str(e.device),
+        }
+
+    def segment(self, image_path, foreground, background, roi, label) -> np.ndarray:
+        return self.engine.segment(str(image_path), foreground, background, roi, label).mask
+
+
+# ---- a running server ----------------------------------------------------------------------------------------
+
+
+class ServerSegmenter:
+    """A sam3d MONAI Label server's infer task, through `MONAILabelClient`.
+
+    Each case's image is used from the datastore when an image with the case's name (`image_prefix` + case)
+    is already there, and uploaded under that id otherwise (`upload="missing"`, the default); `upload="always"`
+    uploads every time, `"never"` requires the image to be there. A DICOM folder is uploaded as a NIfTI written
+    from the LoadImage array and affine, so that the server's indices are the same. The structure's name is
+    sent as `label` when the task declares it, otherwise `fallback_label`.
+    """
+
+    def __init__(self, url: str, model: str = "sam3d_point", upload: str = "missing", image_prefix: str = "",
+                 fallback_label: str = "structure", tmpdir: str | None = None) -> None:
+        from monailabel.client import MONAILabelClient
+
+        if upload not in ("missing", "always", "never"):
+            raise ValueError("upload must be missing, always or never")
+        self.url, self.model, self.upload, self.image_prefix = url, model, upload, image_prefix
+        self.fallback_label = fallback_label
+        self._tmp = tempfile.TemporaryDirectory(prefix="sam3d-eval-", dir=tmpdir)
+        self.client = MONAILabelClient(url, tmpdir=self._tmp.name)
+        info = self.client.info()
+        models = info.get("models", {})
+        if model not in models:
+            raise ValueError(f"server {url} has no model {model!r}; it has {sorted(models)}")
+        self.task_info = models[model]
+        self.labels = set(self.task_info.get("labels") or {})
+        self.name = f"server:{model}"
+        self._ids: dict[str, str] = {}
+
+    def describe(self) -> dict:
+        s = self.task_info.get("sam3d") or {}
+        return {
+            "method": f"MONAI Label server {self.url}, task {self.model}",
+            "description": self.task_info.get("description"),
+            "server status": s.get("status"),
+        }
+
+    def _datastore_ids(self) -> dict:
+        try:
+            return self.client.datastore().get("objects", {}) or {}
+        except Exception as e:  # noqa: BLE001 - the datastore listing is optional help, uploads still work
+            logger.warning(f"cannot list the server's datastore ({e}); uploading")
+            return {}
+
+    def prepare(self, case: Case) -> None:
+        image_id = f"{self.image_prefix}{case.name}"
+        path = Path(case.image)
+        if self.upload != "always":
+            known = self._datastore_ids()
+            if image_id in known:
+                self._ids[str(path)] = image_id
+                return
+            if self.upload == "never":
+                raise ValueError(f"image {image_id!r} is not in the server's datastore (upload='never')")
+        if path.is_dir():  # a DICOM series: the LoadImage array as NIfTI, the same indices on the server
+            import nibabel as nib
+
+            arr, affine = load_array(path)
+            upload = Path(self._tmp.name) / f"{image_id}.nii.gz"
+            nib.save(nib.Nifti1Image(np.squeeze(arr), affine), str(upload))
+        else:
+            upload = path
+        self.client.upload_image(str(upload), image_id=image_id)
+        self._ids[str(path)] = image_id
+
+    def segment(self, image_path, foreground, background, roi, label) -> np.ndarray:
+        import nibabel as nib
+
+        image_id = self._ids.get(str(image_path))
+        if image_id is None:
+            raise RuntimeError(f"{image_path} was not prepared (call prepare(case) first)")
+        params = {
+            "foreground": [list(map(int, p)) for p in foreground],
+            "background": [list(map(int, p)) for p in background],
+            "label": label if label in self.labels or not self.labels else self.fallback_label,
+        }
+        if roi is not None:
+            params["roi"] = [int(v) for v in roi]
+        result, _ = self.client.infer(self.model, image_id, params)
+        try:
+            return (np.asarray(nib.load(result).dataobj) > 0).astype(np.uint8)
+        finally:
+            if result:
+                Path(result).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
