@@ -26,8 +26,9 @@ from .metrics import METRICS, segmentation_metrics
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("method", "case", "label", "label_name", "click", "dice", "iou", "hd95", "assd", "nsd",
-           "volume_error", "seconds", "n_foreground", "n_background", "error")
+# the columns in its order after `method`, then the extras
+COLUMNS = ("method", "case", "label", "label_name", "click", "dice", "iou", "hd95", "assd", "nsd", "seconds",
+           "volume_error", "n_foreground", "n_background", "error")
 
 
 @dataclass
