@@ -1,0 +1,249 @@
+"""Training samples: model windows around structures (or at random) of real volumes, augmented or synthesised.
+
+Volumes come from a case folder (`sam3d.data.cases`, as `../shared/data/`) or a MONAI Label local datastore
+(`DIR/*.nii.gz` with labels in `DIR/labels/final/<same name>`). Each volume is put on the model grid once, by
+the engine's own `ImageSession` (RAS, the model spacing, bilinear), its label map the same way (nearest).
+
+`WindowDataset[i]` is a function of (seed, i) alone: the same index gives the same sample in any process, worker
+or resumed run. A sample is one binary target in one window:
+
+    {"image": (1, S, S, S) float32, normalised as the engine normalises its windows,
+     "label": (1, S, S, S) float32 0/1, "seed": int (the clicks' seed), "index": int,
+     "case": str, "target": str (label values), "synthetic": bool}
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    Orientation,
+    RandAdjustContrastd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Spacing,
+)
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from ..engine.image_session import ImageSession
+from ..engine.interactive import EngineConfig, _normalize
+from ..engine.windows import window_start
+from .cases import find_cases
+from .clicks import derive_seed
+from .synthesis import RandWindowDeformd, SynthesizeFromLabelsd
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Volume:
+    """One labelled volume on the model grid, with an index of its labelled voxels per label value."""
+
+    name: str
+    image: torch.Tensor  # (1, X, Y, Z) float32
+    label: torch.Tensor  # (1, X, Y, Z) int32
+    values: np.ndarray = field(default=None)  # label values with at least min_voxels voxels
+    _flat: np.ndarray = field(default=None, repr=False)
+    _bounds: dict = field(default_factory=dict, repr=False)
+    _box: tuple = field(default=None, repr=False)
+
+    def index(self, min_voxels: int) -> None:
+        lab = self.label[0].numpy()
+        flat = np.flatnonzero(lab)
+        vals = lab.reshape(-1)[flat]
+        order = np.argsort(vals, kind="stable")
+        self._flat, vals = flat[order], vals[order]
+        uniq, starts, counts = np.unique(vals, return_index=True, return_counts=True)
+        self._bounds = {int(v): (int(s), int(s + c)) for v, s, c in zip(uniq, starts, counts)}
+        self.values = np.array([int(v) for v, c in zip(uniq, counts) if c >= min_voxels], dtype=np.int64)
+        idx = np.array(np.unravel_index(flat, lab.shape), dtype=np.float64) if len(flat) else np.zeros((3, 1))
+        self._box = (idx.min(1), idx.max(1))
+
+    def random_voxel(self, value: int, rng: np.random.Generator) -> np.ndarray:
+        lo, hi = self._bounds[int(value)]
+        flat = self._flat[lo + int(rng.integers(hi - lo))]
+        return np.array(np.unravel_index(flat, self.label.shape[1:]), dtype=np.float64)
+
+    def foreground_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """Inclusive index box of the labelled voxels."""
+        return self._box
+
+
+def list_sources(data: dict) -> list[tuple[str, str, str]]:
+    """(name, image path, label path) for the training volumes a recipe's `data` section names.
+
+    Keys: `dir` (a case folder, optionally filtered by `cases` and `exclude`) and/or `datastore` (a MONAI Label
+    local datastore; its labelled images).
+    """
+    out = []
+    if data.get("dir"):
+        include, exclude = data.get("cases"), set(data.get("exclude") or [])
+        for case in find_cases(data["dir"]):
+            if (include and case.name not in include) or case.name in exclude:
+                continue
+            out.append((case.name, str(case.image), str(case.label)))
+        if include:
+            missing = set(include) - {n for n, _, _ in out}
+            if missing:
+                raise FileNotFoundError(f"cases {sorted(missing)} not found in {data['dir']}")
+    if data.get("datastore"):
+        root = Path(data["datastore"])
+        for image in sorted(root.glob("*.nii*")):
+            label = root / "labels" / "final" / image.name
+            if label.is_file():
+                out.append((image.name.split(".")[0], str(image), str(label)))
+    if not out:
+        raise FileNotFoundError(f"no training volumes in {data}")
+    return out
+
+
+def load_volume(name: str, image_path: str, label_path: str, spacing) -> Volume:
+    """Image and label map on the model grid, exactly as the engine resamples images (labels by nearest)."""
+    sess = ImageSession(image_path, tuple(spacing), max_voxels=400_000_000)
+    from monai.transforms import LoadImage
+
+    reader = "ITKReader" if os.path.isdir(label_path) else None
+    lab = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(label_path)
+    lab = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(lab.float())
+    lab = Spacing(pixdim=tuple(spacing), mode="nearest")(lab).as_tensor()[0]
+    image = sess.volume
+    if tuple(lab.shape) != tuple(image.shape):  # rounding of the output grid: crop/pad the label to the image
+        fixed = torch.zeros(image.shape)
+        sl = tuple(slice(0, min(a, b)) for a, b in zip(image.shape, lab.shape))
+        fixed[sl] = lab[sl]
+        lab = fixed
+    return Volume(name, image[None].contiguous(), lab.round().to(torch.int32)[None].contiguous())
+
+
+@dataclass
+class SamplingConfig:
+    size: int = 128
+    min_voxels: int = 64  # smallest target (voxels on the model grid, in the window)
+    random_window_prob: float = 0.25  # windows anywhere in the labelled part, else centred near a structure
+    jitter: float = 0.2  # a structure's window centre moves by up to this fraction of the window
+    merge_prob: float = 0.1  # the target joins its touching neighbours' labels
+    synth_prob: float = 0.5
+    deform_prob: float = 0.8
+    rotate_deg: float = 15.0
+    scale: float = 0.15
+    elastic_voxels: float = 3.0
+    flip_prob: float = 0.0
+    intensity_aug_prob: float = 0.5
+    case_weights: dict | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SamplingConfig":
+        d = dict(d or {})
+        known = set(cls.__dataclass_fields__)
+        bad = set(d) - known
+        if bad:
+            raise ValueError(f"unknown sampling settings {sorted(bad)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _plain(x) -> torch.Tensor:
+    """A plain float32 tensor: MONAI's MetaTensor would route every op of the network through its metadata code."""
+    if isinstance(x, MetaTensor):
+        x = x.as_tensor()
+    return torch.as_tensor(x, dtype=torch.float32)
+
+
+class WindowDataset(Dataset):
+    """`length` deterministic samples (index -> sample) from the volumes; see the module's docstring."""
+
+    def __init__(self, volumes: list[Volume], engine_config: EngineConfig, sampling: SamplingConfig,
+                 seed: int = 0, length: int = 10**9, augment: bool = True) -> None:
+        self.volumes, self.engine_config, self.cfg = volumes, engine_config, sampling
+        self.seed, self.length, self.augment = int(seed), int(length), augment
+        for v in volumes:
+            if v.values is None:
+                v.index(sampling.min_voxels)
+        weights = np.array([(sampling.case_weights or {}).get(v.name, 1.0) for v in volumes], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        c = sampling
+        self.deform = RandWindowDeformd(size=c.size, prob=c.deform_prob if augment else 0.0, rotate_deg=c.rotate_deg,
+                                        scale=c.scale, elastic_voxels=c.elastic_voxels,
+                                        flip_prob=c.flip_prob if augment else 0.0)
+        self.synth = SynthesizeFromLabelsd(prob=c.synth_prob if augment else 0.0)
+        p = c.intensity_aug_prob if augment else 0.0
+        self.intensity = Compose([
+            RandScaleIntensityd("image", factors=0.1, prob=p),
+            RandShiftIntensityd("image", offsets=0.1, prob=p),
+            RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=p),
+            RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0), prob=p / 3),
+            RandGaussianNoised("image", std=0.05, prob=p),
+        ])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng(derive_seed(self.seed, "sample", int(index)))
+        for _ in range(20):
+            out = self._try(int(index), rng)
+            if out is not None:
+                return out
+        raise RuntimeError(f"sample {index}: no target of {self.cfg.min_voxels}+ voxels in 20 windows")
+
+    def _try(self, index: int, rng: np.random.Generator) -> dict | None:
+        c, size = self.cfg, self.cfg.size
+        vol = self.volumes[int(rng.choice(len(self.volumes), p=self.weights))]
+        shape = vol.label.shape[1:]
+        wanted = None
+        if len(vol.values) and rng.random() >= c.random_window_prob:
+            wanted = int(rng.choice(vol.values))
+            center = vol.random_voxel(wanted, rng) + rng.uniform(-c.jitter, c.jitter, 3) * size
+        else:
+            lo, hi = vol.foreground_box()
+            center = rng.uniform(lo, hi + 1)
+        start = window_start(center, size, shape)
+        d = {"image": vol.image, "label": vol.label, "start": start}
+        sub_seed = int(rng.integers(2**31 - 1))
+        self.deform.set_random_state(sub_seed)
+        d = self.deform(d)
+        lab = d["label"][0].numpy()
+        values, counts = np.unique(lab[lab != 0], return_counts=True)
+        ok = values[counts >= c.min_voxels]
+        if len(ok) == 0:
+            return None
+        target = wanted if wanted is not None and wanted in ok else int(rng.choice(ok))
+        mask = lab == target
+        chosen = [target]
+        if rng.random() < c.merge_prob:
+            ring = ndimage.binary_dilation(mask, iterations=2) & ~mask
+            neighbours = [int(v) for v in np.unique(lab[ring]) if v != 0 and v != target]
+            if neighbours:
+                extra = rng.choice(neighbours, size=int(rng.integers(1, min(3, len(neighbours)) + 1)), replace=False)
+                chosen += [int(v) for v in extra]
+                mask = np.isin(lab, chosen)
+        self.synth.set_random_state(sub_seed + 1)
+        d = self.synth(d)
+        image = _normalize(torch.as_tensor(d["image"][0], dtype=torch.float32), self._engine_cfg(d["synthetic"]))
+        d2 = {"image": image[None]}
+        self.intensity.set_random_state(sub_seed + 2)
+        d2 = self.intensity(d2)
+        return {
+            "image": _plain(d2["image"]).contiguous(),
+            "label": torch.from_numpy(mask[None].astype(np.float32)),
+            "seed": derive_seed(self.seed, "clicks", index),
+            "index": index,
+            "case": vol.name,
+            "target": "+".join(str(v) for v in chosen),
+            "synthetic": bool(d["synthetic"]),
+        }
+
+    def _engine_cfg(self, synthetic: bool) -> EngineConfig:
+        if not synthetic or self.engine_config.clip is None:
+            return self.engine_config
+        # a synthetic image is not in the modality's units: normalise it without the (e.g. HU) clip
+        cfg = EngineConfig(**{**self.engine_config.__dict__})
+        cfg.clip = None
+        return cfg

@@ -1,0 +1,128 @@
+"""One interactive training step, as SAM-Med3D trains: a first prompt, then corrective clicks on the errors.
+
+Per sample (one target in one window): the image is encoded once; round 1 gives a first click (or, with
+`box_prob` and a model with box embeddings, a jittered box) and a zero low-res mask, as the engine does on a
+first click; each later round adds one click from the shared click simulator (`sam3d.data.clicks`) on the
+errors of the previous prediction, which is fed back as the low-res mask (detached). `mask_only_rounds` random
+rounds after the first give the previous mask alone (SAM-Med3D's `random_insert`). The loss is the mean over
+rounds of the segmentation loss of the upsampled logits, plus `iou_loss_weight` times the MSE of the IoU head.
+Clicks are float voxel indices of the window along tensor axes 2, 3, 4, exactly what the engine sends.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.clicks import ClickSimulator
+
+
+@dataclass
+class InteractiveConfig:
+    rounds: int = 5
+    mask_only_rounds: int = 1
+    protocols: tuple = ("random", "center")  # per sample, one of these with `protocol_probs`
+    protocol_probs: tuple = (0.5, 0.5)
+    box_prob: float = 0.15
+    box_jitter_mm: float = 5.0
+    spacing_mm: float = 1.5
+    loss_resolution: str = "full"  # "full" (SAM-Med3D: logits upsampled to the window) or "low" (32^3)
+    iou_loss_weight: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "InteractiveConfig":
+        d = dict(d or {})
+        bad = set(d) - set(cls.__dataclass_fields__)
+        if bad:
+            raise ValueError(f"unknown interactive settings {sorted(bad)}")
+        for k in ("protocols", "protocol_probs"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class InteractiveLoss(nn.Module):
+    """The network and its click loop as one module, so that DistributedDataParallel sees a forward pass.
+
+    `forward(images, labels, seeds)` -> (mean loss over the micro-batch, Dice per round averaged over it).
+    """
+
+    def __init__(self, sam: nn.Module, cfg: InteractiveConfig, loss_fn: nn.Module, autocast=None) -> None:
+        super().__init__()
+        self.sam, self.cfg, self.loss_fn = sam, cfg, loss_fn
+        self.autocast = autocast or nullcontext
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        core, cfg = self.sam, self.cfg
+        with self.autocast():
+            emb = core.encode_image(images)
+        total = images.new_zeros((), dtype=torch.float32)
+        dice_rounds = np.zeros(cfg.rounds)
+        for b in range(images.shape[0]):
+            loss_b, dice_b = _sample_rounds(core, emb[b : b + 1], labels[b : b + 1], int(seeds[b]), cfg,
+                                            self.loss_fn, self.autocast, core.img_size)
+            total = total + loss_b
+            dice_rounds += dice_b
+        n = images.shape[0]
+        return total / n, torch.as_tensor(dice_rounds / n, dtype=torch.float32)
+
+
+def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=None):
+    """(mean loss over rounds, Dice per round) of one sample; `on_round(r, pred)` sees each binary prediction."""
+    rng = np.random.default_rng(seed)
+    protocol = str(rng.choice(list(cfg.protocols), p=np.asarray(cfg.protocol_probs) / np.sum(cfg.protocol_probs)))
+    use_box = core.supports_boxes and rng.random() < cfg.box_prob
+    sim = ClickSimulator(protocol, seed=rng, spacing=cfg.spacing_mm)
+    mask_only = set()
+    if cfg.rounds > 1 and cfg.mask_only_rounds > 0:
+        k = min(cfg.mask_only_rounds, cfg.rounds - 1)
+        mask_only = {int(r) for r in rng.choice(np.arange(2, cfg.rounds + 1), size=k, replace=False)}
+    gt_np = gt[0, 0].detach().cpu().numpy() > 0.5
+    s = core.low_res_size
+    gt_low = F.interpolate(gt.float(), size=(s,) * 3, mode="trilinear", align_corners=False)
+    low = torch.zeros((1, 1, s, s, s), device=emb.device, dtype=torch.float32)
+    points, point_labels, box = [], [], None
+    pred = None
+    loss_total = emb.new_zeros((), dtype=torch.float32)
+    dice = np.zeros(cfg.rounds)
+    for r in range(1, cfg.rounds + 1):
+        if r == 1 and use_box:
+            prompt = ClickSimulator("box", seed=rng, spacing=cfg.spacing_mm, box_jitter_mm=cfg.box_jitter_mm).next(gt_np)
+            lo, hi = prompt.box
+            box = torch.tensor([lo, hi], dtype=torch.float32, device=emb.device)[None]
+        elif r not in mask_only:
+            prompt = sim.next(gt_np, pred, r)
+            for p, positive in prompt.points:
+                points.append(p)
+                point_labels.append(1 if positive else 0)
+        pts = None
+        if r not in mask_only and points:
+            pts = (torch.tensor(points, dtype=torch.float32, device=emb.device)[None],
+                   torch.tensor(point_labels, dtype=torch.int64, device=emb.device)[None])
+        boxes = box if r not in mask_only else None
+        if pts is None and boxes is None and r not in mask_only:
+            boxes = box  # a perfect prediction before any click: keep what there is
+        with autocast():
+            logits, iou_pred = core.decode(emb, points=pts, boxes=boxes, mask_input=low)
+        logits, iou_pred = logits.float(), iou_pred.float()
+        if cfg.loss_resolution == "low":
+            seg_loss = loss_fn(logits, (gt_low > 0.5).float())
+            up = F.interpolate(logits.detach(), size=(size,) * 3, mode="trilinear", align_corners=False)
+        else:
+            up = F.interpolate(logits, size=(size,) * 3, mode="trilinear", align_corners=False)
+            seg_loss = loss_fn(up, gt)
+        with torch.no_grad():
+            hard = up.detach() > 0
+            inter = (hard & (gt > 0.5)).sum().float()
+            union = (hard | (gt > 0.5)).sum().float()
+            iou = inter / union.clamp_min(1)
+            dice[r - 1] = float(2 * inter / (hard.sum() + (gt > 0.5).sum()).clamp_min(1))
+        loss_total = loss_total + seg_loss + cfg.iou_loss_weight * F.mse_loss(iou_pred[:, 0], iou.reshape(1))
+        pred = hard[0, 0].cpu().numpy()
+        if on_round is not None:
+            on_round(r, pred)
+        low = logits.detach()
+    return loss_total / cfg.rounds, dice

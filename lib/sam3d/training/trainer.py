@@ -1,0 +1,377 @@
+"""The training run: an ignite engine over the interactive step, on one process or many (torch.distributed).
+
+One engine iteration is one optimizer step over the global batch `train.batch_size`, split over the processes
+and over `train.accumulate` micro-batches per process. Sample `i` of the run is `WindowDataset[i]` (a function
+of the seed and `i` alone) and step `t` uses samples `t * batch_size ... (t + 1) * batch_size - 1`, so a run on
+one process and a run on several with the same global batch see the same samples, and a resumed run continues
+with the samples the interrupted one would have used.
+
+Output folder (`output`):
+
+    model.safetensors + model.yaml   the served checkpoint (sam3d.engine.save_checkpoint: each file replaced
+                                     atomically); written every `checkpoint.every` steps and at the end
+    state.pt                         everything to resume (model, optimizer, schedule, step); weights_only
+    metrics.csv, val.csv, tb/        training and validation logs (CSV; TensorBoard when enabled)
+    recipe.yaml                      the resolved recipe
+"""
+
+import csv
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from ignite import distributed as idist
+from ignite.engine import Engine, Events
+from torch.utils.data import DataLoader, Sampler
+
+from ..data.training import SamplingConfig, WindowDataset, list_sources, load_volume
+from ..engine.checkpoint import _atomic_write, read_state_dict, save_checkpoint
+from ..engine.interactive import EngineConfig
+from ..models import build_sam3d
+from .interactive import InteractiveConfig, InteractiveLoss, _sample_rounds
+from .losses import build_loss
+
+logger = logging.getLogger("sam3d.training")
+
+
+class StepBatchSampler(Sampler):
+    """For steps start..steps-1: this process's share of the global batch (contiguous indices)."""
+
+    def __init__(self, start: int, steps: int, global_batch: int, rank: int, world: int) -> None:
+        if global_batch % world:
+            raise ValueError(f"batch_size {global_batch} is not divisible by {world} processes")
+        self.start, self.steps, self.global_batch, self.rank, self.world = start, steps, global_batch, rank, world
+
+    def __iter__(self):
+        per = self.global_batch // self.world
+        for t in range(self.start, self.steps):
+            first = t * self.global_batch + self.rank * per
+            yield list(range(first, first + per))
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start, 0)
+
+
+def _collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([i["image"] for i in items]),
+        "label": torch.stack([i["label"] for i in items]),
+        "seed": [i["seed"] for i in items],
+        "index": [i["index"] for i in items],
+        "case": [i["case"] for i in items],
+        "synthetic": [i["synthetic"] for i in items],
+    }
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    t = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _resolve(path, root: Path) -> Path:
+    p = Path(str(path)).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def build_model(recipe: dict, root: Path) -> tuple[torch.nn.Module, dict, EngineConfig]:
+    """The network (preset + network overrides from the model config, recipe wins), its sidecar, its engine config."""
+    m = recipe.get("model", {})
+    model_cfg = {}
+    if m.get("config"):
+        model_cfg = yaml.safe_load(_resolve(m["config"], root).read_text()) or {}
+    preset = m.get("preset") or model_cfg.get("preset", "sam3d_small")
+    network = {**(model_cfg.get("network") or {}), **(m.get("network") or {})}
+    engine_cfg = EngineConfig.from_dict({**model_cfg, **{k: m[k] for k in ("spacing", "intensity") if k in m}})
+    model = build_sam3d(preset, **network)
+    if m.get("init_required") and not m.get("init_checkpoint"):
+        raise ValueError("this recipe fine-tunes published weights: set model.init_checkpoint=/path/to/weights")
+    if m.get("init_checkpoint"):
+        state = read_state_dict(_resolve(m["init_checkpoint"], root))
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()},
+                                                    strict=bool(m.get("init_strict", True)))
+        if missing or unexpected:
+            logger.warning(f"init checkpoint: {len(missing)} missing, {len(unexpected)} unexpected keys")
+    return model, {"preset": preset, "network": network}, engine_cfg
+
+
+def _param_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
+    freeze = tuple(optim.get("freeze") or ())
+    mults = optim.get("lr_mult") or {}
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if freeze and name.startswith(freeze):
+            p.requires_grad_(False)
+            continue
+        mult = next((float(v) for k, v in mults.items() if name.startswith(k)), 1.0)
+        decay = p.ndim >= 2 and "embed" not in name.split(".")[-2:][0]
+        key = (mult, decay)
+        g = groups.setdefault(key, {"params": [], "lr_mult": mult,
+                                    "weight_decay": float(optim.get("weight_decay", 0.1)) if decay else 0.0})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _autocast(amp, device: torch.device):
+    if amp in (None, False, "none", "off") or (amp == "auto" and device.type != "cuda"):
+        return nullcontext
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
+    """Run (or resume) the recipe; meant to run under `ignite.distributed.Parallel`. Returns a summary."""
+    root = Path(root)
+    rank, world = idist.get_rank(), idist.get_world_size()
+    device = idist.device()
+    tcfg = recipe.get("train", {})
+    if tcfg.get("threads"):
+        torch.set_num_threads(int(tcfg["threads"]))
+    seed = int(recipe.get("seed", 0))
+    out = _resolve(recipe.get("output", f"runs/{recipe.get('name', 'run')}"), root)
+    steps, global_batch = int(tcfg["steps"]), int(tcfg.get("batch_size", 1))
+    accumulate = int(tcfg.get("accumulate", 1))
+    if global_batch % (world * accumulate):
+        raise ValueError(f"batch_size {global_batch} must be divisible by processes x accumulate = {world * accumulate}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    torch.manual_seed(seed)
+    model, sidecar, engine_cfg = build_model(recipe, root)
+    sidecar = {**sidecar, "recipe": recipe.get("name")}
+    model.to(device)
+    optim = recipe.get("optim", {})
+    groups = _param_groups(model, optim)
+    base_lr = float(optim.get("lr", 3e-4))
+    for g in groups:
+        g["lr"] = base_lr * g["lr_mult"]
+    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(optim.get("betas", (0.9, 0.999))),
+                                  eps=float(optim.get("eps", 1e-8)))
+    warmup, min_ratio = int(optim.get("warmup_steps", 0)), float(optim.get("min_lr_ratio", 0.05))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, min_ratio))
+
+    start = 0
+    state_path = out / "state.pt"
+    resume = recipe.get("resume", True)
+    if state_path.is_file():
+        if not resume:
+            raise FileExistsError(f"{state_path} exists and resume is off: choose another output folder")
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        if rank == 0:
+            logger.info(f"resuming from {state_path} at step {start}")
+
+    icfg = InteractiveConfig.from_dict({"spacing_mm": float(engine_cfg.spacing[0]), **(recipe.get("interactive") or {})})
+    loss_cfg = dict(recipe.get("loss") or {})
+    loss_fn = build_loss(loss_cfg.pop("name", "dice_ce"), **loss_cfg)
+    autocast = _autocast(tcfg.get("amp", "auto"), device)
+    wrapped = InteractiveLoss(model, icfg, loss_fn, autocast)
+    ddp = world > 1
+    net = idist.auto_model(wrapped, find_unused_parameters=True) if ddp else wrapped
+
+    sampling = SamplingConfig.from_dict(recipe.get("sampling"))
+    sampling = replace(sampling, size=model.img_size)
+    data_cfg = recipe.get("data", {})
+    data_cfg = {**data_cfg, **{k: str(_resolve(data_cfg[k], root)) for k in ("dir", "datastore") if data_cfg.get(k)}}
+    volumes = [load_volume(*s, engine_cfg.spacing) for s in list_sources(data_cfg)]
+    dataset = WindowDataset(volumes, engine_cfg, sampling, seed=seed)
+    loader = DataLoader(dataset, batch_sampler=StepBatchSampler(start, steps, global_batch, rank, world),
+                        num_workers=int(tcfg.get("num_workers", 0)), collate_fn=_collate,
+                        persistent_workers=False)
+
+    micro = global_batch // world // accumulate
+    grad_clip = optim.get("grad_clip", 1.0)
+    exit_at = (recipe.get("debug") or {}).get("exit_at_step")
+
+    def step(engine, batch):
+        net.train()
+        optimizer.zero_grad(set_to_none=True)
+        losses, dices = [], []
+        for i in range(accumulate):
+            sl = slice(i * micro, (i + 1) * micro)
+            images, labels = batch["image"][sl].to(device), batch["label"][sl].to(device)
+            sync = nullcontext() if (not ddp or i == accumulate - 1) else net.no_sync()
+            with sync:
+                loss, dice = net(images, labels, batch["seed"][sl])
+                (loss / accumulate).backward()
+            losses.append(loss.detach())
+            dices.append(dice)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+        optimizer.step()
+        scheduler.step()
+        stats = torch.cat([torch.stack(losses).mean().reshape(1).cpu(), torch.stack(dices).mean(0),
+                           torch.tensor([float(np.mean(batch["synthetic"]))])])
+        if ddp:
+            stats = idist.all_reduce(stats.to(device)).cpu() / world
+        return {"loss": float(stats[0]), "dice_first": float(stats[1]), "dice_last": float(stats[-2]),
+                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
+                "synthetic": float(stats[-1])}
+
+    trainer = Engine(step)
+    if start:
+        trainer.load_state_dict({"iteration": start, "epoch_length": steps, "max_epochs": 1})
+
+    ck = recipe.get("checkpoint", {})
+    every = int(ck.get("every", 100))
+
+    def save(engine=None):
+        s = trainer.state.iteration
+        if rank == 0:
+            state = {"step": s, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict()}
+            _atomic_write(state_path, lambda tmp: torch.save(state, tmp))  # resume state first, then the model
+            save_checkpoint(model, out / "model.safetensors", {**sidecar, "step": s}, half=bool(ck.get("half", False)))
+            logger.info(f"step {s}: checkpoint {out / 'model.safetensors'}")
+        idist.barrier()
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), save)
+    trainer.add_event_handler(Events.COMPLETED, lambda e: save() if e.state.iteration % every else None)
+
+    max_minutes = tcfg.get("max_minutes")
+    if max_minutes:  # a wall-clock budget: stop cleanly (the COMPLETED handlers checkpoint and validate)
+        t_budget = time.time()
+
+        @trainer.on(Events.ITERATION_COMPLETED)
+        def _budget(engine):
+            flag = torch.tensor([float(time.time() - t_budget > 60 * float(max_minutes))])
+            if ddp:
+                flag = idist.all_reduce(flag.to(device)).cpu()  # every process stops at the same step
+            if flag.item() > 0:
+                if rank == 0:
+                    logger.warning(f"train.max_minutes={max_minutes} reached at step {engine.state.iteration}")
+                engine.terminate()
+
+    if exit_at is not None:  # tests: die like a killed process right after a step
+        @trainer.on(Events.ITERATION_COMPLETED)
+        def _die(engine):
+            if engine.state.iteration >= int(exit_at):
+                os._exit(3)
+
+    val_cfg = recipe.get("validation") or {}
+    val_rows = []
+    if rank == 0:
+        log_cfg = recipe.get("log", {})
+        csv_path = out / "metrics.csv"
+        new_csv = not csv_path.exists()
+        csv_file = open(csv_path, "a", newline="")
+        writer = csv.writer(csv_file)
+        if new_csv:
+            writer.writerow(["step", "loss", "dice_first", "dice_last", "lr", "synthetic", "seconds"])
+        tb = None
+        if log_cfg.get("tensorboard", True):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                tb = SummaryWriter(str(out / "tb"), purge_step=start or None)
+            except Exception as e:  # tensorboard missing: CSV only
+                logger.warning(f"no TensorBoard logs: {e}")
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        t0 = time.time()
+
+        @trainer.on(Events.ITERATION_COMPLETED(every=int(log_cfg.get("every", 1))))
+        def _log(engine):
+            o = engine.state.output
+            writer.writerow([engine.state.iteration, f"{o['loss']:.5f}", f"{o['dice_first']:.4f}",
+                             f"{o['dice_last']:.4f}", f"{o['lr']:.3e}", o["synthetic"], f"{time.time() - t0:.1f}"])
+            csv_file.flush()
+            if tb is not None:
+                for k, v in o.items():
+                    tb.add_scalar(f"train/{k}", v, engine.state.iteration)
+
+        if log_cfg.get("progress", True):
+            from ignite.contrib.handlers import ProgressBar
+
+            ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"], "dice": o["dice_last"]})
+
+        if val_cfg.get("every"):
+            val_set = WindowDataset(volumes, engine_cfg, sampling, seed=seed + 7919, augment=False)
+
+            def _validate(engine):
+                row = validate(model, val_set, int(val_cfg.get("samples", 8)), int(val_cfg.get("clicks", 5)),
+                               icfg, loss_fn, autocast, device)
+                row = {"step": engine.state.iteration, **row}
+                val_rows.append(row)
+                vpath = out / "val.csv"
+                fresh = not vpath.exists()
+                with open(vpath, "a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(row))
+                    if fresh:
+                        w.writeheader()
+                    w.writerow(row)
+                if tb is not None:
+                    for k, v in row.items():
+                        if k != "step":
+                            tb.add_scalar(f"val/{k}", v, engine.state.iteration)
+                logger.info(f"validation at step {row['step']}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "step"))
+
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=int(val_cfg["every"])), _validate)
+            trainer.add_event_handler(Events.COMPLETED, lambda e: _validate(e) if e.state.iteration % int(val_cfg["every"]) else None)
+
+    if start >= steps:
+        if rank == 0:
+            logger.info(f"nothing to do: {state_path} is at step {start} of {steps}")
+        return {"output": str(out), "step": start}
+    t_start = time.time()
+    trainer.run(loader, max_epochs=1, epoch_length=steps)
+    summary = {"output": str(out), "step": trainer.state.iteration, "seconds": time.time() - t_start,
+               "loss": trainer.state.output["loss"] if trainer.state.output else None,
+               "validation": val_rows[-1] if val_rows else None}
+    if rank == 0:
+        csv_file.close()
+        if tb is not None:
+            tb.close()
+    return summary
+
+
+@torch.no_grad()
+def validate(model, dataset: WindowDataset, samples: int, clicks: int, icfg: InteractiveConfig, loss_fn, autocast,
+             device) -> dict:
+    """`center` clicks on fixed, unaugmented windows; Dice (and at the last click HD95, NSD) from the harness."""
+    from ..evaluation.metrics import segmentation_metrics
+
+    was_training = model.training
+    model.eval()
+    cfg = replace(icfg, rounds=clicks, mask_only_rounds=0, protocols=("center",), protocol_probs=(1.0,), box_prob=0.0)
+    dice = np.zeros(clicks)
+    last = {"hd95": [], "nsd": []}
+    spacing = (cfg.spacing_mm,) * 3
+    for i in range(samples):
+        item = dataset[i]
+        img, lab = item["image"][None].to(device), item["label"][None].to(device)
+        gt = item["label"][0].numpy() > 0.5
+        with autocast():
+            emb = model.encode_image(img)
+
+        def on_round(r, pred):
+            m = segmentation_metrics(pred, gt, spacing) if r == clicks else {"dice": _dice(pred, gt)}
+            dice[r - 1] += m["dice"]
+            if r == clicks:
+                last["hd95"].append(m["hd95"])
+                last["nsd"].append(m["nsd"])
+
+        _sample_rounds(model, emb, lab, item["seed"], cfg, loss_fn, autocast, model.img_size, on_round)
+    model.train(was_training)
+    row = {f"dice_{k + 1}": float(d / samples) for k, d in enumerate(dice)}
+    finite = [h for h in last["hd95"] if np.isfinite(h)]
+    row["hd95_last"] = float(np.mean(finite)) if finite else float("inf")
+    row["nsd_last"] = float(np.mean(last["nsd"]))
+    return row
+
+
+def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    s = pred.sum() + gt.sum()
+    return 1.0 if s == 0 else float(2 * (pred & gt).sum() / s)
