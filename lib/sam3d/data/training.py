@@ -236,6 +236,7 @@ class WindowDataset(Dataset):
             "seed": derive_seed(self.seed, "clicks", index),
             "index": index,
             "case": vol.name,
+            "start": tuple(int(v) for v in start),  # window start on the model grid (before any deformation)
             "target": "+".join(str(v) for v in chosen),
             "synthetic": bool(d["synthetic"]),
         }

@@ -20,9 +20,10 @@ def load_recipe(path, overrides=()) -> dict:
     path = Path(path)
     recipe = yaml.safe_load(path.read_text()) or {}
     base = recipe.pop("base", None)
+    name = recipe.get("name", path.stem)
     if base:
         recipe = _merge(load_recipe(path.parent / base), recipe)
-    recipe.setdefault("name", path.stem)
+    recipe["name"] = name
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:

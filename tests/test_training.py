@@ -1,0 +1,194 @@
+"""Training pipeline: recipes, data (deformation, label-map synthesis, deterministic windows), the smoke recipe,
+crash-and-resume, and 2 gloo processes against 1 with the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sam3d.data.synthesis import RandWindowDeformd, SynthesizeFromLabelsd
+from sam3d.data.training import SamplingConfig, WindowDataset, list_sources, load_volume
+from sam3d.engine import EngineConfig, load_model
+from sam3d.engine.interactive import _normalize
+from sam3d.training import load_recipe, lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "train" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_cases(tmp_path_factory) -> Path:
+    """Two cases of ellipsoids in a noisy background (2 mm voxels), written as the shared data layout."""
+    root = tmp_path_factory.mktemp("cases")
+    rng = np.random.default_rng(0)
+    for n, shape in enumerate([(28, 26, 24), (24, 28, 26)]):
+        grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
+        label = np.zeros(shape, np.int16)
+        for value, (c, r) in enumerate([((8, 9, 10), (5, 4, 6)), ((18, 16, 12), (4, 6, 5)), ((12, 18, 16), (3, 3, 3))], 1):
+            inside = (((grid - np.add(c, n)) / r) ** 2).sum(-1) <= 1
+            label[inside] = value
+        image = 100 + 200 * label + rng.normal(0, 10, shape)
+        folder = root / f"case{n}"
+        folder.mkdir()
+        affine = np.diag([2.0, 2.0, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(folder / "image.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(folder / "label.nii.gz"))
+    return root
+
+
+def _smoke(tmp_path, data_dir, *more) -> dict:
+    return load_recipe(SMOKE, [f"output={tmp_path}", f"data.dir={data_dir}", "data.cases=null", *more])
+
+
+def _train(recipe: dict) -> dict:
+    from sam3d.training import train
+
+    return train(0, recipe, REPO)
+
+
+def test_recipe_base_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 1\ntrain: {steps: 10, batch_size: 2}\noptim: {lr: 0.1}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {steps: 20}\n")
+    r = load_recipe(tmp_path / "child.yaml", ["optim.lr=0.5", "data.cases=[a, b]"])
+    assert r["train"] == {"steps": 20, "batch_size": 2}
+    assert r["optim"]["lr"] == 0.5 and r["data"]["cases"] == ["a", "b"] and r["seed"] == 1 and r["name"] == "child"
+    for name in ("sam3d_default", "sam3d_default_cpu", "sam_med3d_finetune", "smoke"):
+        assert load_recipe(REPO / "configs" / "train" / f"{name}.yaml")["train"]["steps"] > 0
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, 10, 100, 0.05) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] == pytest.approx(0.05, abs=1e-3)
+
+
+def test_deform_and_synthesis_are_seeded():
+    vol = torch.arange(40 * 40 * 40, dtype=torch.float32).reshape(1, 40, 40, 40) / 1000 - 5
+    lab = torch.zeros(1, 40, 40, 40, dtype=torch.int32)
+    lab[0, 10:30, 12:28, 8:20] = 3
+    lab[0, 22:30, 12:20, 20:30] = 7
+    d = {"image": vol, "label": lab, "start": (-4, 4, 4)}
+    plain = RandWindowDeformd(size=32, prob=0.0)
+    plain.set_random_state(0)
+    out = plain(d)
+    assert out["image"].shape == (1, 32, 32, 32) and out["label"].dtype == torch.int32
+    assert torch.allclose(out["image"][0, 4:, :, :], vol[0, :28, 4:36, 4:36], atol=1e-4)  # a plain crop...
+    assert torch.allclose(out["image"][0, :4], vol.min().expand(4, 32, 32), atol=1e-4)  # ...padded with the minimum, as the engine pads
+    assert torch.equal(out["label"][0, 4:], lab[0, :28, 4:36, 4:36])
+    warp = RandWindowDeformd(size=32, prob=1.0)
+    a, b = warp.set_random_state(5)(d), warp.set_random_state(5)(d)
+    assert torch.equal(a["image"], b["image"]) and not torch.equal(a["image"], out["image"])
+    assert set(np.unique(a["label"].numpy())) <= {0, 3, 7}
+    synth = SynthesizeFromLabelsd(prob=1.0, background_zero_prob=1.0)
+    s1, s2 = synth.set_random_state(1)(out), synth.set_random_state(1)(out)
+    assert s1["synthetic"] and torch.equal(s1["image"], s2["image"])
+    img, lab32 = s1["image"][0], out["label"][0]
+    assert torch.all(img[lab32 == 0] == 0) and torch.all(img[lab32 != 0] > 0)  # skull-stripped-like background
+    assert img[lab32 == 3].mean() != pytest.approx(float(img[lab32 == 7].mean()), abs=1e-3)
+
+
+def test_window_dataset(tiny_cases):
+    vols = [load_volume(*s, (1.5, 1.5, 1.5)) for s in list_sources({"dir": str(tiny_cases)})]
+    assert [v.name for v in vols] == ["case0", "case1"] and vols[0].image.shape == vols[0].label.shape
+    cfg = EngineConfig()
+    ds = WindowDataset(vols, cfg, SamplingConfig(size=32, min_voxels=8), seed=3)
+    a, b, c = ds[11], ds[11], ds[12]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"]) and a["seed"] == b["seed"]
+    assert a["seed"] != c["seed"] and a["image"].shape == (1, 32, 32, 32) and type(a["image"]) is torch.Tensor
+    assert a["label"].sum() >= 8 and set(np.unique(a["label"].numpy())) <= {0.0, 1.0}
+    plain = WindowDataset(vols, cfg, SamplingConfig(size=32, min_voxels=8), seed=3, augment=False)[0]
+    assert not plain["synthetic"]
+    # without augmentation the window is normalised exactly as the engine normalises a window
+    from sam3d.engine.windows import crop
+
+    vol = next(v for v in vols if v.name == plain["case"])
+    raw = crop(vol.image[0], plain["start"], 32, float(vol.image.min()))
+    assert torch.allclose(plain["image"][0], _normalize(raw, cfg), atol=1e-4)
+
+
+def test_smoke_recipe_trains_and_serves(tmp_path, tiny_cases):
+    out = _train(_smoke(tmp_path, tiny_cases))
+    assert out["step"] == 4 and np.isfinite(out["loss"])
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and len(rows) == 5
+    assert "dice_1" in (tmp_path / "val.csv").read_text() and any((tmp_path / "tb").iterdir())
+    side = yaml.safe_load((tmp_path / "model.yaml").read_text())
+    assert side["preset"] == "sam3d_small" and side["network"]["img_size"] == 32 and side["step"] == 4
+    loaded = load_model({"checkpoint": str(tmp_path / "model.safetensors")})  # the engine reads the sidecar
+    assert loaded.model.img_size == 32
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 4
+    # a finished run re-run does nothing
+    assert _train(_smoke(tmp_path, tiny_cases))["step"] == 4
+
+
+def test_crash_then_resume_equals_uninterrupted(tmp_path, tiny_cases):
+    """A process killed after step 3 (checkpoints every 2) leaves a whole checkpoint of step 2; re-running
+    resumes there and ends with the weights of a run that was never interrupted."""
+    steps = ["train.steps=6", "checkpoint.every=2", "validation.every=0", "log.tensorboard=false"]
+    full = tmp_path / "full"
+    _train(_smoke(full, tiny_cases, *steps))
+    crashed = tmp_path / "crashed"
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(SMOKE), f"output={crashed}",
+           f"data.dir={tiny_cases}", "data.cases=null", *steps, "debug.exit_at_step=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert torch.load(crashed / "state.pt", weights_only=True)["step"] == 2
+    assert yaml.safe_load((crashed / "model.yaml").read_text())["step"] == 2
+    load_model({"checkpoint": str(crashed / "model.safetensors")})  # the served file is whole
+    assert not list(crashed.glob(".*.tmp"))
+    out = _train(_smoke(crashed, tiny_cases, *steps))
+    assert out["step"] == 6
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(crashed / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    steps_logged = [int(r.split(",")[0]) for r in (crashed / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps_logged == [1, 2, 3, 4, 5, 6]  # step 3 ran twice: once before the crash, once after
+
+
+def test_accumulation_matches_one_big_batch(tmp_path, tiny_cases):
+    common = ["train.steps=2", "train.batch_size=2", "validation.every=0", "log.tensorboard=false", "checkpoint.every=2"]
+    _train(_smoke(tmp_path / "one", tiny_cases, *common, "train.accumulate=1"))
+    _train(_smoke(tmp_path / "acc", tiny_cases, *common, "train.accumulate=2"))
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "acc" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_match_one(tmp_path, tiny_cases):
+    """`torchrun --nproc-per-node 2` with global batch 4 ends with the weights of one process with batch 4."""
+    common = ["train.steps=4", "train.batch_size=4", "validation.every=0", "log.tensorboard=false"]
+    _train(_smoke(tmp_path / "one", tiny_cases, *common))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           str(REPO / "scripts" / "train.py"), "--config", str(SMOKE), f"output={tmp_path / 'two'}",
+           f"data.dir={tiny_cases}", "data.cases=null", *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    # The same samples and clicks; only the order of float additions differs (each rank averages its half of
+    # the batch, then gloo averages the two). Adam divides by sqrt(v): a parameter whose gradient is ~0 can move
+    # by up to lr per step either way on a rounding difference, so the bound is a few lr (1e-3) per weight,
+    # while the weights as a whole agree to far below that.
+    worst, total, n = 0.0, 0.0, 0
+    for k in a:
+        d = (a[k].float() - b[k].float()).abs()
+        worst, total, n = max(worst, float(d.max())), total + float(d.sum()), n + d.numel()
+    assert worst < 4e-3 and total / n < 1e-4, (worst, total / n)
+    one = (tmp_path / "one" / "metrics.csv").read_text().splitlines()
+    two = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
+    for r1, r2 in zip(one[1:], two[1:]):
+        assert float(r1.split(",")[1]) == pytest.approx(float(r2.split(",")[1]), rel=1e-3)
