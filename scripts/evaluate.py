@@ -94,9 +94,11 @@ def _git_commit() -> str:
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
-                                "lib", "scripts/evaluate.py", "configs"], capture_output=True, text=True).stdout.strip()
-        return commit + (" + uncommitted changes in lib/, configs/ or scripts/evaluate.py" if dirty else "")
+        paths = ["lib/sam3d/evaluation", "lib/sam3d/data", "lib/sam3d/engine", "lib/sam3d/models", "configs/models",
+                 "scripts/evaluate.py"]  # what an evaluation runs
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", *paths], capture_output=True,
+                               text=True).stdout.strip()
+        return commit + (f" + uncommitted changes in {', '.join(paths)}" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

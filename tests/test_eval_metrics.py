@@ -117,3 +117,19 @@ def test_perfect_predictor_scores_dice_1_hd95_0_noc_1(protocol):
     assert rows[0]["label_name"] == "organ" and rows[0]["case"] == "toy"
     if protocol in ("center", "random", "box"):  # nothing left to correct: no further call
         assert seg.calls == 1 and all(r["seconds"] == 0.0 for r in rows[1:])
+
+
+def test_random_walker_baseline_on_a_bright_ball():
+    from sam3d.evaluation import random_walker_segment
+
+    rng = np.random.default_rng(0)
+    idx = np.indices((40, 40, 40))
+    ball = ((idx - 20) ** 2).sum(0) <= 8**2
+    image = np.where(ball, 100.0, 0.0) + rng.normal(0, 5, ball.shape)
+    mask = random_walker_segment(image, (1.0, 1.0, 1.0), [[20, 20, 20]], [])
+    assert mask.shape == ball.shape and mask.dtype == np.uint8
+    assert segmentation_metrics(mask, ball)["dice"] > 0.95
+    # a box and no click: the box's centre is the foreground seed, nothing outside the box
+    boxed = random_walker_segment(image, (1.0, 1.0, 1.0), [], [], roi=[12, 12, 28, 28, 12, 28])
+    assert segmentation_metrics(boxed, ball)["dice"] > 0.95
+    assert not boxed[:10].any()

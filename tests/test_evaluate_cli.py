@@ -158,26 +158,33 @@ def ball_server(tmp_path_factory):
             proc.wait(timeout=15)
 
 
+@pytest.mark.slow  # ~35 s on 2 quiet cores (server start-up, two CLI runs), more under load
 def test_server_mode_measures_what_the_library_gives(shared_data, ball_server, tmp_path):
+    from sam3d.data.cases import find_cases
+    from sam3d.evaluation import EngineSegmenter, EvalConfig, load_model_config, run_evaluation
+
     url, ball, server_tmp = ball_server
     common = ["--data", shared_data / "totalseg_mr", "--labels", "1", "5", "--clicks", 2, "--no-baseline"]
     r = _evaluate("--server", url, *common, "--out", tmp_path / "server")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (server_tmp / "studies" / "totalseg_mr.nii.gz").is_file()  # uploaded under the case's name
-    r = _evaluate("--model", ball, *common, "--out", tmp_path / "library")
-    assert r.returncode == 0, r.stderr[-3000:]
-    server_rows, library_rows = _rows(tmp_path / "server"), _rows(tmp_path / "library")
-    assert {r["method"] for r in server_rows} == {"server:sam3d_point"}
-    assert len(server_rows) == len(library_rows) == 4
-    for s, lib in zip(server_rows, library_rows):
-        assert (s["case"], s["label"], s["click"]) == (lib["case"], lib["label"], lib["click"])
-        assert float(s["dice"]) == pytest.approx(float(lib["dice"]), abs=1e-6)
-        assert float(s["hd95"]) == pytest.approx(float(lib["hd95"]), abs=1e-6)
+    stored = server_tmp / "studies" / "totalseg_mr.nii.gz"
+    assert stored.is_file()  # uploaded under the case's name
+    server_rows = _rows(tmp_path / "server")
+    assert {r["method"] for r in server_rows} == {"server:sam3d_point"} and len(server_rows) == 4
+
+    # the library with the same model config, in this process, gives the same numbers
+    segmenter = EngineSegmenter.from_config(load_model_config(str(ball), REPO / "configs"), device="cpu")
+    library_rows = run_evaluation(find_cases(shared_data / "totalseg_mr"), [segmenter],
+                                  EvalConfig(clicks=2, labels=["1", "5"]), progress=False)
+    for s, lib in zip(server_rows, library_rows, strict=True):
+        assert (s["case"], int(s["label"]), int(s["click"])) == (lib["case"], lib["label"], lib["click"])
+        assert float(s["dice"]) == pytest.approx(lib["dice"], rel=1e-5)
+        assert float(s["hd95"]) == pytest.approx(lib["hd95"], rel=1e-5)  # csv: 6 digits
         assert float(s["dice"]) > 0  # the ball lies inside the organ around the first click
 
-    # a second run finds the image already in the datastore and does not upload it again
-    before = (server_tmp / "studies" / "totalseg_mr.nii.gz").stat().st_mtime_ns
+    # a second run uses the image already in the datastore (and must not upload it)
+    before = stored.stat().st_mtime_ns
     r = _evaluate("--server", url, *common, "--out", tmp_path / "again", "--server-upload", "never")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (server_tmp / "studies" / "totalseg_mr.nii.gz").stat().st_mtime_ns == before
+    assert stored.stat().st_mtime_ns == before
     assert [r["dice"] for r in _rows(tmp_path / "again")] == [r["dice"] for r in server_rows]

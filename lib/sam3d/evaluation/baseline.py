@@ -4,11 +4,14 @@ Given the clicks so far (and an optional box), on the image array `monai.transfo
 
 1. Window: the bounding box of every click (and of the box) grown by `margin_mm` on each side (with a box:
    `box_margin_vox` voxels), clipped to the image. Everything outside it is background.
-2. Intensities in the window are clipped to their [5, 95] percentiles and scaled to [0, 1].
+2. Intensities in the window are clipped to their [5, 95] percentiles, widened to include every clicked voxel's
+   intensity with 10 % of that range to spare (a small structure can lie outside the percentiles), and scaled
+   to [0, 1].
 3. Seeds: each foreground click -> label 1 on the voxels of a ball of `seed_radius_mm` around it whose scaled
    intensity is within `seed_intensity_tol` of the clicked voxel's; each background click -> label 2 the same
    way (background balls are drawn after foreground ones, and every clicked voxel keeps its own label); the faces of the window that lie inside the image -> label 2 (the structure is assumed not to cross them;
-   faces on the image's border stay unseeded, so a structure cut by the scan's edge is not penalised); with a
+   faces on the image's border stay unseeded, so a structure cut by the scan's edge is not penalised, unless
+   no background seed would be left at all); with a
    box, every voxel of the window outside the box -> label 2, and when no foreground click exists yet the box's
    centre -> label 1 (as the engine does for click-only models).
 4. `skimage.segmentation.random_walker(data, seeds, beta, mode="cg_j", tol, spacing=voxel spacing)`; label 1
@@ -101,6 +104,10 @@ def random_walker_segment(image: np.ndarray, spacing, foreground=None, backgroun
     window = image[sl].astype(np.float32)
 
     lo_i, hi_i = np.percentile(window, cfg.percentiles)
+    clicked = [window[tuple(p - lo)] for p in (*fg, *bg) if np.all(p - lo >= 0) and np.all(p - lo < window.shape)]
+    if clicked:  # a small structure may lie outside the percentiles: keep every clicked intensity in range
+        pad = 0.1 * max(float(hi_i - lo_i), 1e-6)
+        lo_i, hi_i = min(lo_i, min(clicked) - pad), max(hi_i, max(clicked) + pad)
     data = (np.clip(window, lo_i, hi_i) - lo_i) / max(float(hi_i - lo_i), 1e-6)
 
     seeds = np.zeros(window.shape, dtype=np.int32)
@@ -125,11 +132,14 @@ def random_walker_segment(image: np.ndarray, spacing, foreground=None, backgroun
         for q in points:
             seeds[tuple(q)] = value
 
+    if not (seeds == 2).any():  # the window is the whole image and no click is negative: its faces are
+        for axis in range(3):
+            seeds[(slice(None),) * axis + (0,)] = 2
+            seeds[(slice(None),) * axis + (-1,)] = 2
+        for q in fg_w:
+            seeds[tuple(q)] = 1
     out = np.zeros(image.shape, dtype=np.uint8)
     if not (seeds == 1).any():
-        return out
-    if not (seeds == 2).any():  # nothing says where the structure ends: the window is the answer
-        out[sl] = 1
         return out
 
     stride = max(1, math.ceil((window.size / cfg.max_voxels) ** (1 / 3)))
