@@ -192,3 +192,18 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path, tiny_cases):
     two = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
     for r1, r2 in zip(one[1:], two[1:]):
         assert float(r1.split(",")[1]) == pytest.approx(float(r2.split(",")[1]), rel=1e-3)
+
+
+def test_balanced_dice_ce_pushes_a_missed_target_up():
+    from sam3d.training.losses import build_loss
+
+    target = torch.zeros(1, 1, 32, 32, 32)
+    target[..., 4:8, 4:8, 4:8] = 1
+    grads = {}
+    for balanced in (False, True):
+        logits = torch.full((1, 1, 32, 32, 32), -8.0, requires_grad=True)  # "nothing here", saturated
+        build_loss("dice_ce", balanced=balanced)(logits, target).backward()
+        grads[balanced] = float(-logits.grad[target > 0].mean())
+    assert grads[True] > 100 * grads[False] > 0
+    with pytest.raises(ValueError):
+        build_loss("dice_focal", balanced=True)
