@@ -46,8 +46,8 @@ from sam3d.evaluation import (  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="configs/models name (sam3d_small, sam_med3d_turbo), a model YAML, or baseline")
     p.add_argument("--checkpoint", help="weights; overrides the model config's checkpoint")
     p.add_argument("--data", required=True, help="a case folder or a folder of case folders")

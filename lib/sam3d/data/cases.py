@@ -10,8 +10,8 @@ each), as in `../shared/data/`:
 `label_names.json` maps values to names, flat (`{"1": "spleen"}`), inverted (`{"spleen": 1}`) or under task
 keys as TotalSegmentator's files do (`{"total": {"1": "spleen", ...}, "total_mr": {...}}`). With several tables
 the one named by `names_key` is used; without it, the table whose key shares most `_`-separated words with the
-case folder's name (`totalseg_mr` -> `total_mr`), the first one on a tie (`totalseg_ct` -> `total`). A text names file has one
-`value name [anything else]` per line (`#` starts a comment), as colin27_aal's `label_names.txt`.
+case folder's name (`totalseg_mr` -> `total_mr`), the first one on a tie (`totalseg_ct` -> `total`). A text
+names file has one `value name [anything else]` per line (`#` starts a comment), as colin27_aal's `label_names.txt`.
 
 Arrays are what `monai.transforms.LoadImage` returns (the grid that click indices address, the engine's and
 the server's); the spacing in mm is the norm of the affine's columns.

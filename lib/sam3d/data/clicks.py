@@ -188,7 +188,8 @@ def near_band(gt, near_mm: float, spacing=None) -> np.ndarray:
     return band
 
 
-def jittered_box(gt, rng: np.random.Generator | None = None, jitter_mm: float = 0.0, spacing=None) -> tuple[Point, Point]:
+def jittered_box(gt, rng: np.random.Generator | None = None, jitter_mm: float = 0.0,
+                 spacing=None) -> tuple[Point, Point]:
     """The reference's bounding box (inclusive corners), each face moved by up to `jitter_mm`, clipped."""
     gt = _as_bool(gt)
     box = _bbox(gt)

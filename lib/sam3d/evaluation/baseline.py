@@ -9,11 +9,12 @@ Given the clicks so far (and an optional box), on the image array `monai.transfo
    to [0, 1].
 3. Seeds: each foreground click -> label 1 on the voxels of a ball of `seed_radius_mm` around it whose scaled
    intensity is within `seed_intensity_tol` of the clicked voxel's; each background click -> label 2 the same
-   way (background balls are drawn after foreground ones, and every clicked voxel keeps its own label); the faces of the window that lie inside the image -> label 2 (the structure is assumed not to cross them;
-   faces on the image's border stay unseeded, so a structure cut by the scan's edge is not penalised, unless
-   no background seed would be left at all); with a
-   box, every voxel of the window outside the box -> label 2, and when no foreground click exists yet the box's
-   centre -> label 1 (as the engine does for click-only models).
+   way (background balls are drawn after foreground ones, and every clicked voxel keeps its own label); the
+   faces of the window that lie inside the image -> label 2 (the structure is assumed not to cross them; faces
+   on the image's border stay unseeded, so a structure cut by the scan's edge is not penalised, unless no
+   background seed would be left at all); with a box, every voxel of the window outside the box -> label 2,
+   and when no foreground click exists yet the box's centre -> label 1 (as the engine does for click-only
+   models).
 4. `skimage.segmentation.random_walker(data, seeds, beta, mode="cg_j", tol, spacing=voxel spacing)`; label 1
    is the mask. Windows larger than `max_voxels` are subsampled by an integer stride and the answer upsampled
    by nearest neighbour.

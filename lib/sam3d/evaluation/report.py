@@ -111,8 +111,8 @@ def summary_markdown(rows: list[dict], meta: dict, budget: int) -> str:
               f"NoC@t: clicks to reach Dice >= t, capped at {budget}; `(k fail)` counts targets that never did.",
               "Seconds: wall time of one call (first click includes loading the image and encoding).", "",
               "## Mean over targets", ""]
-    head = ["method", "targets", *(f"Dice@{k}" for k in _dice_columns(budget)), "IoU", "HD95", "ASSD", "NSD", "vol. err.",
-            "NoC@80", "NoC@85", "NoC@90", "s/click", "s first", "s later"]
+    head = ["method", "targets", *(f"Dice@{k}" for k in _dice_columns(budget)), "IoU", "HD95", "ASSD", "NSD",
+            "vol. err.", "NoC@80", "NoC@85", "NoC@90", "s/click", "s first", "s later"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         s = ms[m]
@@ -151,7 +151,8 @@ def summary_markdown(rows: list[dict], meta: dict, budget: int) -> str:
     curves = dice_curves(rows)
     lines += ["| click | " + " | ".join(f"`{m}`" for m in methods) + " |", "|---|" + "---|" * len(methods)]
     for i in range(max(len(c) for c in curves.values())):
-        lines.append(f"| {i + 1} | " + " | ".join(_fmt(curves[m][i]) if i < len(curves[m]) else "" for m in methods) + " |")
+        cells = [_fmt(curves[m][i]) if i < len(curves[m]) else "" for m in methods]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     lines += ["", "![Dice against clicks](dice_vs_clicks.png)", ""]
     return "\n".join(lines)
 
