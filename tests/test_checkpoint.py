@@ -87,8 +87,12 @@ def test_save_overwrites_atomically(small, tmp_path):
     save_checkpoint(small, path, SMALL)
     first = path.read_bytes()
     save_checkpoint(small, path, {**SMALL, "note": "second"})
-    assert path.read_bytes() == first  # same weights, same bytes
+    assert_same_state(read_state_dict(path), small.state_dict())
+    # the config travels inside the weights file, so one replace updates both together
+    assert ckpt.saved_config(path)["note"] == "second" and path.read_bytes() != first
     assert yaml.safe_load(path.with_suffix(".yaml").read_text())["note"] == "second"
+    path.with_suffix(".yaml").unlink()  # the YAML is only for people
+    assert ckpt.saved_config(path)["note"] == "second"
     assert leftovers(tmp_path) == []
 
 
@@ -207,7 +211,11 @@ def test_strict_loading(small, tmp_path):
 
 
 def test_unknown_preset_and_setting(tmp_path):
-    path = tmp_path / "w.safetensors"
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"")
+    with pytest.raises(ValueError, match="corrupt.safetensors"):
+        load_model({"preset": "sam3d_small", "checkpoint": str(corrupt)})
+    path = tmp_path / "w.pth"
     path.write_bytes(b"")
     with pytest.raises(ValueError, match="unknown model preset"):
         load_model({"preset": "sam_huge", "checkpoint": str(path)})

@@ -1,6 +1,8 @@
 """Reading and writing model weights: safetensors (ours) and SAM-Med3D `.pth` files, never unpickled blindly."""
 
 import hashlib
+import json
+import pickle
 import importlib
 import os
 import tempfile
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,7 +38,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused, it holds objects other than tensors (only weights are loaded): {e}") from e
     for key in ("model_state_dict", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -53,14 +59,34 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_CONFIG_KEY = "sam3d_config"
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, config: dict, half: bool = False) -> None:
     """Weights as safetensors plus `<stem>.yaml` with the network config; each file replaced atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    # the network travels inside the weights file, so one atomic replace updates both; the YAML is for people
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_CONFIG_KEY: json.dumps(config)}))
     _atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
+
+
+def saved_config(path: str | os.PathLike) -> dict | None:
+    """The config stored in one of our safetensors files (else its sidecar YAML), or None."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    if _CONFIG_KEY in meta:
+        return json.loads(meta[_CONFIG_KEY])
+    sidecar = path.with_suffix(".yaml")
+    return (yaml.safe_load(sidecar.read_text()) or {}) if sidecar.is_file() else None
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -102,10 +128,8 @@ def load_model(model_config: dict, base_dir: str | os.PathLike | None = None) ->
         raise WeightsMissingError(f"checkpoint not found: {path}")
     preset = model_config.get("preset", "sam_med3d_turbo")
     network = model_config.get("network") or {}
-    sidecar = path.with_suffix(".yaml")
-    if path.suffix == ".safetensors" and sidecar.is_file():
-        # our checkpoints carry their network (preset + overrides): it wins over the model config's
-        saved = yaml.safe_load(sidecar.read_text()) or {}
+    saved = saved_config(path)
+    if saved:  # our checkpoints carry their network (preset + overrides): it wins over the model config's
         preset, network = saved.get("preset", preset), saved.get("network", network) or {}
     model = build_sam3d(preset, **network)
     state = {k: v.float() for k, v in read_state_dict(path).items()}

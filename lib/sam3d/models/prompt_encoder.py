@@ -105,7 +105,7 @@ class PromptEncoder3D(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         bs = next(t for t in (points[0] if points else None, boxes, masks, torch.empty(1)) if t is not None).shape[0]
         device = self.no_mask_embed.weight.device
-        sparse = torch.empty((bs, 0, self.embed_dim), device=device)
+        sparse = torch.empty((bs, 0, self.embed_dim), device=device, dtype=self.no_mask_embed.weight.dtype)
         if points is not None:
             sparse = torch.cat([sparse, self._embed_points(points[0], points[1], pad=boxes is None)], dim=1)
         if boxes is not None:
