@@ -181,23 +181,70 @@ def bench_bare(bare: Bare, x: torch.Tensor, args) -> tuple[Row, dict]:
 # ---------------------------------------------------------------------------------------------- engine
 
 
-def bench_engine(args, device: torch.device) -> list[Row]:
-    """Latency through `sam3d.engine.InteractiveEngine` (image in, label volume out): TO BE COMPLETED by the
-    engine's owner once the engine exists.
+ENGINE_IMAGE = REPO.parent / "shared" / "data" / "totalseg_ct" / "image.nii.gz"
+ENGINE_CLICK, ENGINE_NEXT = [60, 50, 56], [64, 50, 52]  # liver of the TotalSegmentator example CT
 
-    Intended measurements, as `Row`s like the bare ones (same `time_runs`, same --runs/--decode-runs/--warmup):
-      * "engine first click": a fresh image (e.g. a 256^3 CT at 1.5 mm), one click -> label volume on the image
-        grid (resampling, normalisation, window crop, encoder, decoder, upsampling, paste back);
-      * "engine next click": a second click in the same window (embedding cached);
-      * "engine click in a new window": a click that needs a window not yet encoded.
+
+def _engine_model(preset: str):
+    """The shipped weights where they exist (the default model), else random ones: timings do not depend on them."""
+    from sam3d.engine import LoadedModel, load_model
+
+    shipped = REPO / "models" / f"{preset}.safetensors"
+    if shipped.is_file():
+        return load_model({"preset": preset, "checkpoint": str(shipped)}), "shipped weights"
+    torch.manual_seed(0)
+    return LoadedModel(build_sam3d(preset).eval(), None, None, preset), "random weights"
+
+
+def bench_engine(args, device: torch.device) -> list[str]:
+    """Latency through `sam3d.engine.InteractiveEngine`: a NIfTI path and clicks in, a mask on the image grid out.
+
+    * first click: a fresh engine (nothing cached): load + resample the image, normalise and encode the window,
+      decode, upsample, resample the mask onto the image grid;
+    * next click: one more click on the same image and label (embedding cached, previous mask fed back).
+    One window per click (max_windows=1) so that the figure is per window, whatever the weights make of the image.
     """
-    try:
-        from sam3d.engine import InteractiveEngine  # noqa: F401
-    except ImportError:
-        print("engine latency: skipped (sam3d.engine.InteractiveEngine is not available yet)", file=sys.stderr)
+    from sam3d.engine import EngineConfig, InteractiveEngine
+
+    if not ENGINE_IMAGE.is_file():
+        print(f"engine latency: skipped ({ENGINE_IMAGE} not found)", file=sys.stderr)
         return []
-    print("engine latency: skipped (bench_engine in scripts/benchmark.py is not written yet)", file=sys.stderr)
-    return []
+    rows = []
+    for preset in args.presets:
+        loaded, weights = _engine_model(preset)
+        first, nxt, parts = [], [], {}
+        for _ in tqdm(range(args.warmup + args.runs), desc=f"engine {preset} {device}", leave=False):
+            engine = InteractiveEngine(loaded, EngineConfig(max_windows=1), device=str(device))
+            t = time.perf_counter()
+            res = engine.segment(str(ENGINE_IMAGE), [ENGINE_CLICK], [], label="liver")
+            first.append(time.perf_counter() - t)
+            for k, v in res.timings.items():
+                parts.setdefault(k, []).append(v)
+            t = time.perf_counter()
+            res = engine.segment(str(ENGINE_IMAGE), [ENGINE_CLICK, ENGINE_NEXT], [], label="liver")
+            nxt.append(time.perf_counter() - t)
+            assert res.info["embedding_cached"]
+        first, nxt = first[args.warmup:], nxt[args.warmup:]
+        split = ", ".join(f"{k} {statistics.median(v[args.warmup:]) * 1e3:.0f} ms" for k, v in parts.items()
+                          if k != "total")
+        rows.append(f"| engine {preset} ({weights}) | {device} | {_ms(first)} | {_ms(nxt)} | {split} |")
+        loaded.model.cpu()
+    return rows
+
+
+def engine_table(rows: list[str], args) -> str:
+    if not rows:
+        return ""
+    return "\n".join([
+        "",
+        f"Through the engine (`{ENGINE_IMAGE.relative_to(REPO.parent)}`, 122x101x112 at 3 mm -> 243x201x223 at "
+        "1.5 mm), median (min) of " f"{args.runs} runs after {args.warmup} warm-up:",
+        "",
+        "| engine | device | **first click** (nothing cached) | **next click** (embedding cached) | first click split |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -286,6 +333,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
     p.add_argument("--no-medim", action="store_true", help="skip medim's SAM-Med3D")
+    p.add_argument("--no-engine", action="store_true", help="skip the engine (image in, mask out) latency")
     p.add_argument("--flops", action="store_true", help="also count encoder FLOPs (one extra forward each)")
     p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file (BENCHMARKS.md)")
     args = p.parse_args(argv)
@@ -303,6 +351,7 @@ def main(argv=None) -> int:
     models = build_models(args.presets, with_medim=not args.no_medim)
     x_cpu = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(0))
     rows: list[Row] = []
+    engine_rows: list[str] = []
     for dev in devices:
         x = x_cpu.to(dev)
         outputs = {}
@@ -319,10 +368,11 @@ def main(argv=None) -> int:
             for r in rows:
                 if r.model == "sam3d sam_med3d_turbo" and r.device == str(dev):
                     r.note = "; ".join(filter(None, [r.note, note]))
-        rows.extend(bench_engine(args, dev))
+        if not args.no_engine:
+            engine_rows.extend(bench_engine(args, dev))
 
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    report = head + f"\n* 1-min load average after the run: {load_after:.2f}\n\n" + markdown_table(rows, args) + "\n"
+    report = head + f"\n* 1-min load average after the run: {load_after:.2f}\n\n" + markdown_table(rows, args) + "\n" + engine_table(engine_rows, args)
     print(report)
     if args.out:
         with open(args.out, "a") as f:
