@@ -7,7 +7,8 @@ from .baseline import RandomWalkerConfig, RandomWalkerSegmenter, random_walker_s
 from .metrics import NOC_THRESHOLDS, noc, segmentation_metrics
 from .report import write_report
 from .runner import COLUMNS, EvalConfig, run_evaluation, run_target
-from .segmenters import EngineSegmenter, Segmenter, ServerSegmenter, load_model_config
+from ..engine.model_config import load_model_config
+from .segmenters import EngineSegmenter, Segmenter, ServerSegmenter
 
 __all__ = [
     "COLUMNS",

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from ..engine.model_config import load_model_config
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TASK = "sam3d_point"
@@ -158,19 +160,16 @@ def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[s
         return spec
 
     model_ref = str(model_ref)
-    if _looks_like_path(model_ref):
-        candidates = [Path(_resolve_against(model_ref, root))]
-    else:
-        candidates = [cfg_dir / "models" / f"{model_ref}.yaml", root / "configs" / "models" / f"{model_ref}.yaml"]
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        known = sorted({p.stem for d in {cfg_dir / "models", root / "configs" / "models"} for p in d.glob("*.yaml")})
-        spec.error = f"model config {model_ref!r} not found (looked for {candidates[0]}); known models: {known}"
-        return spec
+    ref = _resolve_against(model_ref, root) if _looks_like_path(model_ref) else model_ref
     try:
-        model_config = _read_yaml(path)
-    except AppConfigError as e:
-        spec.error = str(e)
+        try:
+            model_config = load_model_config(ref, cfg_dir)
+        except FileNotFoundError:
+            if _looks_like_path(model_ref) or cfg_dir == root / "configs":
+                raise
+            model_config = load_model_config(ref, root / "configs")  # another app YAML, the project's models
+    except (FileNotFoundError, ValueError, yaml.YAMLError) as e:
+        spec.error = f"model config {model_ref!r}: {e}"
         return spec
 
     model_config.update({k: copy.deepcopy(v) for k, v in raw.items() if k not in TASK_KEYS})
@@ -178,7 +177,6 @@ def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[s
         model_config["checkpoint"] = _resolve_against(str(model_config["checkpoint"]), root)
     else:
         model_config["checkpoint"] = None
-    model_config.setdefault("name", path.stem)
     spec.model_config = model_config
     spec.model_name = model_ref
     return spec
