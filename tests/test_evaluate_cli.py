@@ -6,14 +6,13 @@ The server run uses the ball model of tests/fakes.py (a ball around the first po
 
 import csv
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from monailabel_server import running_server
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"
@@ -111,51 +110,15 @@ def test_cli_baseline_only_and_protocols(shared_data, tmp_path):
 # ---- a real server -------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ball_server(tmp_path_factory):
-    from monailabel.client import MONAILabelClient
-
     tmp = tmp_path_factory.mktemp("eval_server")
     (tmp / "studies").mkdir()
     ball = tmp / "ball.yaml"
     ball.write_text(yaml.safe_dump({"factory": "fakes:build_ball_model", "ball_radius": 6,
                                     "spacing": [1.5, 1.5, 1.5], "cache_mb": 64, "max_windows": 2}))
-    env = _env()
-    env.update({"MONAI_LABEL_SESSION_PATH": str(tmp / "sessions"), "TMPDIR": str(tmp)})
-    port = _free_port()
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO / "apps" / "sam3d"),
-           "--studies", str(tmp / "studies"), "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "model", str(ball), "--conf", "device", "cpu"]
-    log = tmp / "server.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited during start-up:\n{log.read_text()[-3000:]}")
-            try:
-                MONAILabelClient(url, tmpdir=str(tmp)).info()
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not up after 120 s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    with running_server(tmp, tmp / "studies", [("model", ball), ("device", "cpu")]) as (url, _, _):
         yield url, ball, tmp
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 @pytest.mark.slow  # ~35 s on 2 quiet cores (server start-up, two CLI runs), more under load

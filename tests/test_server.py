@@ -7,12 +7,8 @@ centroid on the click. A second task points at weights that do not exist.
 
 import gzip
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,16 +18,10 @@ import pytest
 import yaml
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+from monailabel_server import log_tail, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 NOWEIGHTS = "sam3d_noweights"
-STARTUP_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -39,10 +29,7 @@ class Server:
         self.url, self.proc, self.log, self.tmp, self.studies, self.client = url, proc, log, tmp, studies, client
 
     def log_tail(self, n=60) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log, n)
 
     def infer(self, image_id="", params=None, model="sam3d_point", file=None):
         try:
@@ -83,56 +70,15 @@ def server(shared_data, tmp_path_factory):
             }
         )
     )
-    server_tmp = tmp / "server_tmp"  # the server's TMPDIR: result and upload files land here
-    server_tmp.mkdir()
     (tmp / "client").mkdir()
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "PYTHONPATH": os.pathsep.join([str(REPO / "lib"), str(REPO / "tests"), env.get("PYTHONPATH", "")]),
-            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-            "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions"),
-            "TMPDIR": str(server_tmp),
-            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
-        }
-    )
-    cmd = [
-        sys.executable, "-m", "monailabel.main", "start_server",
-        "--app", str(REPO / "apps" / "sam3d"),
-        "--studies", str(studies),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--conf", "model", str(ball),
-        "--conf", "device", "cpu",
-        "--conf", f"infers.{NOWEIGHTS}.model", "sam3d_small",
-        "--conf", f"infers.{NOWEIGHTS}.checkpoint", str(tmp / "absent" / "sam3d_small.safetensors"),
-    ]  # fmt: skip
-    log = tmp / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    srv = Server(url, proc, log, tmp, studies, MONAILabelClient(url, tmpdir=str(tmp / "client")))
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode} during start-up:\n{srv.log_tail()}")
-            try:
-                srv.client.info()
-                break
-            except (OSError, MONAILabelClientException):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not up after {STARTUP_TIMEOUT_S} s:\n{srv.log_tail()}")
-                time.sleep(0.5)
-        yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+    conf = [
+        ("model", ball),
+        ("device", "cpu"),
+        (f"infers.{NOWEIGHTS}.model", "sam3d_small"),
+        (f"infers.{NOWEIGHTS}.checkpoint", tmp / "absent" / "sam3d_small.safetensors"),
+    ]
+    with running_server(tmp, studies, conf) as (url, proc, log):
+        yield Server(url, proc, log, tmp, studies, MONAILabelClient(url, tmpdir=str(tmp / "client")))
 
 
 def _check_ball(server, image_id, result_file, click):
