@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from sam3d.data.synthesis import RandWindowDeformd, SynthesizeFromLabelsd
 from sam3d.data.training import SamplingConfig, WindowDataset, list_sources, load_volume
 from sam3d.engine import EngineConfig, load_model
-from sam3d.engine.interactive import _normalize
+from sam3d.engine.interactive import normalize_window
 from sam3d.training import load_recipe, lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_window_dataset(tiny_cases):
 
     vol = next(v for v in vols if v.name == plain["case"])
     raw = crop(vol.image[0], plain["start"], 32, float(vol.image.min()))
-    assert torch.allclose(plain["image"][0], _normalize(raw, cfg), atol=1e-4)
+    assert torch.allclose(plain["image"][0], normalize_window(raw, cfg), atol=1e-4)
 
 
 def test_smoke_recipe_trains_and_serves(tmp_path, tiny_cases):

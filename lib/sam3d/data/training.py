@@ -34,7 +34,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from ..engine.image_session import ImageSession
-from ..engine.interactive import EngineConfig, _normalize
+from ..engine.interactive import EngineConfig, normalize_window
 from ..engine.windows import window_start
 from .cases import find_cases
 from .clicks import derive_seed
@@ -226,7 +226,7 @@ class WindowDataset(Dataset):
                 mask = np.isin(lab, chosen)
         self.synth.set_random_state(sub_seed + 1)
         d = self.synth(d)
-        image = _normalize(torch.as_tensor(d["image"][0], dtype=torch.float32), self._engine_cfg(d["synthetic"]))
+        image = normalize_window(torch.as_tensor(d["image"][0], dtype=torch.float32), self._engine_cfg(d["synthetic"]))
         d2 = {"image": image[None]}
         self.intensity.set_random_state(sub_seed + 2)
         d2 = self.intensity(d2)

@@ -69,8 +69,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, config: dict, hal
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
     # the network travels inside the weights file, so one atomic replace updates both; the YAML is for people
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_CONFIG_KEY: json.dumps(config)}))
-    _atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_CONFIG_KEY: json.dumps(config)}))
+    atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
 
 
 def saved_config(path: str | os.PathLike) -> dict | None:
@@ -89,7 +89,8 @@ def saved_config(path: str | os.PathLike) -> dict | None:
     return (yaml.safe_load(sidecar.read_text()) or {}) if sidecar.is_file() else None
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write `path` through a temporary file in the same folder and one rename: never half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -68,7 +68,8 @@ class _LabelState:
     canvas: torch.Tensor  # model-grid logits of the last answer (float16)
 
 
-def _normalize(x: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
+def normalize_window(x: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
+    """A window's intensities as the model sees them (clip, then z-score); training uses it too."""
     if cfg.clip is not None:
         x = x.clamp(*cfg.clip)
     if cfg.normalize == "none":
@@ -130,7 +131,7 @@ class InteractiveEngine:
         if emb is not None:
             return emb, 0.0
         t = time.perf_counter()
-        window = _normalize(sess.crop(start, self.model.img_size), self.config)
+        window = normalize_window(sess.crop(start, self.model.img_size), self.config)
         emb = self.model.encode_image(window[None, None].to(self.device))
         self._synchronize()
         self._embeddings.put(cache_key, emb)

@@ -32,7 +32,7 @@ from ignite.engine import Engine, Events
 from torch.utils.data import DataLoader, Sampler
 
 from ..data.training import SamplingConfig, WindowDataset, list_sources, load_volume
-from ..engine.checkpoint import _atomic_write, read_state_dict, save_checkpoint
+from ..engine.checkpoint import atomic_write, read_state_dict, save_checkpoint
 from ..engine.interactive import EngineConfig
 from ..models import build_sam3d
 from .interactive import InteractiveConfig, InteractiveLoss, _sample_rounds
@@ -233,7 +233,7 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
         if rank == 0:
             state = {"step": s, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict()}
-            _atomic_write(state_path, lambda tmp: torch.save(state, tmp))  # resume state first, then the model
+            atomic_write(state_path, lambda tmp: torch.save(state, tmp))  # resume state first, then the model
             save_checkpoint(model, out / "model.safetensors", {**sidecar, "step": s}, half=bool(ck.get("half", False)))
             logger.info(f"step {s}: checkpoint {out / 'model.safetensors'}")
         idist.barrier()
