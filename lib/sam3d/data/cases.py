@@ -130,11 +130,10 @@ def find_cases(data_dir: str | os.PathLike, names_key: str | None = None) -> lis
 
 def load_array(path: str | os.PathLike):
     """(array, affine) as `monai.transforms.LoadImage` gives them (ITK for a DICOM folder)."""
-    from monai.transforms import LoadImage
+    from ..engine.image_session import load_image
 
-    reader = "ITKReader" if os.path.isdir(path) else None
-    img = LoadImage(image_only=True, reader=reader)(str(path))
-    return np.asarray(img), np.asarray(img.affine, dtype=np.float64)
+    img = load_image(path)
+    return np.asarray(img[0]), np.asarray(img.affine, dtype=np.float64)
 
 
 def load_case(case: Case) -> LoadedCase:

@@ -13,7 +13,6 @@ or resumed run. A sample is one binary target in one window:
 """
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,18 +21,16 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
-    Orientation,
     RandAdjustContrastd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    Spacing,
 )
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from ..engine.image_session import ImageSession
+from ..engine.image_session import ImageSession, load_image, to_model_grid
 from ..engine.interactive import EngineConfig, normalize_window
 from ..engine.windows import window_start
 from .cases import find_cases
@@ -108,12 +105,7 @@ def list_sources(data: dict) -> list[tuple[str, str, str]]:
 def load_volume(name: str, image_path: str, label_path: str, spacing) -> Volume:
     """Image and label map on the model grid, exactly as the engine resamples images (labels by nearest)."""
     sess = ImageSession(image_path, tuple(spacing), max_voxels=400_000_000)
-    from monai.transforms import LoadImage
-
-    reader = "ITKReader" if os.path.isdir(label_path) else None
-    lab = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(label_path)
-    lab = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(lab.float())
-    lab = Spacing(pixdim=tuple(spacing), mode="nearest")(lab).as_tensor()[0]
+    lab = to_model_grid(load_image(label_path).float(), spacing, mode="nearest").as_tensor()[0]
     image = sess.volume
     if tuple(lab.shape) != tuple(image.shape):  # rounding of the output grid: crop/pad the label to the image
         fixed = torch.zeros(image.shape)

@@ -33,13 +33,20 @@ class ImageKey:
         return cls(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
-def _load(path: str) -> MetaTensor:
+def load_image(path: str | os.PathLike) -> MetaTensor:
+    """(1, X, Y, Z) as `monai.transforms.LoadImage` gives it (ITK for a DICOM folder): the array clicks address."""
+    path = str(path)
     reader = "ITKReader" if os.path.isdir(path) else None
     try:
-        img = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(path)
+        return LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(path)
     except Exception as e:  # the readers raise many types; the user needs one message
         raise Sam3DInputError(f"cannot read image {os.path.basename(path)!r}: {e}") from e
-    return img
+
+
+def to_model_grid(img: MetaTensor, spacing, mode: str = "bilinear") -> MetaTensor:
+    """RAS orientation and isotropic `spacing`: the grid the model sees (labels: mode="nearest")."""
+    ras = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
+    return Spacing(pixdim=tuple(spacing), mode=mode)(ras)
 
 
 def _translation(offset) -> np.ndarray:
@@ -56,7 +63,7 @@ class ImageSession:
     """
 
     def __init__(self, path: str, spacing: tuple[float, float, float], max_voxels: int) -> None:
-        img = _load(path)
+        img = load_image(path)
         if img.ndim != 4 or img.shape[0] != 1:
             raise Sam3DInputError(f"expected a single-channel 3D image, got array shape {tuple(img.shape)}")
         if min(img.shape[1:]) < 2:
@@ -73,7 +80,7 @@ class ImageSession:
         data = img.float()
         if not torch.isfinite(data).all():
             raise Sam3DInputError("image contains NaN or infinite values")
-        resampled = Spacing(pixdim=spacing, mode="bilinear")(Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(data))
+        resampled = to_model_grid(data, spacing)
         self.volume = resampled.as_tensor()[0].contiguous()  # (X, Y, Z), RAS, isotropic
         self.model_affine = np.asarray(resampled.affine, dtype=np.float64)
         self.to_model = np.linalg.inv(self.model_affine) @ self.affine  # image index -> model-grid index
