@@ -26,7 +26,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from provenance import cpu_model, git_commit  # noqa: E402
 try:
     import sam3d  # noqa: F401
 except ImportError:  # not pip-installed: run from the source tree
@@ -45,6 +46,7 @@ except ImportError:  # not pip-installed: run from the source tree
 from sam3d.models import build_sam3d  # noqa: E402
 
 PRESETS = ("sam_med3d_turbo", "sam3d_small")
+TIMED_CODE = ["lib/sam3d/models", "lib/sam3d/engine", "scripts/benchmark.py"]  # what the timings depend on
 FIRST_CLICK = [[66.0, 64.0, 64.0]]  # the conformance vectors' clicks (README case A / case B)
 NEXT_CLICKS = [[66.0, 64.0, 64.0], [66.0, 29.0, 32.0]]
 
@@ -280,34 +282,8 @@ def markdown_table(rows: list[Row], args) -> str:
     return "\n".join(lines)
 
 
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        # only what is timed matters: the network code and this script
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "lib/sam3d/models",
-                                "scripts/benchmark.py"],
-                               capture_output=True, text=True).stdout.strip()
-        return commit + (" + uncommitted changes in lib/sam3d/models or scripts/benchmark.py" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_model() -> str:
-    """`model name` from /proc/cpuinfo, with the widest SIMD extension its flags list."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.machine())
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), []))
-    simd = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
-                None)
-    return f"{name} ({simd})" if simd else name
-
-
 def header(args, devices) -> str:
-    hw = f"{_cpu_model()}, {os.cpu_count()} logical CPUs visible, torch.get_num_threads() = {torch.get_num_threads()}"
+    hw = f"{cpu_model()}, {os.cpu_count()} logical CPUs visible, torch.get_num_threads() = {torch.get_num_threads()}"
     gpus = [torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"]
     if gpus:
         hw += f"; GPU {gpus[0]} (CUDA {torch.version.cuda})"
@@ -316,7 +292,7 @@ def header(args, devices) -> str:
         f"## {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         "",
         f"* command: `{' '.join(['python', *map(shlex.quote, [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])])}`",
-        f"* commit: {_git_commit()}",
+        f"* commit: {git_commit(TIMED_CODE)}",
         f"* hardware: {hw}",
         f"* software: torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
         f"* 1-min load average before the run: {load:.2f}",

@@ -21,12 +21,17 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from provenance import cpu_model, git_commit  # noqa: E402
+
+# what an evaluation runs: a commit stamp is flagged when any of it has uncommitted changes
+EVALUATED_CODE = ["lib/sam3d/evaluation", "lib/sam3d/data", "lib/sam3d/engine", "lib/sam3d/models", "configs/models",
+                  "scripts/evaluate.py"]
 try:
     import sam3d  # noqa: F401
 except ImportError:  # not pip-installed: run from the source tree
@@ -90,29 +95,10 @@ def _device(name: str) -> str:
     return name
 
 
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        paths = ["lib/sam3d/evaluation", "lib/sam3d/data", "lib/sam3d/engine", "lib/sam3d/models", "configs/models",
-                 "scripts/evaluate.py"]  # what an evaluation runs
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", *paths], capture_output=True,
-                               text=True).stdout.strip()
-        return commit + (f" + uncommitted changes in {', '.join(paths)}" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _hardware(device: str) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    hw = f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+    hw = f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
     if device.startswith("cuda"):
         hw += f"; GPU {torch.cuda.get_device_name(torch.device(device))}"
     return hw
@@ -180,7 +166,7 @@ def main(argv=None) -> int:
     meta = {
         "command": " ".join(["python", *map(shlex.quote, [os.path.relpath(sys.argv[0], Path.cwd())] + sys.argv[1:])])
         if argv is None else " ".join(["python scripts/evaluate.py", *map(shlex.quote, argv)]),
-        "commit": _git_commit(),
+        "commit": git_commit(EVALUATED_CODE),
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "hardware": _hardware(device) + f"; device {device}",
         "software": _software(),
