@@ -282,3 +282,27 @@ def test_config_round_trip_and_validation():
         build_sam3d("sam3d_small", img_size=100)
     with pytest.raises(ValueError, match="unknown model preset"):
         build_sam3d("nope")
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_dense_pe_matches_click_code_at_the_cell_centre(swap):
+    """A click at a grid cell's centre has that cell's positional code, except that SAM-Med3D's grid (swap on,
+    kept for its weights) holds it at the cell mirrored across the first diagonal."""
+    from sam3d.models.prompt_encoder import PromptEncoder3D
+
+    torch.manual_seed(0)
+    enc = PromptEncoder3D(embed_dim=48, image_embedding_size=4, input_image_size=32, swap_dense_axes=swap)
+    dense = enc.get_dense_pe()[0]  # (C, 4, 4, 4); each cell spans 8 voxels, centre at voxel 8 * i + 3.5
+    cell = (1, 3, 2)
+    click = torch.tensor([[[8 * c + 3.5 for c in cell]]])
+    code = enc.pe_layer.points(click, 32)[0, 0]
+    where = (cell[1], cell[0], cell[2]) if swap else cell
+    torch.testing.assert_close(dense[(slice(None), *where)], code, atol=1e-5, rtol=0)
+    if swap:  # and not at the clicked cell itself
+        assert not torch.allclose(dense[(slice(None), *cell)], code, atol=1e-3)
+
+
+def test_own_presets_train_without_the_axis_swap():
+    assert PRESETS["sam_med3d_turbo"].swap_dense_pe_axes is True
+    assert PRESETS["sam3d_small"].swap_dense_pe_axes is False
+    assert Sam3DConfig.from_dict({}).swap_dense_pe_axes is True  # checkpoints saved before the option: turbo layout

@@ -11,8 +11,9 @@ from .common import LayerNorm3d
 class PositionEmbeddingRandom3D(nn.Module):
     """Random Fourier features of normalised 3D coordinates: [sin a, cos a, sin a] (SAM-Med3D's layout)."""
 
-    def __init__(self, num_pos_feats: int, scale: float = 1.0) -> None:
+    def __init__(self, num_pos_feats: int, scale: float = 1.0, swap_dense_axes: bool = True) -> None:
         super().__init__()
+        self.swap_dense_axes = swap_dense_axes
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((3, num_pos_feats)))
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
@@ -24,13 +25,15 @@ class PositionEmbeddingRandom3D(nn.Module):
     def dense(self, size: tuple[int, int, int]) -> torch.Tensor:
         """(C, D, H, W) code of the embedding grid's cell centres.
 
-        The official grid pairs coordinate 0 with tensor axis 1 and coordinate 1 with axis 0; kept, because the
-        published weights were trained with it.
+        The official grid pairs coordinate 0 with tensor axis 1 and coordinate 1 with axis 0 (`swap_dense_axes`),
+        so a click's code matches the grid's code at the click mirrored across the first diagonal. Published weights
+        were trained with it and need it; a network trained from scratch learns much faster without it.
         """
         g = self.positional_encoding_gaussian_matrix
         axes = [(torch.arange(n, device=g.device, dtype=torch.float32) + 0.5) / n for n in size]
         a0, a1, a2 = torch.meshgrid(*axes, indexing="ij")
-        return self._encode(torch.stack([a1, a0, a2], dim=-1)).permute(3, 0, 1, 2)
+        grid = [a1, a0, a2] if self.swap_dense_axes else [a0, a1, a2]
+        return self._encode(torch.stack(grid, dim=-1)).permute(3, 0, 1, 2)
 
     def points(self, coords: torch.Tensor, image_size: int) -> torch.Tensor:
         """(B, N, 3) voxel indices along input axes 2, 3, 4 -> (B, N, C); +0.5 moves them to voxel centres."""
@@ -51,13 +54,14 @@ class PromptEncoder3D(nn.Module):
         input_image_size: int = 128,
         mask_in_chans: int = 16,
         num_point_embeddings: int = 2,
+        swap_dense_axes: bool = True,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.image_embedding_size = (image_embedding_size,) * 3
         self.input_image_size = input_image_size
         self.mask_input_size = 4 * image_embedding_size
-        self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
+        self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3, swap_dense_axes=swap_dense_axes)
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(num_point_embeddings))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
         self.mask_downscaling = nn.Sequential(

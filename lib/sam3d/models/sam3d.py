@@ -31,6 +31,9 @@ class Sam3DConfig:
     decoder_mlp_dim: int = 2048
     iou_head_hidden_dim: int = 256
     num_multimask_outputs: int = 3
+    # SAM-Med3D's dense positional grid has its first two axes swapped against the clicks' codes; its weights need
+    # the swap, our own from-scratch presets train without it (sam3d.models.prompt_encoder).
+    swap_dense_pe_axes: bool = True
 
     @classmethod
     def from_dict(cls, values: dict) -> "Sam3DConfig":
@@ -82,6 +85,7 @@ PRESETS: dict[str, Sam3DConfig] = {
         num_point_embeddings=4,
         decoder_mlp_dim=1024,
         iou_head_hidden_dim=128,
+        swap_dense_pe_axes=False,
     ),
 }
 
@@ -112,6 +116,7 @@ class Sam3D(nn.Module):
             input_image_size=c.img_size,
             mask_in_chans=c.mask_in_chans,
             num_point_embeddings=c.num_point_embeddings,
+            swap_dense_axes=c.swap_dense_pe_axes,
         )
         self.mask_decoder = MaskDecoder3D(
             transformer_dim=c.prompt_embed_dim,
