@@ -207,3 +207,46 @@ def test_balanced_dice_ce_pushes_a_missed_target_up():
     assert grads[True] > 100 * grads[False] > 0
     with pytest.raises(ValueError):
         build_loss("dice_focal", balanced=True)
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_leaves_whole_files_and_resumes(tmp_path, tiny_cases):
+    """SIGKILL (no handler runs) while a run checkpoints every step, three times at different moments: each
+    time the served checkpoint and the resume state are whole, and the re-run resumes from the state's step."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(SMOKE), f"output={out}",
+           f"data.dir={tiny_cases}", "data.cases=null", "train.steps=60", "checkpoint.every=1",
+           "validation.every=0", "log.tensorboard=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    last_step = 0
+    for delay in (0.0, 0.13, 0.29):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        deadline = time.time() + 240
+        # wait until this run has written a checkpoint past the last one, then kill it a little later
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "state.pt").is_file():
+                try:
+                    if torch.load(out / "state.pt", weights_only=True)["step"] > last_step + 1:
+                        break
+                except Exception:  # only the rename makes a new state.pt: a failed read is a defect
+                    proc.kill()
+                    raise
+            time.sleep(0.02)
+        time.sleep(delay)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = torch.load(out / "state.pt", weights_only=True)
+        assert state["step"] > last_step
+        last_step = state["step"]
+        loaded = load_model({"checkpoint": str(out / "model.safetensors")})
+        assert loaded.model.img_size == 32
+    out_final = _train(_smoke(out, tiny_cases, "train.steps=60", "checkpoint.every=1", "validation.every=0",
+                              "log.tensorboard=false"))
+    assert out_final["step"] == 60
+    assert not list(out.glob(".*.tmp"))  # what the kills left behind is cleaned up
+    logged = [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert logged[-1] == 60 and set(range(1, 61)) <= set(logged)

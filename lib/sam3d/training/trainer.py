@@ -163,6 +163,9 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     start = 0
     state_path = out / "state.pt"
     resume = recipe.get("resume", True)
+    if rank == 0:  # temporary files of writes that a killed run left behind (the real files are whole)
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     if state_path.is_file():
         if not resume:
             raise FileExistsError(f"{state_path} exists and resume is off: choose another output folder")
@@ -237,9 +240,6 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
             save_checkpoint(model, out / "model.safetensors", {**sidecar, "step": s}, half=bool(ck.get("half", False)))
             logger.info(f"step {s}: checkpoint {out / 'model.safetensors'}")
         idist.barrier()
-
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), save)
-    trainer.add_event_handler(Events.COMPLETED, lambda e: save() if e.state.iteration % every else None)
 
     max_minutes = tcfg.get("max_minutes")
     if max_minutes:  # a wall-clock budget: stop cleanly (the COMPLETED handlers checkpoint and validate)
@@ -320,6 +320,10 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
 
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=int(val_cfg["every"])), _validate)
             trainer.add_event_handler(Events.COMPLETED, lambda e: _validate(e) if e.state.iteration % int(val_cfg["every"]) else None)
+
+    # after the step's log row: a run killed after its checkpoint has logged every step it saved
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), save)
+    trainer.add_event_handler(Events.COMPLETED, lambda e: save() if e.state.iteration % every else None)
 
     if start >= steps:
         if rank == 0:
