@@ -46,14 +46,28 @@ except ImportError:  # a plain checkout without `pip install -e .`
     sys.path.insert(0, str(PROJECT_ROOT / "lib"))
     import sam3d
 
-from sam3d.monailabel import Sam3DPointInfer, load_app_config
+from sam3d.monailabel import Sam3DPointInfer, Sam3DTrainTask, load_app_config, train_api
 
 logger = logging.getLogger(__name__)
+
+
+def in_task_process() -> bool:
+    """True in the process MONAI Label starts for a train/scoring request (it re-creates the app there)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "monailabel.interfaces.utils.app"
+
+
+def state_dir(studies: str, app_dir: str) -> Path:
+    """Where the app keeps its own files (training runs, leases, scores): beside a local datastore's images."""
+    if os.path.isdir(studies):
+        return Path(studies) / ".sam3d"
+    return Path(app_dir) / ".sam3d"  # a remote datastore (DICOMweb): no folder of ours there
 
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.app_config = load_app_config(conf, config_dir=PROJECT_ROOT / "configs")
+        self.state_dir = state_dir(studies, app_dir)
         logger.info(f"sam3d: app config {self.app_config.source}; tasks {list(self.app_config.infers)}")
         super().__init__(
             app_dir=app_dir,
@@ -67,15 +81,27 @@ class MyApp(MONAILabelApp):
     def init_infers(self):
         c = self.app_config
         infers = {}
+        preload = c.preload and not in_task_process()  # a training process never infers: keep its start-up lean
         for name, spec in c.infers.items():
-            task = Sam3DPointInfer(spec, device=c.device, strict_labels=c.strict_labels, preload=c.preload)
+            task = Sam3DPointInfer(spec, device=c.device, strict_labels=c.strict_labels, preload=preload)
             state, message = task.status()
             (logger.info if state in ("not_loaded", "ready") else logger.warning)(f"sam3d: task {name}: {message}")
             infers[name] = task
         return infers
 
     def init_trainers(self):
-        return {}
+        """`sam3d`: fine-tunes the model of the infer task `train.task` (default sam3d_point), if it is configured."""
+        c = self.app_config
+        name = c.train.get("task", "sam3d_point")
+        spec = c.infers.get(name)
+        if spec is None:
+            logger.warning(f"sam3d: no train task: the infer task {name!r} (train.task) is not configured")
+            return {}
+        trainers = {"sam3d": Sam3DTrainTask(spec, c.train, self.state_dir, c.root)}
+        server = sys.modules.get("monailabel.app")  # the server process: check train requests before they start
+        if server is not None and not in_task_process():
+            train_api.install(server.app, self)
+        return trainers
 
     def init_strategies(self):
         return {"random": Random(), "first": First()}

@@ -6,6 +6,8 @@ MONAI Label hands the app a flat dict of strings (`--conf KEY VALUE`, repeated).
   (short for `infers.sam3d_point.model` / `infers.sam3d_point.checkpoint`);
 - `device` (auto | cpu | cuda | cuda:N), `preload` (true | false), `strict_labels` (true | false);
 - `config`: another app YAML instead of `configs/app.yaml`;
+- `train.KEY` (the train task's defaults, see `train_task.DEFAULTS`), `retrain_every` (train after every N new or
+  changed final labels; 0: never), `lease_minutes` (how long an image handed out for annotation stays reserved);
 - any dotted path into the app YAML, its value parsed as YAML: `infers.sam3d_point.spacing "[2, 2, 2]"`,
   `labels.tumour 200`, `infers.turbo.model sam_med3d_turbo` (a new name adds a task), `infers.sam3d_point null`
   (removes it).
@@ -37,9 +39,10 @@ ALIASES = {
     "model": f"infers.{DEFAULT_TASK}.model",
     "checkpoint": f"infers.{DEFAULT_TASK}.checkpoint",
 }
-TOP_KEYS = {"name", "description", "device", "preload", "strict_labels", "infers", "labels"}
+TOP_KEYS = {"name", "description", "device", "preload", "strict_labels", "infers", "labels", "train", "retrain_every",
+            "lease_minutes", "uncertainty"}
 NOT_OURS = {"config", "server_mode"}  # `config` is read first; `server_mode` belongs to MONAI Label
-STRING_KEYS = {"model", "checkpoint", "factory", "description", "device", "name"}  # values never YAML-parsed
+STRING_KEYS = {"model", "checkpoint", "factory", "description", "device", "name", "recipe"}  # values never YAML-parsed
 
 
 class AppConfigError(ValueError):
@@ -68,6 +71,10 @@ class AppConfig:
     strict_labels: bool
     labels: dict[str, int]
     infers: dict[str, TaskSpec] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # the train task's defaults (train_task.DEFAULTS)
+    retrain_every: int = 0  # start training after this many new or changed final labels; 0: never
+    lease_minutes: float = 30.0  # an image handed to one annotator is not handed to another for this long
+    uncertainty: dict[str, Any] = field(default_factory=dict)  # the uncertainty strategy's settings
     source: Path | None = None  # the app YAML read
     root: Path | None = None  # relative YAML paths resolve against this
 
@@ -83,6 +90,16 @@ def _as_bool(value, key: str) -> bool:
     raise AppConfigError(f"{key} must be true or false, got {value!r}")
 
 
+def _non_negative(value, key: str, kind):
+    try:
+        v = kind(value)
+    except (TypeError, ValueError):
+        raise AppConfigError(f"{key} must be a number >= 0, got {value!r}") from None
+    if v < 0:
+        raise AppConfigError(f"{key} must be >= 0, got {value!r}")
+    return v
+
+
 def _parse_value(key: str, value: Any, cwd: Path) -> Any:
     """A --conf string -> a YAML value; paths made absolute against the working directory."""
     last = key.rsplit(".", 1)[-1]
@@ -93,6 +110,8 @@ def _parse_value(key: str, value: Any, cwd: Path) -> Any:
         if last == "checkpoint":
             if v.lower() in ("", "null", "none"):
                 return None
+            return str((cwd / Path(v).expanduser()).resolve())
+        if last == "recipe":
             return str((cwd / Path(v).expanduser()).resolve())
         if last == "model" and _looks_like_path(v):
             return str((cwd / Path(v).expanduser()).resolve())
@@ -213,6 +232,9 @@ def load_app_config(
     if not isinstance(infers, dict):
         raise AppConfigError("infers must be a mapping task name -> task config")
 
+    for key in ("train", "uncertainty"):
+        if not isinstance(tree.get(key) or {}, dict):
+            raise AppConfigError(f"{key} must be a mapping of settings")
     out = AppConfig(
         name=str(tree.get("name") or "sam3d"),
         description=str(tree.get("description") or ""),
@@ -220,6 +242,10 @@ def load_app_config(
         preload=_as_bool(tree.get("preload", False), "preload"),
         strict_labels=_as_bool(tree.get("strict_labels", True), "strict_labels"),
         labels=labels,
+        train=dict(tree.get("train") or {}),
+        retrain_every=_non_negative(tree.get("retrain_every", 0), "retrain_every", int),
+        lease_minutes=_non_negative(tree.get("lease_minutes", 30), "lease_minutes", float),
+        uncertainty=dict(tree.get("uncertainty") or {}),
         source=source,
         root=root,
     )

@@ -318,6 +318,7 @@ class Sam3DPointInfer(InferTask):
                 "model": self.model_name,
                 "network": res.info.get("model"),
                 "checkpoint": res.info.get("checkpoint", self.checkpoint),
+                "model_id": getattr(engine, "model_id", None),  # the weights that answered: their sha256
                 "device": self.device,
                 "label": prompt["label"],
                 "label_names": {prompt["label"]: 1},

@@ -1,0 +1,231 @@
+"""The train task `sam3d`: parameters, split, promotion, a run in-process, and the whole loop through a real server.
+
+The model is the smoke recipe's tiny network with random weights written by the test; the datastore holds small
+synthetic volumes (tests/tiny_datastore.py), so a run takes seconds on one CPU thread.
+"""
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+from monailabel.datastore.local import LocalDatastore
+from safetensors.torch import load_file
+from test_server import HttpError
+from tiny_datastore import volume, write_label, write_studies, write_tiny_model
+
+from sam3d.engine.checkpoint import file_sha256, load_model, read_state_dict
+from sam3d.monailabel import Sam3DTrainTask, TrainRequestError, load_app_config
+from sam3d.monailabel.promotion import previous_path, promote, should_promote
+from sam3d.monailabel.train_task import DEFAULTS, parse_train_params, split_ids
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = {"train.val_samples": "2", "train.val_clicks": "2"}  # held-out validation of a few windows
+
+
+def _task(tmp_path, conf=None, labelled=(0, 1)) -> tuple[Sam3DTrainTask, LocalDatastore, Path]:
+    studies = tmp_path / "studies"
+    write_studies(studies, 3, labelled)
+    model_yaml, ckpt = write_tiny_model(tmp_path / "models")
+    c = load_app_config({"model": str(model_yaml), **QUICK, **(conf or {})}, REPO / "configs")
+    task = Sam3DTrainTask(c.infers["sam3d_point"], c.train, studies / ".sam3d", c.root)
+    return task, LocalDatastore(str(studies)), ckpt
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"trainable": "encoder"}, "unknown trainable part"),
+    ({"epochs": -1}, "epochs must be >= 0"),
+    ({"epochs": 0, "steps": 0}, "nothing to train"),
+    ({"epochs": 1.5}, "epochs must be an integer"),
+    ({"lr": 0}, "lr must be > 0"),
+    ({"val_split": 1}, "val_split must be in [0, 1)"),
+    ({"promote": "maybe"}, "unknown promote policy"),
+    ({"device": "tpu"}, "unknown device"),
+])
+def test_bad_parameters_are_refused_with_the_reason(params, message):
+    with pytest.raises(TrainRequestError) as e:
+        parse_train_params(params, DEFAULTS)
+    assert message in str(e.value) and e.value.status == 422
+
+
+def test_parameters_defaults_aliases_and_choice_lists():
+    p = parse_train_params({"learning_rate": "3e-4", "trainable": ["decoder", "all"], "steps": 7, "client_id": "x"},
+                           {**DEFAULTS, "promote": "always"})
+    assert (p.lr, p.trainable, p.steps, p.promote, p.device) == (3e-4, "decoder", 7, "always", "cpu")
+
+
+def test_split_keeps_each_image_on_its_side():
+    ids = [f"case{i}" for i in range(40)]
+    train, val = split_ids(ids[:20], 0.25)
+    train2, val2 = split_ids(ids, 0.25)
+    assert set(val) <= set(val2) and set(train) <= set(train2) and not set(train) & set(val)
+    assert split_ids(["a"], 0.5) == (["a"], [])
+    tr, va = split_ids(["a", "b"], 0.01)  # two images: one validates whatever the hashes say
+    assert len(tr) == len(va) == 1
+
+
+def test_promotion_policy():
+    assert should_promote("better", 0.5, 0.5)[0] and not should_promote("better", 0.49, 0.5)[0]
+    assert should_promote("better", 0.1, None)[0] and should_promote("always", 0.1, 0.9)[0]
+    assert not should_promote("never", 0.9, 0.1)[0]
+
+
+def test_promote_keeps_the_previous_checkpoint(tmp_path):
+    _, old = write_tiny_model(tmp_path / "old", seed=0)
+    _, new = write_tiny_model(tmp_path / "new", seed=1)
+    old_sha, new_sha = file_sha256(old), file_sha256(new)
+    prev = promote(new, old)
+    assert prev == previous_path(old) == old.with_name("tiny.prev.safetensors")
+    assert file_sha256(prev) == old_sha and file_sha256(old) == new_sha and prev.with_suffix(".yaml").is_file()
+    # a served SAM-Med3D-style .pth gets the weights as a plain state_dict under the same name
+    pth = tmp_path / "served.pth"
+    torch.save({"model_state_dict": load_file(str(old))}, pth)
+    promote(new, pth)
+    assert (tmp_path / "served.prev.pth").is_file()
+    got, want = read_state_dict(pth), load_file(str(new))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_no_labels_or_unusable_model_refused_before_anything_runs(tmp_path):
+    task, ds, _ = _task(tmp_path, labelled=())
+    with pytest.raises(TrainRequestError, match="no final labels") as e:
+        task.check_request({}, ds)
+    assert e.value.status == 409 and not task.runs_dir.exists()
+    ball = tmp_path / "ball.yaml"
+    ball.write_text(yaml.safe_dump({"factory": "fakes:build_ball_model"}))
+    c = load_app_config({"model": str(ball)}, REPO / "configs")
+    with pytest.raises(TrainRequestError, match="factory model"):
+        Sam3DTrainTask(c.infers["sam3d_point"], c.train, tmp_path / "s", c.root).check_request({}, ds)
+
+
+def test_run_in_process_validates_then_promotes_by_policy(tmp_path):
+    task, ds, ckpt = _task(tmp_path)
+    served = file_sha256(ckpt)
+    kept = task({"steps": 2, "promote": "never", "val_split": 0.5}, ds)
+    run = Path(kept["run"])
+    assert kept["status"] == "done" and not kept["promoted"] and file_sha256(ckpt) == served
+    assert (run / "model.safetensors").is_file() and len((run / "metrics.csv").read_text().splitlines()) == 3
+    assert kept["holdout"] and len(kept["val_images"]) == 1 and len(kept["train_images"]) == 1
+    assert set(kept["validation"]) == {"new", "served"} and 0 <= kept["val_dice"] <= 1
+    assert kept["params"]["trainable"] == "prompt+decoder"
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert recipe["optim"]["freeze"] == ["image_encoder"] and recipe["model"]["init_checkpoint"] == str(ckpt)
+
+    done = task({"steps": 2, "promote": "always", "trainable": "decoder"}, ds)
+    new = Path(done["run"]) / "model.safetensors"
+    assert done["promoted"] and file_sha256(ckpt) == file_sha256(new) == done["checkpoint_sha256"]
+    assert file_sha256(previous_path(ckpt)) == served
+    assert load_model({"checkpoint": str(ckpt)}).model.img_size == 32  # the promoted file serves
+    stats = task.stats()
+    assert stats["run"] == done["run"] and stats["step"] == stats["steps"] == 2 and stats["promoted"]
+    assert stats["served_sha256"] == file_sha256(ckpt)
+
+
+# ---- through a real server --------------------------------------------------------------------------------------
+
+
+def _wait(what, check, timeout_s=300, every_s=0.5):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(every_s)
+
+
+def _train(client, params):
+    try:
+        return client.train_start("sam3d", params)
+    except MONAILabelClientException as e:
+        raise HttpError(e.msg) from None
+
+
+def _find(client, task_id):
+    with urllib.request.urlopen(f"{client._server_url}/train/?all=true") as r:
+        return next(t for t in json.load(r) if t["id"] == task_id)
+
+
+def _finished(client, task_id):
+    t = _find(client, task_id)
+    return t if t["status"] not in ("SUBMITTED", "RUNNING") else None
+
+
+def _rows(run: Path) -> int:
+    try:
+        return len((run / "metrics.csv").read_text().splitlines()) - 1
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+def test_learning_while_annotating_through_the_server(tmp_path):
+    from monailabel_server import log_tail, running_server
+
+    studies = tmp_path / "studies"
+    ids = write_studies(studies, 3)
+    model_yaml, ckpt = write_tiny_model(tmp_path / "models")
+    conf = [("model", model_yaml), ("device", "cpu"), ("train.val_samples", 2), ("train.val_clicks", 2)]
+    (tmp_path / "client").mkdir()
+    runs = studies / ".sam3d" / "train"
+    with running_server(tmp_path, studies, conf) as (url, proc, log):
+        client = MONAILabelClient(url, tmpdir=str(tmp_path / "client"))
+        click = {"foreground": [[9, 10, 11]], "label": "structure"}
+
+        # refused before anything starts: no labels yet, then bad parameters
+        with pytest.raises(HttpError) as e:
+            _train(client, {"steps": 2})
+        assert e.value.status == 409 and "no final labels" in e.value.detail
+        for label_n in (0, 1):
+            client.save_label(ids[label_n], str(write_label(volume(label_n)[1], tmp_path / f"l{label_n}.nii.gz")))
+        for bad, message in [({"trainable": "encoder"}, "unknown trainable part"), ({"epochs": -1}, "epochs must be")]:
+            with pytest.raises(HttpError) as e:
+                _train(client, bad)
+            assert e.value.status == 422 and message in e.value.detail
+        assert not runs.exists()
+
+        served = file_sha256(ckpt)
+        _, first = client.infer("sam3d_point", ids[2], dict(click))
+        assert first["model_id"] == served
+
+        # a run that is promoted; clicks are answered while it trains
+        task = _train(client, {"steps": 40, "promote": "always", "val_split": 0.5})
+        run = _wait("the first training step", lambda: next((r for r in runs.glob("*") if _rows(r)), None))
+        if _find(client, task["id"])["status"] == "RUNNING":
+            _, during = client.infer("sam3d_point", ids[2], dict(click))
+            assert during["model_id"] == served
+        done = _wait("the run to finish", lambda: _finished(client, task["id"]))
+        assert done["status"] == "DONE", log_tail(log)
+        assert any("sam3d train: status=done" in line for line in done["details"])
+        new = file_sha256(ckpt)
+        assert new != served and new == file_sha256(run / "model.safetensors")
+        assert file_sha256(previous_path(ckpt)) == served
+        _, after = client.infer("sam3d_point", ids[2], dict(click))
+        assert after["model_id"] == new  # reloaded without a restart
+        stats = client.info()["train_stats"]["sam3d"]
+        assert stats["status"] == "done" and stats["step"] == 40 and stats["promoted"] and stats["served_sha256"] == new
+        assert stats["val_dice"] is not None and stats["val_dice_served"] is not None
+
+        # a long run, a queued one, and a third request that joins the queued one
+        long = _train(client, {"steps": 100000, "promote": "always"})
+        queued = _train(client, {"steps": 1, "promote": "never"})
+        joined = _train(client, {"steps": 1})
+        assert queued["status"] == "SUBMITTED" and joined["id"] == queued["id"]
+        before = set(runs.glob("*"))
+        long_run = _wait("the long run's first step", lambda: next((r for r in set(runs.glob("*")) - before
+                                                                    if _rows(r)), None))
+        stopped = client.train_stop()
+        assert stopped["id"] == long["id"] and stopped["status"] == "STOPPED"
+        assert file_sha256(ckpt) == new and load_model({"checkpoint": str(ckpt)}).model.img_size == 32
+        assert _wait("the queued run", lambda: _finished(client, queued["id"]))["status"] == "DONE"
+        assert file_sha256(ckpt) == new  # promote=never
+        stats = client.info()["train_stats"]["sam3d"]
+        assert stats["status"] == "done" and stats["promoted"] is False and stats["run"] != str(long_run)
+        _, last = client.infer("sam3d_point", ids[2], dict(click))
+        assert last["model_id"] == new and proc.poll() is None
