@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .common import LayerNorm3d, MLPBlock
+from .segsam3d import LayerAggregation
 
 
 def _relative_table(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -140,6 +141,7 @@ class ImageEncoderViT3D(nn.Module):
         out_chans: int = 384,
         window_size: int = 14,
         global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
+        feature_stages: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.img_size = img_size
@@ -157,9 +159,17 @@ class ImageEncoderViT3D(nn.Module):
             nn.Conv3d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm3d(out_chans),
         )
+        # SegSAM-3D's multi-layer feature sampling: the neck sees a weighted sum of these blocks' outputs
+        self.feature_stages = tuple(feature_stages)
+        self.aggregation = LayerAggregation(len(self.feature_stages)) if self.feature_stages else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed
-        for blk in self.blocks:
+        stages = []
+        for i, blk in enumerate(self.blocks):
             x = blk(x)
+            if i in self.feature_stages:
+                stages.append(x)
+        if self.aggregation is not None:
+            x = self.aggregation(stages)
         return self.neck(x.permute(0, 4, 1, 2, 3))

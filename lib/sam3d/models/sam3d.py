@@ -1,6 +1,6 @@
 """The promptable 3D segmenter: image encoder + prompt encoder + mask decoder, and its size presets."""
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -8,6 +8,7 @@ from torch import nn
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
+from .segsam3d import SemanticPointPrompt
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class Sam3DConfig:
     # SAM-Med3D's dense positional grid has its first two axes swapped against the clicks' codes; its weights need
     # the swap, our own from-scratch presets train without it (sam3d.models.prompt_encoder).
     swap_dense_pe_axes: bool = True
+    # SegSAM-3D (sam3d.models.segsam3d): encoder blocks whose outputs are aggregated (empty: the last block only,
+    # as SAM), and semantic point prompts
+    feature_stages: tuple[int, ...] = ()
+    semantic_prompts: bool = False
 
     @classmethod
     def from_dict(cls, values: dict) -> "Sam3DConfig":
@@ -42,8 +47,9 @@ class Sam3DConfig:
         if unknown:
             raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(known)}")
         values = dict(values)
-        if "encoder_global_attn_indexes" in values:
-            values["encoder_global_attn_indexes"] = tuple(values["encoder_global_attn_indexes"])
+        for key in ("encoder_global_attn_indexes", "feature_stages"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -62,12 +68,17 @@ class Sam3DConfig:
             problems.append("mask_in_chans must be a multiple of 4")
         if self.num_point_embeddings not in (2, 4):
             problems.append("num_point_embeddings must be 2 (clicks) or 4 (clicks and boxes)")
+        if self.feature_stages and (sorted(set(self.feature_stages)) != list(self.feature_stages)
+                                    or self.feature_stages[-1] != self.encoder_depth - 1
+                                    or self.feature_stages[0] < 0 or len(self.feature_stages) < 2):
+            problems.append("feature_stages must be 2+ increasing block indexes ending with the last block")
         if problems:
             raise ValueError("invalid network config: " + "; ".join(problems))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
+        d["feature_stages"] = list(self.feature_stages)
         return d
 
 
@@ -88,6 +99,10 @@ PRESETS: dict[str, Sam3DConfig] = {
         swap_dense_pe_axes=False,
     ),
 }
+# SegSAM-3D: multi-layer feature sampling and semantic point prompts, on the compact network (blocks 2, 4 and 6
+# aggregated) and on SAM-Med3D-turbo's (its four global-attention blocks; loads turbo weights with strict=False).
+PRESETS["segsam3d"] = replace(PRESETS["sam3d_small"], feature_stages=(1, 3, 5), semantic_prompts=True)
+PRESETS["segsam3d_turbo"] = replace(PRESETS["sam_med3d_turbo"], feature_stages=(2, 5, 8, 11), semantic_prompts=True)
 
 
 class Sam3D(nn.Module):
@@ -109,6 +124,7 @@ class Sam3D(nn.Module):
             out_chans=c.prompt_embed_dim,
             window_size=c.window_size,
             global_attn_indexes=c.encoder_global_attn_indexes,
+            feature_stages=c.feature_stages,
         )
         self.prompt_encoder = PromptEncoder3D(
             embed_dim=c.prompt_embed_dim,
@@ -126,6 +142,8 @@ class Sam3D(nn.Module):
             num_multimask_outputs=c.num_multimask_outputs,
             iou_head_hidden_dim=c.iou_head_hidden_dim,
         )
+        self.semantic_prompt = (SemanticPointPrompt(c.prompt_embed_dim, c.img_size, c.decoder_num_heads, c.decoder_mlp_dim)
+                                if c.semantic_prompts else None)
 
     @property
     def img_size(self) -> int:
@@ -153,6 +171,11 @@ class Sam3D(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts in window voxel indices -> (low-res logits (B, M, s, s, s), IoU predictions (B, M))."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        if self.semantic_prompt is not None and points is not None:
+            coords, labels = points  # the click tokens come first; SegSAM-3D refines them, not the padding
+            n = coords.shape[1]
+            sp = self.semantic_prompt(coords, image_embedding) * (labels >= 0)[..., None]
+            sparse = torch.cat([sparse[:, :n] + sp.to(sparse.dtype), sparse[:, n:]], dim=1)
         return self.mask_decoder(
             image_embeddings=image_embedding,
             image_pe=self.prompt_encoder.get_dense_pe(),
