@@ -35,9 +35,9 @@ from pathlib import Path
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelError, MONAILabelException
 from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 try:
@@ -47,6 +47,15 @@ except ImportError:  # a plain checkout without `pip install -e .`
     import sam3d
 
 from sam3d.monailabel import Sam3DPointInfer, Sam3DTrainTask, load_app_config, train_api
+from sam3d.monailabel.activelearning import (
+    RandomStrategy,
+    ScoreCache,
+    UncertaintyScoring,
+    UncertaintyStrategy,
+    start_scoring_once,
+)
+from sam3d.monailabel.leases import LeasedStrategy, LeaseStore
+from sam3d.monailabel.retrain import RetrainPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +77,10 @@ class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.app_config = load_app_config(conf, config_dir=PROJECT_ROOT / "configs")
         self.state_dir = state_dir(studies, app_dir)
+        self.leases = LeaseStore(self.state_dir / "leases.json", self.app_config.lease_minutes)
+        self.scores = ScoreCache(self.state_dir / "uncertainty.json")
+        self.retrain = RetrainPolicy(self.app_config.retrain_every, self.state_dir / "retrain.json",
+                                     lambda: train_api.submit_training(self, "sam3d", None))
         logger.info(f"sam3d: app config {self.app_config.source}; tasks {list(self.app_config.infers)}")
         super().__init__(
             app_dir=app_dir,
@@ -103,8 +116,43 @@ class MyApp(MONAILabelApp):
             train_api.install(server.app, self)
         return trainers
 
+    def _scored_task(self):
+        return self.app_config.infers.get(self.app_config.train.get("task", "sam3d_point"))
+
     def init_strategies(self):
-        return {"random": Random(), "first": First()}
+        """random, first and uncertainty, each behind the leases: an image handed out is not handed to another."""
+        strategies = {"random": RandomStrategy(), "first": First()}
+        spec = self._scored_task()
+        if spec is not None:
+            strategies["uncertainty"] = UncertaintyStrategy(spec, self.scores, lambda: start_scoring_once(self))
+        return {name: LeasedStrategy(s, self.leases) for name, s in strategies.items()}
+
+    def init_scoring_methods(self):
+        spec = self._scored_task()
+        if spec is None:
+            return {}
+        c = self.app_config
+        return {"uncertainty": UncertaintyScoring(spec, self.scores, c.uncertainty, c.device)}
+
+    def init_datastore(self):
+        """MONAI Label's datastore, telling the app when a final label is saved (on_save_label has no tag)."""
+        ds = super().init_datastore()
+        save_label = ds.save_label
+
+        def save_and_notify(image_id, label_filename, label_tag, label_info):
+            label_id = save_label(image_id, label_filename, label_tag, label_info)
+            if (label_tag or DefaultLabelTag.FINAL.value) == DefaultLabelTag.FINAL.value:
+                self.on_final_label(image_id)
+            return label_id
+
+        ds.save_label = save_and_notify
+        return ds
+
+    def on_final_label(self, image_id):
+        """A final label was saved: the image's lease ends, and it counts towards the next scheduled training."""
+        self.leases.release(image_id)
+        if not in_task_process():
+            self.retrain.record(image_id)
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, with its errors for unknown models and images answered as 404 instead of 500."""
