@@ -22,6 +22,7 @@ from tiny_datastore import volume, write_label, write_studies, write_tiny_model
 from sam3d.engine.checkpoint import file_sha256, load_model, read_state_dict
 from sam3d.monailabel import Sam3DTrainTask, TrainRequestError, load_app_config
 from sam3d.monailabel.promotion import previous_path, promote, should_promote
+from sam3d.monailabel.retrain import RetrainPolicy
 from sam3d.monailabel.train_task import DEFAULTS, parse_train_params, split_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +125,23 @@ def test_run_in_process_validates_then_promotes_by_policy(tmp_path):
     stats = task.stats()
     assert stats["run"] == done["run"] and stats["step"] == stats["steps"] == 2 and stats["promoted"]
     assert stats["served_sha256"] == file_sha256(ckpt)
+
+
+def test_retrain_policy_counts_distinct_images_and_survives_a_restart(tmp_path):
+    submitted = []
+
+    def submit():
+        submitted.append(1)
+        if len(submitted) == 1:
+            raise RuntimeError("no labels")  # a refused start: the labels stay counted
+        return {"id": "t"}
+
+    policy = RetrainPolicy(2, tmp_path / "retrain.json", submit)
+    assert policy.record("a") is None and policy.record("a") is None and not submitted  # a changed twice: once
+    assert policy.record("b") is None and submitted == [1] and policy.pending() == ["a", "b"]
+    again = RetrainPolicy(2, tmp_path / "retrain.json", submit)  # after a restart
+    assert again.record("c") == {"id": "t"} and again.pending() == []
+    assert RetrainPolicy(0, tmp_path / "off.json", submit).record("a") is None and len(submitted) == 2
 
 
 # ---- through a real server --------------------------------------------------------------------------------------
@@ -229,3 +247,40 @@ def test_learning_while_annotating_through_the_server(tmp_path):
         assert stats["status"] == "done" and stats["promoted"] is False and stats["run"] != str(long_run)
         _, last = client.infer("sam3d_point", ids[2], dict(click))
         assert last["model_id"] == new and proc.poll() is None
+
+
+@pytest.mark.slow
+def test_scheduled_retraining_and_the_cron_script(tmp_path):
+    """retrain_every 2: the second saved label starts a run; scripts/retrain.py asks for one and waits for it."""
+    import subprocess
+    import sys
+
+    from monailabel_server import log_tail, running_server
+
+    studies = tmp_path / "studies"
+    ids = write_studies(studies, 3)
+    model_yaml, ckpt = write_tiny_model(tmp_path / "models")
+    conf = [("model", model_yaml), ("device", "cpu"), ("retrain_every", 2), ("train.steps", 2),
+            ("train.promote", "never"), *QUICK.items()]
+    (tmp_path / "client").mkdir()
+    with running_server(tmp_path, studies, conf) as (url, proc, log):
+        client = MONAILabelClient(url, tmpdir=str(tmp_path / "client"))
+        label = write_label(volume(0)[1], tmp_path / "l.nii.gz")
+        client.save_label(ids[0], str(label))
+        client.save_label(ids[0], str(label))  # the same image changed again: still one
+        with pytest.raises(MONAILabelClientException):
+            client.train_status()  # 404: no training yet
+        client.save_label(ids[1], str(label))
+        task = client.train_status()
+        assert task["request"]["model"] == "sam3d"
+        assert _wait("the scheduled run", lambda: _finished(client, task["id"]))["status"] == "DONE", log_tail(log)
+
+        script = [sys.executable, str(REPO / "scripts" / "retrain.py"), "--server", url, "--wait", "--poll", "0.5",
+                  "--param", "promote=always"]
+        out = subprocess.run(script, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr + log_tail(log)
+        assert ": DONE" in out.stdout and '"promoted": true' in out.stdout
+        assert file_sha256(ckpt) == client.info()["train_stats"]["sam3d"]["served_sha256"]
+        refused = subprocess.run(script[:4] + ["--param", "trainable=everything"], capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 2 and "unknown trainable part" in refused.stderr
