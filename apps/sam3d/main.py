@@ -16,6 +16,14 @@ infer task per entry; no model or image code lives here (see `sam3d.monailabel` 
     infers.TASK.KEY VALUE    any key of a task or of its model config, e.g. infers.sam3d_point.spacing "[2,2,2]";
                              a new TASK adds a task, `infers.TASK null` removes one
     labels.NAME VALUE        declare another label
+    train.KEY VALUE          a default of the train task `sam3d` (epochs, steps, lr, trainable, promote, ...)
+    retrain_every N          start training after every N new or changed final labels (0: never)
+    lease_minutes M          an image handed out by /activelearning stays reserved for its client this long
+    uncertainty.KEY VALUE    the uncertainty score (points, repeats, jitter_mm, threads)
+
+Learning while annotating: `POST /train/sam3d` trains in MONAI Label's own training subprocess, which re-creates
+this app (so the app builds no model at start-up); `/activelearning/{random,first,uncertainty}` hand out images
+under leases; the uncertainty scores come from MONAI Label's scoring job. See README "Learning while annotating".
 
 Relative paths in the YAML files resolve against the project root (the folder holding configs/); relative paths
 given with --conf against the working directory. Example:
