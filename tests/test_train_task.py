@@ -9,6 +9,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -47,10 +49,11 @@ def _task(tmp_path, conf=None, labelled=(0, 1)) -> tuple[Sam3DTrainTask, LocalDa
     ({"val_split": 1}, "val_split must be in [0, 1)"),
     ({"promote": "maybe"}, "unknown promote policy"),
     ({"device": "tpu"}, "unknown device"),
+    ({"labels": ["liver", "brian"]}, "unknown label names ['brian']"),
 ])
 def test_bad_parameters_are_refused_with_the_reason(params, message):
     with pytest.raises(TrainRequestError) as e:
-        parse_train_params(params, DEFAULTS)
+        parse_train_params(params, DEFAULTS, {"liver": 5, "brain": 90})
     assert message in str(e.value) and e.value.status == 422
 
 
@@ -58,6 +61,8 @@ def test_parameters_defaults_aliases_and_choice_lists():
     p = parse_train_params({"learning_rate": "3e-4", "trainable": ["decoder", "all"], "steps": 7, "client_id": "x"},
                            {**DEFAULTS, "promote": "always"})
     assert (p.lr, p.trainable, p.steps, p.promote, p.device) == (3e-4, "decoder", 7, "always", "cpu")
+    assert p.labels is None and parse_train_params({"labels": "liver, brain"}, DEFAULTS, {"liver": 5, "brain": 90}
+                                                   ).labels == ["liver", "brain"]
 
 
 def test_split_keeps_each_image_on_its_side():
@@ -116,6 +121,12 @@ def test_run_in_process_validates_then_promotes_by_policy(tmp_path):
     assert kept["params"]["trainable"] == "prompt+decoder"
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     assert recipe["optim"]["freeze"] == ["image_encoder"] and recipe["model"]["init_checkpoint"] == str(ckpt)
+
+    # one named structure: the run trains and validates on label files that hold only its value
+    spleen = task({"steps": 1, "promote": "never", "labels": ["spleen"], "val_split": 0.5}, ds)  # spleen: 1
+    for folder in ("data", "val"):
+        for f in (Path(spleen["run"]) / folder / "labels" / "final").iterdir():
+            assert set(np.unique(np.asarray(nib.load(f).dataobj))) == {0, 1}
 
     done = task({"steps": 2, "promote": "always", "trainable": "decoder"}, ds)
     new = Path(done["run"]) / "model.safetensors"

@@ -11,7 +11,9 @@ What one run does (the pipeline is `sam3d.training.train`, the recipe `configs/t
 
 1. the labelled images are split by a hash of their id into training and validation images (`val_split`; an
    image keeps its side as the datastore grows). A label file holding several structures is several
-   targets: the pipeline's sampler picks one label value per sample, with the interactive click simulation;
+   targets: the pipeline's sampler picks one label value per sample, with the interactive click simulation.
+   `labels` (names the app declares in configs/app.yaml, whose values the saved label files use, as Slicer
+   saves them) restricts the targets to those structures;
 2. the served network (its checkpoint as init) trains for `steps`, or `epochs` x `windows_per_volume` windows
    per training image, in `<state>/train/<run>/` (metrics.csv, model.safetensors, run.json);
 3. the new model and the served one are validated on the same held-out windows and clicks (the pipeline's
@@ -64,13 +66,14 @@ DEFAULTS = {
     "val_split": 0.2,
     "promote": "better",
     "batch_size": 2,
+    "labels": "all",  # or the names (configs/app.yaml `labels`) of the structures to train on
     "windows_per_volume": 8,  # an epoch: this many windows per training image
     "val_samples": 8,  # held-out windows (each with `val_clicks` simulated clicks)
     "val_clicks": 5,
     "threads": 1,  # CPU threads of the training process
     "gpu_memory_fraction": 0.5,  # of the GPU the training process may take (the server infers on the same GPU)
 }
-PARAMS = ("epochs", "steps", "lr", "trainable", "device", "val_split", "promote", "batch_size")
+PARAMS = ("epochs", "steps", "lr", "trainable", "device", "val_split", "promote", "batch_size", "labels")
 ALIASES = {"learning_rate": "lr", "max_epochs": "epochs"}
 MONAI_KEYS = {"model", "gpus", "local_rank", "bundle_path", "client_id", "name"}  # MONAI Label adds these
 
@@ -93,6 +96,7 @@ class TrainParams:
     val_split: float
     promote: str
     batch_size: int
+    labels: list[str] | None  # structure names to train on; None: every label value of the files
 
 
 def _first(value):
@@ -111,9 +115,20 @@ def _number(kind, key: str, value, low: float, low_ok: bool = True):
     return v
 
 
-def parse_train_params(request: dict, defaults: dict) -> TrainParams:
+def _label_names(value, known: dict[str, int]) -> list[str] | None:
+    """`all` (None), or names the app declares: a list or a comma-separated string."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "all")):
+        return None
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if str(n).strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise TrainRequestError(f"unknown label names {unknown or value!r}; declared: {', '.join(known)} (or all)")
+    return names
+
+
+def parse_train_params(request: dict, defaults: dict, known_labels: dict[str, int] | None = None) -> TrainParams:
     """The run's parameters: the request's over the app's `train` defaults; TrainRequestError when unusable."""
-    given = {ALIASES.get(k, k): _first(v) for k, v in (request or {}).items()}
+    given = {ALIASES.get(k, k): (v if k == "labels" else _first(v)) for k, v in (request or {}).items()}
     unknown = set(given) - set(PARAMS) - MONAI_KEYS - set(DEFAULTS)
     if unknown:
         logger.warning(f"sam3d train: ignoring unknown parameters {sorted(unknown)} (known: {', '.join(PARAMS)})")
@@ -136,7 +151,8 @@ def parse_train_params(request: dict, defaults: dict) -> TrainParams:
         raise TrainRequestError(error)
     return TrainParams(epochs=epochs, steps=steps, lr=_number(float, "lr", p["lr"], 0.0, low_ok=False),
                        trainable=trainable, device=device, val_split=val_split, promote=promote,
-                       batch_size=_number(int, "batch_size", p["batch_size"], 1))
+                       batch_size=_number(int, "batch_size", p["batch_size"], 1),
+                       labels=_label_names(p["labels"], known_labels or {}))
 
 
 def gpus_for(device: str) -> str:
@@ -168,21 +184,33 @@ def _nifti_suffix(path: str) -> str | None:
     return ".nii.gz" if name.endswith(".nii.gz") else ".nii" if name.endswith(".nii") else None
 
 
-def link_datastore(sources: list[tuple[str, str, str]], folder: Path) -> None:
-    """A local-datastore layout of links (`<id>.nii.gz`, `labels/final/<id>.nii.gz`) for the pipeline's
-    `data.datastore`; a label stored with another NIfTI suffix than its image is rewritten with the image's."""
+def link_datastore(sources: list[tuple[str, str, str]], folder: Path, keep: list[int] | None = None) -> list:
+    """A local-datastore layout (`<id>.nii.gz`, `labels/final/<id>.nii.gz`) for the pipeline's `data.datastore`:
+    links, except a label restricted to the values `keep` (an image holding none of them is left out) or stored
+    with another NIfTI suffix than its image, which is rewritten. Returns the (id, image, label) it laid out."""
     import nibabel as nib
+    import numpy as np
 
     (folder / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    out = []
     for i, (image_id, image, label) in enumerate(sources):
         suffix = _nifti_suffix(image)
         name = f"{i:05d}_{''.join(c if c.isalnum() else '_' for c in image_id)}{suffix}"
-        (folder / name).symlink_to(Path(image).resolve())
         dst = folder / "labels" / "final" / name
-        if _nifti_suffix(label) == suffix:
+        if keep:
+            lab = nib.load(label)
+            arr = np.asanyarray(lab.dataobj)
+            arr = np.where(np.isin(arr, keep), arr, 0).astype(arr.dtype)
+            if not arr.any():
+                continue
+            nib.save(nib.Nifti1Image(arr, lab.affine, lab.header), str(dst))
+        elif _nifti_suffix(label) == suffix:
             dst.symlink_to(Path(label).resolve())
         else:
             nib.save(nib.load(label), str(dst))
+        (folder / name).symlink_to(Path(image).resolve())
+        out.append((image_id, str(folder / name), str(dst)))
+    return out
 
 
 def read_metrics(run: Path) -> dict | None:
@@ -251,6 +279,7 @@ class Sam3DTrainTask(TrainTask):
             "val_split": s["val_split"],
             "promote": first(list(promotion.POLICIES), s["promote"]),
             "batch_size": s["batch_size"],
+            "labels": s["labels"],
         }
 
     # ---- checks the server runs before it starts a process ------------------------------------------------------
@@ -283,7 +312,7 @@ class Sam3DTrainTask(TrainTask):
 
     def check_request(self, params: dict, datastore) -> dict:
         """Everything checkable before a process starts; returns what to add to the request (`gpus`)."""
-        p = parse_train_params(params, self.settings)
+        p = parse_train_params(params, self.settings, self.spec.labels)
         self.check_model()
         self.sources(datastore)
         return {"gpus": gpus_for(p.device)}
@@ -317,7 +346,7 @@ class Sam3DTrainTask(TrainTask):
         import torch
         from filelock import FileLock, Timeout
 
-        p = parse_train_params(request, self.settings)
+        p = parse_train_params(request, self.settings, self.spec.labels)
         self.check_model()
         sources = self.sources(datastore)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +371,12 @@ class Sam3DTrainTask(TrainTask):
         train_ids, val_ids = split_ids(list(by_id), p.val_split)
         run = self.runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         data = run / "data"
-        link_datastore([by_id[i] for i in train_ids], data)
+        keep = [self.spec.labels[n] for n in p.labels] if p.labels else None
+        train_ids = [s[0] for s in link_datastore([by_id[i] for i in train_ids], data, keep)]
+        val_sources = link_datastore([by_id[i] for i in val_ids], run / "val", keep)
+        val_ids = [s[0] for s in val_sources]
+        if not train_ids:
+            raise TrainRequestError(f"no training image holds a structure of {p.labels}", 409)
         per_epoch = max(1, math.ceil(len(train_ids) * int(self.settings["windows_per_volume"]) / p.batch_size))
         steps = p.steps or p.epochs * per_epoch
         recipe = self.recipe(p, run, data, steps)
@@ -356,7 +390,8 @@ class Sam3DTrainTask(TrainTask):
         threading.Thread(target=self._report, args=(run, stop), daemon=True).start()
         try:
             summary = train(0, recipe, self.root)
-            info.update(self._validate_and_promote(p, recipe, run, [by_id[i] for i in (val_ids or train_ids)]))
+            held_out = val_sources or link_datastore([by_id[i] for i in train_ids], run / "val", keep)
+            info.update(self._validate_and_promote(p, recipe, run, held_out))
             info.update(status="done", holdout=bool(val_ids), loss=summary.get("loss"), finished=time.time())
         except BaseException as e:
             info.update(status="failed", error=f"{type(e).__name__}: {e}")
