@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models import build_sam3d
+from ..models import build_network
 
 
 class WeightsMissingError(FileNotFoundError):
@@ -132,7 +132,7 @@ def load_model(model_config: dict, base_dir: str | os.PathLike | None = None) ->
     saved = saved_config(path)
     if saved:  # our checkpoints carry their network (preset + overrides): it wins over the model config's
         preset, network = saved.get("preset", preset), saved.get("network", network) or {}
-    model = build_sam3d(preset, **network)
+    model = build_network(preset, **network)  # the preset names the variant (Sam3D, RefSam3D)
     state = {k: v.float() for k, v in read_state_dict(path).items()}
     model.load_state_dict(state, strict=True)
     return LoadedModel(model.eval(), str(path), file_sha256(path), preset)
