@@ -252,6 +252,9 @@ def test_learning_while_annotating_through_the_server(tmp_path):
         stopped = client.train_stop()
         assert stopped["id"] == long["id"] and stopped["status"] == "STOPPED"
         assert file_sha256(ckpt) == new and load_model({"checkpoint": str(ckpt)}).model.img_size == 32
+        assert json.loads((long_run / "run.json").read_text())["status"] == "running"  # as the kill left it
+        client.info()  # /info's train_stats looks at the runs
+        assert json.loads((long_run / "run.json").read_text())["status"] == "stopped"
         assert _wait("the queued run", lambda: _finished(client, queued["id"]))["status"] == "DONE"
         assert file_sha256(ckpt) == new  # promote=never
         stats = client.info()["train_stats"]["sam3d"]

@@ -382,7 +382,7 @@ class Sam3DTrainTask(TrainTask):
         recipe = self.recipe(p, run, data, steps)
         info = {"run": str(run), "status": "running", "params": asdict(p), "steps": steps,
                 "steps_per_epoch": per_epoch, "epochs": math.ceil(steps / per_epoch), "train_images": train_ids,
-                "val_images": val_ids, "served": str(self.served), "started": time.time()}
+                "val_images": val_ids, "served": str(self.served), "started": time.time(), "pid": os.getpid()}
         _write_json(run / "run.json", info)
         logger.info(f"sam3d train: run {run}: {steps} steps on {len(train_ids)} images, {len(val_ids)} held out")
 
@@ -462,16 +462,25 @@ class Sam3DTrainTask(TrainTask):
         runs = sorted(p for p in self.runs_dir.glob("*/run.json")) if self.runs_dir.is_dir() else []
         return runs[-1].parent if runs else None
 
+    def mark_stopped_runs(self) -> None:
+        """A run still `running` whose process is gone was killed (DELETE /train) or crashed: say so in its folder."""
+        for path in self.runs_dir.glob("*/run.json") if self.runs_dir.is_dir() else []:
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if info.get("status") == "running" and not _alive(info.get("pid")):
+                _write_json(path, {**info, "status": "stopped", "finished": time.time()})
+
     def stats(self) -> dict[str, Any]:
         """/info `train_stats`: the latest run's progress and validation, and the served checkpoint's hash."""
         out: dict[str, Any] = {"served_checkpoint": str(self.served) if self.served else None,
                                "served_sha256": self._served_sha()}
+        self.mark_stopped_runs()
         run = self.latest_run()
         if run is None:
             return out
         info = progress(run)
-        if info.get("status") == "running" and not _training_process_alive():
-            info["status"] = "stopped"  # killed (DELETE /train) or crashed: its folder is all it touched
         out.update({k: info.get(k) for k in ("run", "status", "step", "steps", "epoch", "epochs", "loss",
                                               "train_dice", "val_dice", "val_dice_served", "promoted", "reason",
                                               "train_images", "val_images", "error")})
@@ -504,7 +513,10 @@ def _line(info: dict) -> str:
     return " ".join(parts)
 
 
-def _training_process_alive() -> bool:
-    from monailabel.utils.async_tasks.utils import processes
+def _alive(pid) -> bool:
+    import psutil
 
-    return bool(processes("train"))
+    try:
+        return pid is not None and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
