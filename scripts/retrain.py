@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     except MONAILabelClientException as e:
         print(f"refused: {e.msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # no server there
+        print(f"cannot reach {server}: {e}", file=sys.stderr)
+        return 2
     print(f"train task {task['id']}: {task['status']}" + (f" ({task['queued']})" if task.get("queued") else ""))
     if not args.wait:
         return 0

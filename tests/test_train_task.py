@@ -107,6 +107,9 @@ def test_no_labels_or_unusable_model_refused_before_anything_runs(tmp_path):
     c = load_app_config({"model": str(ball)}, REPO / "configs")
     with pytest.raises(TrainRequestError, match="factory model"):
         Sam3DTrainTask(c.infers["sam3d_point"], c.train, tmp_path / "s", c.root).check_request({}, ds)
+    task.settings["recipe"] = "configs/train/absent.yaml"
+    with pytest.raises(TrainRequestError, match="train recipe not found"):
+        task.check_model()
 
 
 def test_run_in_process_validates_then_promotes_by_policy(tmp_path):

@@ -294,6 +294,13 @@ class Sam3DTrainTask(TrainTask):
                                     "only sam3d networks can be fine-tuned", 409)
         if self.served is None:
             raise TrainRequestError(f"task {spec.name} has no checkpoint path: nowhere to put the trained weights", 409)
+        if not self.recipe_path.is_file():
+            raise TrainRequestError(f"train recipe not found: {self.recipe_path} (set train.recipe)", 409)
+
+    @property
+    def recipe_path(self) -> Path:
+        path = Path(self.settings["recipe"]).expanduser()
+        return path if path.is_absolute() else self.root / path
 
     def sources(self, datastore) -> list[tuple[str, str, str]]:
         """(image id, image file, final label file) of the labelled NIfTI images; TrainRequestError when none."""
@@ -323,7 +330,7 @@ class Sam3DTrainTask(TrainTask):
         from sam3d.training import load_recipe
 
         s = self.settings
-        recipe = load_recipe(self.root / s["recipe"] if not Path(s["recipe"]).is_absolute() else s["recipe"])
+        recipe = load_recipe(self.recipe_path)
         mc, served = self.spec.model_config, self.served
         saved = saved_config(served) if served.is_file() and served.suffix == ".safetensors" else None
         recipe["model"] = {
