@@ -121,6 +121,8 @@ def test_smoke_recipe_trains_and_serves(tmp_path, tiny_cases):
     assert "dice_1" in (tmp_path / "val.csv").read_text() and any((tmp_path / "tb").iterdir())
     side = yaml.safe_load((tmp_path / "model.yaml").read_text())
     assert side["preset"] == "sam3d_small" and side["network"]["img_size"] == 32 and side["step"] == 4
+    assert side["network"]["swap_dense_pe_axes"] is False  # the whole config: later preset changes cannot alter it
+    assert yaml.safe_load((tmp_path / "summary.json").read_text())["step"] == 4  # the run ended
     loaded = load_model({"checkpoint": str(tmp_path / "model.safetensors")})  # the engine reads the sidecar
     assert loaded.model.img_size == 32
     state = torch.load(tmp_path / "state.pt", weights_only=True)
@@ -158,8 +160,10 @@ def test_accumulation_matches_one_big_batch(tmp_path, tiny_cases):
     _train(_smoke(tmp_path / "one", tiny_cases, *common, "train.accumulate=1"))
     _train(_smoke(tmp_path / "acc", tiny_cases, *common, "train.accumulate=2"))
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "acc" / "model.safetensors"))
+    # Adam divides by sqrt(v): where a gradient is ~0, the rounding difference between one summed batch and two
+    # accumulated halves moves a weight by a small fraction of lr (1e-3)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.slow

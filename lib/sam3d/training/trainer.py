@@ -13,9 +13,11 @@ Output folder (`output`):
     state.pt                         everything to resume (model, optimizer, schedule, step); weights_only
     metrics.csv, val.csv, tb/        training and validation logs (CSV; TensorBoard when enabled)
     recipe.yaml                      the resolved recipe
+    summary.json                     written when the run ends (all steps done or `train.max_minutes` reached)
 """
 
 import csv
+import json
 import logging
 import math
 import os
@@ -101,7 +103,8 @@ def build_model(recipe: dict, root: Path) -> tuple[torch.nn.Module, dict, Engine
                                                     strict=bool(m.get("init_strict", True)))
         if missing or unexpected:
             logger.warning(f"init checkpoint: {len(missing)} missing, {len(unexpected)} unexpected keys")
-    return model, {"preset": preset, "network": network}, engine_cfg
+    # the whole network config, not only the overrides: a later change of the preset cannot alter this checkpoint
+    return model, {"preset": preset, "network": model.config.to_dict()}, engine_cfg
 
 
 def _param_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
@@ -338,6 +341,8 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
         csv_file.close()
         if tb is not None:
             tb.close()
+        # the run ended (its steps, or its time budget): a killed run never writes this for its last step
+        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, default=str, indent=1)))
     return summary
 
 
