@@ -76,9 +76,29 @@ def server(shared_data, tmp_path_factory):
         ("device", "cpu"),
         (f"infers.{NOWEIGHTS}.model", "sam3d_small"),
         (f"infers.{NOWEIGHTS}.checkpoint", tmp / "absent" / "sam3d_small.safetensors"),
+        ("infers.sam3d_semantic_point.checkpoint", _tiny_segsam3d(tmp / "segsam3d.safetensors")),
     ]
     with running_server(tmp, studies, conf) as (url, proc, log):
         yield Server(url, proc, log, tmp, studies, MONAILabelClient(url, tmpdir=str(tmp / "client")))
+
+
+TINY_SEGSAM3D = {"encoder_embed_dim": 48, "encoder_depth": 2, "encoder_num_heads": 2,
+                 "encoder_global_attn_indexes": [0, 1], "feature_stages": [0, 1], "prompt_embed_dim": 48,
+                 "decoder_mlp_dim": 64, "iou_head_hidden_dim": 16}
+
+
+def _tiny_segsam3d(path: Path) -> Path:
+    """SegSAM-3D with both of its modules, random weights, semantic prompts switched on (non-zero projection)."""
+    import torch
+
+    from sam3d.engine import save_checkpoint
+    from sam3d.models import build_sam3d
+
+    torch.manual_seed(0)
+    model = build_sam3d("segsam3d", **TINY_SEGSAM3D)
+    torch.nn.init.normal_(model.semantic_prompt.out_proj.weight, std=0.1)
+    save_checkpoint(model, path, {"preset": "segsam3d", "network": TINY_SEGSAM3D})
+    return path
 
 
 def _check_ball(server, image_id, result_file, click):
@@ -218,3 +238,23 @@ def test_errors_leave_no_result_files_behind(server):
 def test_server_is_still_alive(server):
     assert server.proc.poll() is None, server.log_tail()
     assert "sam3d_point" in server.client.info()["models"]
+
+
+def test_segsam3d_task_answers_clicks_as_the_library_does(server):
+    """The SegSAM-3D task (its own weights) answers through the server with the mask the library computes."""
+    from sam3d.engine import EngineConfig, InteractiveEngine, load_model
+    from sam3d.engine.model_config import load_model_config
+
+    task = server.client.info()["models"]["sam3d_semantic_point"]
+    assert task["type"] == "deepgrow" and task["sam3d"]["status"] in ("not_loaded", "ready")
+    request = {"foreground": [[60, 50, 56]], "background": [[70, 50, 56]], "label": "liver"}
+    f, params = server.infer("ct", request, model="sam3d_semantic_point")
+    assert params["network"] == "segsam3d"
+    out = nib.load(f)
+    src = nib.load(server.studies / "ct.nii.gz")
+    assert out.shape == src.shape and np.allclose(out.affine, src.affine, atol=1e-4)
+    cfg = load_model_config("segsam3d", REPO / "configs", str(server.tmp / "segsam3d.safetensors"))
+    engine = InteractiveEngine(load_model(cfg), EngineConfig.from_dict(cfg), device="cpu")
+    expected = engine.segment(str(server.studies / "ct.nii.gz"), request["foreground"], request["background"],
+                              None, "liver").mask
+    np.testing.assert_array_equal(np.asarray(out.dataobj), expected)
