@@ -45,7 +45,13 @@ def _vocabulary_words(names) -> list[str]:
     return list(dict.fromkeys(words))
 
 
-class _TextBound:
+def zoom_out_window(volume: torch.Tensor, size: int, config: EngineConfig) -> torch.Tensor:
+    """The whole (X, Y, Z) model-grid volume resized into one (size,)^3 window and normalised (training uses it)."""
+    whole = F.interpolate(volume[None, None].float(), size=(size,) * 3, mode="trilinear", align_corners=False)
+    return normalize_window(whole[0, 0], config)
+
+
+class TextBound:
     """A network whose `decode` always gets one text prompt; everything else is the network's."""
 
     def __init__(self, model, prompt) -> None:
@@ -150,9 +156,8 @@ class TextEngine(InteractiveEngine):
         if emb is not None:
             return emb, 0.0
         t = time.perf_counter()
-        size = self.model.img_size
-        whole = F.interpolate(sess.volume[None, None], size=(size,) * 3, mode="trilinear", align_corners=False)
-        emb = self.model.encode_image(normalize_window(whole[0, 0], self.config)[None, None].to(self.device))
+        window = zoom_out_window(sess.volume, self.model.img_size, self.config)
+        emb = self.model.encode_image(window[None, None].to(self.device))
         self._synchronize()
         self._embeddings.put(cache_key, emb)
         return emb, time.perf_counter() - t
@@ -232,7 +237,7 @@ class TextEngine(InteractiveEngine):
     def _text_bound(self, prompt):
         """`self.model` answers every decode with `prompt` as text, for the duration (under the engine's lock)."""
         model = self.model
-        self.model = _TextBound(model, prompt)
+        self.model = TextBound(model, prompt)
         try:
             yield
         finally:

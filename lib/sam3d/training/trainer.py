@@ -36,9 +36,10 @@ from torch.utils.data import DataLoader, Sampler
 from ..data.training import SamplingConfig, WindowDataset, list_sources, load_volume
 from ..engine.checkpoint import atomic_write, read_state_dict, save_checkpoint
 from ..engine.interactive import EngineConfig
-from ..models import build_sam3d
+from ..models import build_network
 from .interactive import InteractiveConfig, InteractiveLoss, _sample_rounds
 from .losses import build_loss
+from .text_step import TextLoss, with_zoom_out
 
 logger = logging.getLogger("sam3d.training")
 
@@ -68,6 +69,7 @@ def _collate(items: list[dict]) -> dict:
         "seed": [i["seed"] for i in items],
         "index": [i["index"] for i in items],
         "case": [i["case"] for i in items],
+        "target": [i["target"] for i in items],
         "synthetic": [i["synthetic"] for i in items],
     }
 
@@ -94,7 +96,7 @@ def build_model(recipe: dict, root: Path) -> tuple[torch.nn.Module, dict, Engine
     preset = m.get("preset") or model_cfg.get("preset", "sam3d_small")
     network = {**(model_cfg.get("network") or {}), **(m.get("network") or {})}
     engine_cfg = EngineConfig.from_dict({**model_cfg, **{k: m[k] for k in ("spacing", "intensity") if k in m}})
-    model = build_sam3d(preset, **network)
+    model = build_network(preset, **network)
     if m.get("init_required") and not m.get("init_checkpoint"):
         raise ValueError("this recipe fine-tunes published weights: set model.init_checkpoint=/path/to/weights")
     if m.get("init_checkpoint"):
@@ -185,6 +187,8 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     loss_fn = build_loss(loss_cfg.pop("name", "dice_ce"), **loss_cfg)
     autocast = _autocast(tcfg.get("amp", "auto"), device)
     wrapped = InteractiveLoss(model, icfg, loss_fn, autocast)
+    if recipe.get("text"):  # RefSAM3D: the target's name as a text prompt, then clicks (sam3d.training.text_step)
+        wrapped = TextLoss(model, icfg, loss_fn, autocast, recipe, root, sidecar)
     ddp = world > 1
     net = idist.auto_model(wrapped, find_unused_parameters=True) if ddp else wrapped
 
@@ -193,7 +197,7 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     data_cfg = recipe.get("data", {})
     data_cfg = {**data_cfg, **{k: str(_resolve(data_cfg[k], root)) for k in ("dir", "datastore") if data_cfg.get(k)}}
     volumes = [load_volume(*s, engine_cfg.spacing) for s in list_sources(data_cfg)]
-    dataset = WindowDataset(volumes, engine_cfg, sampling, seed=seed)
+    dataset = with_zoom_out(WindowDataset(volumes, engine_cfg, sampling, seed=seed), recipe.get("text"))
     loader = DataLoader(dataset, batch_sampler=StepBatchSampler(start, steps, global_batch, rank, world),
                         num_workers=int(tcfg.get("num_workers", 0)), collate_fn=_collate,
                         persistent_workers=False)
@@ -211,7 +215,7 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
             images, labels = batch["image"][sl].to(device), batch["label"][sl].to(device)
             sync = nullcontext() if (not ddp or i == accumulate - 1) else net.no_sync()
             with sync:
-                loss, dice = net(images, labels, batch["seed"][sl])
+                loss, dice = net(images, labels, batch["seed"][sl], *(batch[k][sl] for k in getattr(wrapped, "batch_keys", ())))
                 (loss / accumulate).backward()
             losses.append(loss.detach())
             dices.append(dice)

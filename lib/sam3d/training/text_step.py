@@ -1,0 +1,169 @@
+"""RefSAM3D's training step: the target's name as a text prompt first, then clicks that refine the text's answer.
+
+Per sample (one target in one window, or the whole volume resampled into the window, see `ZoomOutDataset`):
+the image is encoded once; the target's label names (from the case's names file, or a built-in table named in
+the recipe) are rendered through a random template or synonym (`sam3d.text.random_prompt`) and embedded by the
+frozen text tower; the text alone predicts the mask at full resolution (Dice+CE loss, plus the IoU head's MSE);
+then `text.refine_rounds` rounds of the ordinary interactive loop (`sam3d.training.interactive`) with the text
+bound to every decode train text + clicks + previous mask. A target with no known name trains on clicks alone.
+
+Recipe section (its presence selects this step; see configs/train/refsam3d*.yaml):
+
+    text:
+      refine_rounds: 2        # click rounds after the text round (0: text only)
+      zoom_out_prob: 0.25     # samples that are the whole volume resized into the window (the search's coarse pass)
+      synonym_prob: 0.2       # prompts that use a synonym of the name
+      names: {voxelmorph_aseg: freesurfer_aseg}   # cases without a names file: a built-in table or {value: name}
+"""
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data.cases import find_cases
+from ..data.clicks import derive_seed
+from ..engine.text_search import TextBound, zoom_out_window
+from ..text import load_text_encoder, name_to_words, random_prompt
+from ..text.encoder import stack_embeddings
+from ..text.variants import NAME_TABLES
+from .interactive import _sample_rounds
+
+logger = logging.getLogger("sam3d.training")
+
+
+def case_names(recipe: dict, root: Path) -> dict[str, dict[int, str]]:
+    """case -> {label value: name} for the recipe's case folder, with `text.names` filling in or overriding."""
+    data, overrides = recipe.get("data") or {}, (recipe.get("text") or {}).get("names") or {}
+    out = {}
+    if data.get("dir"):
+        folder = Path(str(data["dir"])).expanduser()
+        for case in find_cases(folder if folder.is_absolute() else root / folder):
+            out[case.name] = dict(case.names)
+    for case, table in overrides.items():
+        if isinstance(table, str):
+            if table not in NAME_TABLES:
+                raise ValueError(f"text.names.{case}: unknown table {table!r}; known: {sorted(NAME_TABLES)}")
+            table = NAME_TABLES[table]
+        out[case] = {int(k): str(v) for k, v in table.items()}
+    return out
+
+
+class TextLoss(nn.Module):
+    """The network, the frozen text tower and the text-then-clicks loop as one module (DDP sees one forward).
+
+    `forward(images, labels, seeds, cases, targets)` -> (mean loss, Dice per round: [text, click 1, ...]).
+    Records the names it trains on in the network config (`vocabulary`, the engine's unknown-text gate), in
+    `model.config` and in the checkpoint `sidecar`.
+    """
+
+    batch_keys = ("case", "target")  # what the trainer passes after the seeds
+
+    def __init__(self, sam: nn.Module, cfg, loss_fn: nn.Module, autocast, recipe: dict, root, sidecar: dict) -> None:
+        super().__init__()
+        if not getattr(sam, "supports_text", False):
+            raise ValueError("the text step needs a text model: set model.preset to a refsam3d preset")
+        t = recipe.get("text") or {}
+        self.sam, self.loss_fn, self.autocast = sam, loss_fn, autocast
+        self.refine_rounds = int(t.get("refine_rounds", 2))
+        self.click_cfg = replace(cfg, rounds=max(self.refine_rounds, 1), loss_resolution="full")  # full-res logits
+        self.iou_loss_weight = cfg.iou_loss_weight
+        self.synonym_prob = float(t.get("synonym_prob", 0.2))
+        self.names = case_names(recipe, Path(root))
+        wanted = set((recipe.get("data") or {}).get("cases") or self.names)
+        self.vocabulary = sorted({name_to_words(n) for c, table in self.names.items() if c in wanted
+                                  for n in table.values()})
+        sam.config = replace(sam.config, vocabulary=tuple(self.vocabulary))
+        sidecar["network"] = {**sidecar.get("network", {}), "vocabulary": list(self.vocabulary)}
+        device = next(sam.parameters()).device
+        self.encoder = load_text_encoder(sam.config.text_model, device=str(device))
+        if self.encoder.dim != sam.config.text_dim:
+            raise ValueError(f"text model gives {self.encoder.dim}-d tokens; the network expects {sam.config.text_dim}")
+
+    def target_names(self, case: str, target: str) -> list[str] | None:
+        table = self.names.get(case) or {}
+        names = [table.get(int(v)) for v in str(target).split("+") if v]
+        return names if names and all(names) else None
+
+    def forward(self, images, labels, seeds, cases, targets):
+        core = self.sam
+        with self.autocast():
+            emb = core.encode_image(images)
+        total = images.new_zeros((), dtype=torch.float32)
+        dice = np.zeros(1 + self.refine_rounds)
+        for b in range(images.shape[0]):
+            loss_b, dice_b = self._sample(emb[b : b + 1], labels[b : b + 1], int(seeds[b]), cases[b], targets[b])
+            total, dice = total + loss_b, dice + dice_b
+        n = images.shape[0]
+        return total / n, torch.as_tensor(dice / n, dtype=torch.float32)
+
+    def _sample(self, emb, gt, seed, case, target):
+        core, size = self.sam, self.sam.img_size
+        names = self.target_names(case, target)
+        if names is None:  # no name to say: clicks alone, reported in every round's column
+            cfg = replace(self.click_cfg, rounds=1 + self.refine_rounds)
+            return _sample_rounds(core, emb, gt, seed, cfg, self.loss_fn, self.autocast, size)
+        rng = np.random.default_rng(derive_seed(seed, "text"))
+        prompt = stack_embeddings([self.encoder(random_prompt(names, rng, self.synonym_prob))], device=emb.device)
+        with self.autocast():
+            logits, iou_pred = core.decode(emb, text=prompt)
+        logits, iou_pred = logits.float(), iou_pred.float()
+        with torch.no_grad():
+            hard, ref = logits > 0, gt > 0.5
+            inter, union = (hard & ref).sum().float(), (hard | ref).sum().float()
+            dice_text = float(2 * inter / (hard.sum() + ref.sum()).clamp_min(1))
+        loss = self.loss_fn(logits, gt) + self.iou_loss_weight * F.mse_loss(iou_pred[:, 0], (inter / union.clamp_min(1)).reshape(1))
+        if not self.refine_rounds:
+            return loss, np.array([dice_text])
+        refine_loss, refine_dice = _sample_rounds(TextBound(core, prompt), emb, gt, seed, self.click_cfg,
+                                                  self.loss_fn, self.autocast, size)
+        r = self.refine_rounds
+        return (loss + r * refine_loss) / (1 + r), np.concatenate([[dice_text], refine_dice])
+
+
+class ZoomOutDataset(Dataset):
+    """A `WindowDataset` in which a share of the samples (`prob`, decided by the index) is a whole volume resized into
+    the window with one of its labels: what the text search's coarse pass (zoom-out) sees. Same keys as a window."""
+
+    def __init__(self, windows, prob: float) -> None:
+        self.windows, self.prob = windows, float(prob)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict:
+        w = self.windows
+        rng = np.random.default_rng(derive_seed(w.seed, "zoom-out", int(index)))
+        if rng.random() >= self.prob:
+            return w[index]
+        vol = w.volumes[int(rng.choice(len(w.volumes), p=w.weights))]
+        size = (w.cfg.size,) * 3
+        value = int(rng.choice(vol.values)) if len(vol.values) else None
+        label = None
+        if value is not None:
+            label = F.interpolate((vol.label == value).float()[None], size=size, mode="trilinear", align_corners=False)[0]
+            label = (label > 0.5).float()
+        if label is None or label.sum() < w.cfg.min_voxels:  # too small to survive the resize: a window instead
+            return w[index]
+        return {
+            "image": zoom_out_window(vol.image[0], w.cfg.size, w.engine_config)[None].contiguous(),
+            "label": label.contiguous(),
+            "seed": derive_seed(w.seed, "clicks", int(index)),
+            "index": int(index),
+            "case": vol.name,
+            "start": (0, 0, 0),
+            "target": str(value),
+            "synthetic": False,
+        }
+
+
+def with_zoom_out(dataset, text_cfg: dict | None):
+    """The dataset with zoom-out samples when the recipe trains text (`text.zoom_out_prob`), else unchanged."""
+    if not text_cfg or not float(text_cfg.get("zoom_out_prob", 0.25)):
+        return dataset
+    return ZoomOutDataset(dataset, float(text_cfg.get("zoom_out_prob", 0.25)))

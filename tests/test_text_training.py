@@ -1,0 +1,81 @@
+"""RefSAM3D training: names from the cases, zoom-out samples, the text step, the smoke recipe end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from offline import no_network  # noqa: F401 - fixture
+from sam3d.engine import EngineConfig, load_model
+from sam3d.engine.text_search import TextEngine
+from sam3d.models import RefSam3D
+from sam3d.training import load_recipe
+from sam3d.training.text_step import ZoomOutDataset, case_names
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "train" / "refsam3d_smoke.yaml"
+
+
+def test_case_names_with_a_builtin_table(shared_data):
+    recipe = {"data": {"dir": str(shared_data)}, "text": {"names": {"voxelmorph_aseg": "freesurfer_aseg"}}}
+    names = case_names(recipe, REPO)
+    assert names["totalseg_ct"][5] == "liver" and names["colin27_aal"][1] == "Precentral_L"
+    assert names["voxelmorph_aseg"][17] == "Left-Hippocampus"
+    with pytest.raises(ValueError, match="unknown table"):
+        case_names({"text": {"names": {"x": "nope"}}}, REPO)
+
+
+def test_zoom_out_samples_hold_the_whole_structure(shared_data):
+    from sam3d.data.training import SamplingConfig, WindowDataset, load_volume
+
+    vol = load_volume("totalseg_ct", str(shared_data / "totalseg_ct" / "image.nii.gz"),
+                      str(shared_data / "totalseg_ct" / "label.nii.gz"), (3.0, 3.0, 3.0))
+    windows = WindowDataset([vol], EngineConfig(spacing=(3.0,) * 3), SamplingConfig(size=32, min_voxels=8), seed=0)
+    ds = ZoomOutDataset(windows, prob=1.0)
+    item = ds[3]
+    assert item["image"].shape == (1, 32, 32, 32) and item["label"].shape == (1, 32, 32, 32)
+    value = int(item["target"])
+    # the whole structure, shrunk: its share of the window is its share of the volume
+    share = float((vol.label == value).float().mean())
+    assert abs(float(item["label"].mean()) - share) < 0.5 * share + 1e-3
+    assert torch.isfinite(item["image"]).all() and float(item["image"].std()) > 0.1
+    assert ZoomOutDataset(windows, prob=0.0)[3]["start"] == windows[3]["start"]  # plain windows otherwise
+
+
+def test_smoke_recipe_trains_and_the_checkpoint_serves_text(tmp_path, shared_data, no_network):  # noqa: F811
+    from sam3d.training import train
+
+    recipe = load_recipe(SMOKE, [f"output={tmp_path}", f"data.dir={shared_data}"])
+    out = train(0, recipe, REPO)
+    assert out["step"] == 3 and np.isfinite(out["loss"])
+    header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3
+    side = yaml.safe_load((tmp_path / "model.yaml").read_text())
+    assert side["preset"] == "refsam3d_tiny" and "liver" in side["network"]["vocabulary"]
+    assert "left kidney" in side["network"]["vocabulary"]
+    loaded = load_model({"checkpoint": str(tmp_path / "model.safetensors")})
+    assert isinstance(loaded.model, RefSam3D) and "liver" in loaded.model.config.vocabulary
+    # the frozen encoder did not move, the adapters did
+    state = torch.load(tmp_path / "state.pt", weights_only=True)["model"]
+    torch.manual_seed(recipe["seed"])
+    init = RefSam3D(loaded.model.config).state_dict()
+    key = "image_encoder.blocks.0.attn.qkv.weight"
+    assert torch.equal(state[key], init[key]) and not torch.equal(init["adapters.0.up.weight"], state["adapters.0.up.weight"])
+    engine = TextEngine(loaded, EngineConfig(spacing=(3.0, 3.0, 3.0)))
+    res = engine.segment_text(str(shared_data / "totalseg_ct" / "image.nii.gz"), "the liver")
+    assert res.mask.shape == (122, 101, 112) and res.info["closest_name"] == "liver"
+
+
+def test_gpu_recipe_builds_refsam3d_from_the_model_config():
+    from sam3d.training.trainer import build_model
+
+    small = "model.network={encoder_depth: 4, encoder_global_attn_indexes: [1, 3]}"
+    recipe = load_recipe(REPO / "configs" / "train" / "refsam3d.yaml", ["model.init_required=false", small])
+    model, sidecar, engine_cfg = build_model(recipe, REPO)
+    assert isinstance(model, RefSam3D) and sidecar["preset"] == "refsam3d_turbo"
+    assert recipe["data"]["cases"] == ["totalseg_ct", "voxelmorph_aseg"] and recipe["optim"]["freeze"] == ["image_encoder"]
+    assert engine_cfg.spacing == (1.5, 1.5, 1.5)
+    with pytest.raises(ValueError, match="init_checkpoint"):
+        build_model(load_recipe(REPO / "configs" / "train" / "refsam3d.yaml", [small]), REPO)
