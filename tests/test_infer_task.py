@@ -129,6 +129,16 @@ def test_unknown_model_is_a_task_error_not_a_startup_failure():
     assert "no_such_model" in c.infers["sam3d_point"].error and "sam3d_small" in c.infers["sam3d_point"].error
 
 
+def test_task_kind_selects_the_task_and_an_unknown_kind_is_a_task_error():
+    c = load_app_config({"infers.sam3d_semantic_point.kind": "point", "infers.odd.model": "sam3d_small",
+                         "infers.odd.kind": "telepathy"}, CONFIGS)
+    t = c.infers["sam3d_semantic_point"]
+    assert t.kind == "point" and t.error is None and t.model_config["preset"] == "segsam3d"
+    assert "kind" not in t.model_config  # a task key, not a model override
+    assert c.infers["sam3d_point"].kind == "point"
+    assert "unknown task kind 'telepathy'" in c.infers["odd"].error
+
+
 def test_broken_app_yaml_fails_loudly(tmp_path):
     (tmp_path / "app.yaml").write_text("infers: [1, 2\n")
     with pytest.raises(AppConfigError):
@@ -348,7 +358,7 @@ def test_app_registers_tasks_and_maps_errors_to_http(tmp_path, shared_data, monk
 
     info = app.info()
     assert info["models"]["sam3d_point"]["type"] == "deepgrow" and "liver" in info["labels"]
-    assert set(info["strategies"]) == {"random", "first"}
+    assert set(info["strategies"]) == {"random", "first", "uncertainty"}
     err = status_of(lambda: app.infer({"model": "sam3d_point", "image": "nope", "foreground": [[1, 2, 3]]}))
     assert err.status_code == 404 and "nope" in err.detail
     err = status_of(lambda: app.infer({"model": "no_such_task", "image": "mr", "foreground": [[1, 2, 3]]}))

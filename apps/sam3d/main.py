@@ -67,6 +67,9 @@ from sam3d.monailabel.retrain import RetrainPolicy
 
 logger = logging.getLogger(__name__)
 
+# infer task class per task `kind` (configs/app.yaml); the text and auto kinds join as their variants land
+TASK_CLASSES = {"point": Sam3DPointInfer}
+
 
 def in_task_process() -> bool:
     """True in the process MONAI Label starts for a train/scoring request (it re-creates the app there)."""
@@ -104,7 +107,8 @@ class MyApp(MONAILabelApp):
         infers = {}
         preload = c.preload and not in_task_process()  # a training process never infers: keep its start-up lean
         for name, spec in c.infers.items():
-            task = Sam3DPointInfer(spec, device=c.device, strict_labels=c.strict_labels, preload=preload)
+            task_class = TASK_CLASSES.get(spec.kind, Sam3DPointInfer)  # an unknown kind is in spec.error already
+            task = task_class(spec, device=c.device, strict_labels=c.strict_labels, preload=preload)
             state, message = task.status()
             (logger.info if state in ("not_loaded", "ready") else logger.warning)(f"sam3d: task {name}: {message}")
             infers[name] = task

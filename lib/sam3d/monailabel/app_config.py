@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TASK = "sam3d_point"
 DEFAULT_LABEL = "structure"
-TASK_KEYS = {"model", "description", "labels"}  # every other key of a task overrides its model config
+TASK_KEYS = {"model", "description", "labels", "kind"}  # every other key of a task overrides its model config
+TASK_KINDS = ("point", "text", "auto")  # which infer task class serves the model (apps/sam3d/main.py)
 ALIASES = {
     "model": f"infers.{DEFAULT_TASK}.model",
     "checkpoint": f"infers.{DEFAULT_TASK}.checkpoint",
@@ -60,6 +61,7 @@ class TaskSpec:
     labels: dict[str, int]
     error: str | None = None
     conf_prefix: str = ""  # how to override this task's keys on the command line
+    kind: str = "point"  # one of TASK_KINDS
 
 
 @dataclass
@@ -173,7 +175,11 @@ def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[s
     model_ref = raw.get("model")
     labels = _labels(raw["labels"], f"infers.{name}.labels") if raw.get("labels") else dict(default_labels)
     description = str(raw.get("description") or "Segment Anything in 3D: clicks -> one structure")
-    spec = TaskSpec(name, str(model_ref), {}, description, labels, conf_prefix=prefix)
+    kind = str(raw.get("kind") or "point")
+    spec = TaskSpec(name, str(model_ref), {}, description, labels, conf_prefix=prefix, kind=kind)
+    if kind not in TASK_KINDS:
+        spec.error = f"unknown task kind {kind!r}: use one of {', '.join(TASK_KINDS)}"
+        return spec
     if not model_ref:
         spec.error = f"no model configured: set `--conf {prefix or ''}model NAME_OR_YAML`"
         return spec
