@@ -40,10 +40,12 @@ except ImportError:  # not pip-installed: run from the source tree
 from sam3d.data.cases import find_cases  # noqa: E402
 from sam3d.data.clicks import PROTOCOLS  # noqa: E402
 from sam3d.evaluation import (  # noqa: E402
+    ClicksOnlySegmenter,
     EngineSegmenter,
     EvalConfig,
     RandomWalkerSegmenter,
     ServerSegmenter,
+    TextEngineSegmenter,
     load_model_config,
     run_evaluation,
     write_report,
@@ -58,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="a case folder or a folder of case folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--clicks", type=int, default=10, help="click budget (iterations) per target (default 10)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="center", help="click protocol (default center)")
+    p.add_argument("--protocol", choices=(*PROTOCOLS, "text"), default="center",
+                   help="click protocol (default center); text: the structure's name first (a RefSAM3D model), "
+                        "then center clicks")
     p.add_argument("--labels", nargs="*", help="label values or names (comma or space separated; default all)")
     p.add_argument("--names-key", help="table of a label_names.json with several (e.g. total_mr)")
     p.add_argument("--seed", type=int, default=0)
@@ -122,7 +126,8 @@ def build_segmenters(args, device: str) -> list:
 
         cfg = load_model_config(args.model, args.configs, args.checkpoint)
         try:
-            segmenters.append(EngineSegmenter.from_config(cfg, device=device, name=cfg.get("name")))
+            kind = TextEngineSegmenter if args.protocol == "text" else EngineSegmenter
+            segmenters.append(kind.from_config(cfg, device=device, name=cfg.get("name")))
         except WeightsMissingError as e:
             raise SystemExit(
                 f"error: model {args.model!r} has no weights: {e}.\n"
@@ -130,7 +135,8 @@ def build_segmenters(args, device: str) -> list:
                 f"SAM-Med3D .pth), or run only the weight-free baseline with --model baseline."
             ) from None
     if not args.no_baseline or args.model == "baseline":
-        segmenters.append(RandomWalkerSegmenter())
+        baseline = RandomWalkerSegmenter()
+        segmenters.append(ClicksOnlySegmenter(baseline) if args.protocol == "text" else baseline)
     return segmenters
 
 

@@ -8,16 +8,18 @@ from .metrics import NOC_THRESHOLDS, noc, segmentation_metrics
 from .report import write_report
 from .runner import COLUMNS, EvalConfig, run_evaluation, run_target
 from ..engine.model_config import load_model_config
-from .segmenters import EngineSegmenter, Segmenter, ServerSegmenter
+from .segmenters import ClicksOnlySegmenter, EngineSegmenter, Segmenter, ServerSegmenter, TextEngineSegmenter
 
 __all__ = [
     "COLUMNS",
+    "ClicksOnlySegmenter",
     "NOC_THRESHOLDS",
     "EngineSegmenter",
     "EvalConfig",
     "RandomWalkerConfig",
     "RandomWalkerSegmenter",
     "Segmenter",
+    "TextEngineSegmenter",
     "ServerSegmenter",
     "load_model_config",
     "noc",

@@ -4,7 +4,8 @@ Each target (one label value of one case) gets its own `ClickSimulator`, seeded 
 and the label value (`derive_seed`), so its clicks do not depend on which targets or methods ran before it.
 Every method sees the same protocol with the same seed: the first prompt is identical for all of them, and
 each later click answers that method's own errors (the simulated annotator looks at the mask it was shown), as
-in RITM and SegFM3D; that is what NoC measures. Iteration i adds the simulator's points (one for most
+in RITM and SegFM3D; that is what NoC measures. Protocol `text` (a model that reads text): iteration 1 gives the structure's name
+alone (the method gets its label name and no click), later iterations `center` clicks on its errors. Iteration i adds the simulator's points (one for most
 protocols, several for noisy1/noisy2, a box for `box`), and the method gets every prompt so far.
 
 When a prediction is already perfect the simulator has nothing to add: the remaining iterations repeat its
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.cases import Case, load_case
-from ..data.clicks import ClickSimulator, derive_seed
+from ..data.clicks import ClickSimulator, Prompt, derive_seed
 from .metrics import METRICS, segmentation_metrics
 
 logger = logging.getLogger(__name__)
@@ -77,12 +78,13 @@ def run_target(segmenter, loaded, value: int, config: EvalConfig, progress=None)
     case = loaded.case
     name = case.label_name(value)
     gt = loaded.label == value
-    sim = ClickSimulator(config.protocol, derive_seed(config.seed, case.name, value), spacing=loaded.spacing,
-                         near_mm=config.near_mm, box_jitter_mm=config.box_jitter_mm)
+    text = config.protocol == "text"  # iteration 1 is the structure's name alone, then `center` clicks
+    sim = ClickSimulator("center" if text else config.protocol, derive_seed(config.seed, case.name, value),
+                         spacing=loaded.spacing, near_mm=config.near_mm, box_jitter_mm=config.box_jitter_mm)
     trace = Trace()
     pred, last_metrics = None, None
     for it in range(1, config.clicks + 1):
-        prompt = sim.next(gt, pred, it)
+        prompt = Prompt() if text and it == 1 else sim.next(gt, pred, it)
         row = {"method": segmenter.name, "case": case.name, "label": value, "label_name": name, "click": it,
                "error": ""}
         if not prompt and pred is not None:  # perfect already: nothing to click on

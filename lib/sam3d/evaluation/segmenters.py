@@ -66,6 +66,43 @@ class EngineSegmenter:
         return self.engine.segment(str(image_path), foreground, background, roi, label).mask
 
 
+# ---- text prompts (protocol `text`) ---------------------------------------------------------------------------
+
+
+class TextEngineSegmenter(EngineSegmenter):
+    """A RefSAM3D checkpoint through `sam3d.engine.text_search.TextEngine`: the target's name is the text (the
+    case's label name, e.g. `kidney_left`, which the engine turns into "left kidney"), clicks refine its answer."""
+
+    @classmethod
+    def from_config(cls, model_config: dict, device: str = "cpu", name: str | None = None) -> "TextEngineSegmenter":
+        from ..engine.text_search import text_engine_from_config
+
+        engine = text_engine_from_config(model_config, device=device)
+        return cls(engine, name or str(model_config.get("name") or engine.model_name), model_config)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "method": f"sam3d text engine, network {self.engine.model_name}",
+                "text model": self.engine.text_encoder.name}
+
+    def segment(self, image_path, foreground, background, roi, label) -> np.ndarray:
+        return self.engine.segment_text(str(image_path), label, foreground, background).mask
+
+
+class ClicksOnlySegmenter:
+    """A method that cannot read text, in the `text` protocol: an empty mask until the first click."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name = inner, inner.name
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "text": "not understood: empty mask before the first click"}
+
+    def segment(self, image_path, foreground, background, roi, label) -> np.ndarray:
+        if not len(foreground) and not len(background) and roi is None:
+            return np.zeros(load_array(image_path)[0].squeeze().shape, dtype=np.uint8)
+        return self.inner.segment(image_path, foreground, background, roi, label)
+
+
 # ---- a running server ----------------------------------------------------------------------------------------
 
 

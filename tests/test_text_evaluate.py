@@ -1,0 +1,72 @@
+"""scripts/evaluate.py --protocol text: the name first, then clicks, with a tiny random RefSAM3D checkpoint."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sam3d.data.cases import find_cases, load_case
+from sam3d.evaluation import ClicksOnlySegmenter, EvalConfig, run_target
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_refsam3d(tmp_path_factory) -> Path:
+    import torch
+
+    from sam3d.engine import save_checkpoint
+    from sam3d.models import build_network
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "refsam3d_tiny.safetensors"
+    save_checkpoint(build_network("refsam3d_tiny"), path, {"preset": "refsam3d_tiny", "network": {}})
+    return path
+
+
+class _Recorder:
+    name = "recorder"
+
+    def __init__(self):
+        self.calls = []
+
+    def describe(self):
+        return {}
+
+    def segment(self, image_path, foreground, background, roi, label):
+        self.calls.append((list(foreground), list(background), label))
+        return np.zeros(self.shape, dtype=np.uint8)
+
+
+def test_text_protocol_gives_the_name_first_then_center_clicks(shared_data):
+    loaded = load_case(find_cases(shared_data / "totalseg_ct")[0])
+    rec = _Recorder()
+    rec.shape = loaded.label.shape
+    rows = run_target(rec, loaded, 5, EvalConfig(protocol="text", clicks=3)).rows
+    assert rec.calls[0] == ([], [], "liver")  # the name alone
+    assert len(rec.calls[1][0]) == 1 and len(rec.calls[2][0]) == 2  # then one center click per iteration
+    assert [r["n_foreground"] for r in rows] == [0, 1, 2]
+    baseline = ClicksOnlySegmenter(rec)
+    assert baseline.segment(str(loaded.case.image), [], [], None, "liver").sum() == 0 and len(rec.calls) == 3
+
+
+def test_evaluate_cli_text_protocol(tmp_path, shared_data, tiny_refsam3d):
+    out = tmp_path / "eval"
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--quiet", "--model", "refsam3d", "--checkpoint",
+           str(tiny_refsam3d), "--data", str(shared_data / "totalseg_ct"), "--labels", "liver", "kidney_left",
+           "--protocol", "text", "--clicks", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    methods = {r["method"] for r in rows}
+    assert methods == {"refsam3d", "random_walker"}, methods
+    assert not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
+    first = [r for r in rows if r["click"] == "1"]
+    assert len(first) == 4 and all(r["n_foreground"] == "0" for r in first)
+    assert all(float(r["dice"]) == 0.0 for r in first if r["method"] == "random_walker")
+    assert all(int(r["n_foreground"]) + int(r["n_background"]) == 1 for r in rows if r["click"] == "2")
+    assert "text" in (out / "summary.md").read_text()
