@@ -94,9 +94,9 @@ class TextEngine(InteractiveEngine):
         best = int(sims.argmax())
         return self._vocabulary[best], float(sims[best])
 
-    def _text_prompt(self, text: str):
-        tokens, mask = stack_embeddings([self.text_encoder(text)], device=self.device)
-        return tokens, mask
+    def _text_prompt(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (1, L, C), mask (1, L)) on the model's device, from the encoder's cache when seen before."""
+        return stack_embeddings([self.text_encoder(text)], device=self.device)
 
     # ---- one request ---------------------------------------------------------------------------------------------
 
@@ -115,10 +115,10 @@ class TextEngine(InteractiveEngine):
             closest, similarity = self._closest_name(text)
             timings = {"encode": 0.0, "decode": 0.0}
             info = {"model": self.model_name, "checkpoint": self.checkpoint, "text": text, "closest_name": closest,
-                    "text_similarity": similarity, "spacing": list(self.config.spacing)}
+                    "text_similarity": similarity, "spacing": list(self.config.spacing), "windows": []}
             if similarity < self.min_similarity:
                 mask = np.zeros(sess.shape, dtype=np.uint8)
-                info.update(score=similarity, voxels=0, windows=[],
+                info.update(score=similarity, voxels=0,
                             message=f"{text!r} is not a structure this model knows (closest: {closest!r})")
                 return self._result(mask, sess, info, timings, t_start, t_loaded, cached_session)
             prompt = self._text_prompt(text)
