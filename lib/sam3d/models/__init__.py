@@ -1,10 +1,12 @@
 """torch.nn modules only: no file I/O, no MONAI Label."""
 
+from .autosam3d.network import AUTOSAM3D_PRESETS, AutoSam3D, AutoSam3DConfig
 from .refsam3d import REFSAM3D_PRESETS, RefSam3D, RefSam3DConfig
 from .sam3d import PRESETS, Sam3D, Sam3DConfig, build_sam3d
 
 # each variant: its presets, its config class, its network class
-_VARIANTS = ((PRESETS, Sam3DConfig, Sam3D), (REFSAM3D_PRESETS, RefSam3DConfig, RefSam3D))
+_VARIANTS = ((PRESETS, Sam3DConfig, Sam3D), (REFSAM3D_PRESETS, RefSam3DConfig, RefSam3D),
+             (AUTOSAM3D_PRESETS, AutoSam3DConfig, AutoSam3D))
 
 
 def build_network(preset: str, **overrides):
@@ -16,5 +18,5 @@ def build_network(preset: str, **overrides):
     raise ValueError(f"unknown model preset {preset!r}; known: {known}")
 
 
-__all__ = ["PRESETS", "REFSAM3D_PRESETS", "RefSam3D", "RefSam3DConfig", "Sam3D", "Sam3DConfig", "build_network",
-           "build_sam3d"]
+__all__ = ["AUTOSAM3D_PRESETS", "AutoSam3D", "AutoSam3DConfig", "PRESETS", "REFSAM3D_PRESETS", "RefSam3D",
+           "RefSam3DConfig", "Sam3D", "Sam3DConfig", "build_network", "build_sam3d"]
