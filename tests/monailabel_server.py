@@ -1,79 +1,22 @@
-"""Start the sam3d app under a real `monailabel start_server` on 127.0.0.1 for a test, and always stop it."""
+"""The tests' real `monailabel start_server` (sam3d.monailabel.local_server), with tests/ on the server's
+PYTHONPATH so that model configs can name `fakes:...` factories, and a start-up failure failing the test."""
 
 import contextlib
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from monailabel.client import MONAILabelClient
 
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 120
+from sam3d.monailabel import local_server
+from sam3d.monailabel.local_server import log_tail  # noqa: F401 - re-exported for the tests
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log_tail(log: Path, n: int = 60) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
+TESTS = Path(__file__).resolve().parent
 
 
 @contextlib.contextmanager
 def running_server(workdir: Path, studies: Path, conf: list[tuple[str, str]]):
-    """Yields (url, process, log path). The server's temp files and sessions stay inside `workdir`.
-
-    tests/ is on the server's PYTHONPATH so that model configs can name `fakes:...` factories.
-    """
-    server_tmp = workdir / "server_tmp"  # the server's TMPDIR: result and upload files land here
-    server_tmp.mkdir(exist_ok=True)
-    env = dict(os.environ)
-    env.update(
-        {
-            "PYTHONPATH": os.pathsep.join([str(REPO / "lib"), str(REPO / "tests"), env.get("PYTHONPATH", "")]),
-            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-            "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
-            "TMPDIR": str(server_tmp),
-            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
-        }
-    )
-    port = free_port()
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO / "apps" / "sam3d"),
-           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in conf:
-        cmd += ["--conf", key, str(value)]
-    log = workdir / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    probe = workdir / "probe"
-    probe.mkdir(exist_ok=True)
+    """Yields (url, process, log path); see sam3d.monailabel.local_server.running_server."""
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode} during start-up:\n{log_tail(log)}")
-            try:
-                MONAILabelClient(url, tmpdir=str(probe)).info()
-                break
-            except Exception:  # noqa: BLE001 - connection refused or not ready: not up yet
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not up after {STARTUP_TIMEOUT_S} s:\n{log_tail(log)}")
-                time.sleep(0.5)
-        yield url, proc, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        with local_server.running_server(workdir, studies, conf, pythonpath=[TESTS]) as started:
+            yield started
+    except local_server.ServerStartError as e:
+        pytest.fail(str(e))
