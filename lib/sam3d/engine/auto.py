@@ -1,0 +1,164 @@
+"""A whole volume in, every class the model knows out: 3D-SAutoMed's slice-by-slice inference.
+
+The image goes to the model grid as for clicks (`ImageSession`: RAS, the model spacing), is normalised as one
+window, and its axial slices (the last, S, axis) are padded to squares and resized to the network's slice size.
+Every slice is encoded once; then the slices are segmented in order, each step reading slices t-1, t, t+1,
+the history token and the boxes of the slice before. Order `middle` (the paper's best) starts at the middle
+slice and runs to both ends, the two branches side by side as one batch, each carrying the middle slice's
+state; `top_down` runs from the top (superior) slice to the bottom. The class logits of each slice are resized
+back, the argmax (background first) makes one label per voxel, and the label volume is resampled (nearest) onto
+the image's own grid: same shape and affine as the image, values 1..K in the order of the model's class names.
+"""
+
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import SpatialResample
+
+from ..models.autosam3d.boxes import label_boxes
+from .cache import ByteLRU
+from .checkpoint import LoadedModel
+from .errors import Sam3DInputError
+from .image_session import ImageKey, ImageSession
+from .interactive import EngineConfig, InteractiveEngine, SegmentResult, normalize_window
+
+ORDERS = ("middle", "top_down")
+
+
+def slice_schedule(n: int, order: str) -> list[list[tuple[int, int]]]:
+    """Steps of (slice, branch) pairs. Branch 0 runs first; a branch that starts later inherits branch 0's state."""
+    if order == "middle":
+        m = n // 2
+        steps = [[(m, 0)]]
+        for i in range(1, max(m, n - 1 - m) + 1):
+            steps.append([(t, b) for t, b in ((m + i, 0), (m - i, 1)) if 0 <= t < n])
+        return steps
+    if order == "top_down":
+        return [[(t, 0)] for t in range(n - 1, -1, -1)]
+    raise ValueError(f"unknown slice order {order!r}: use one of {', '.join(ORDERS)}")
+
+
+class SliceGeometry:
+    """In-plane (X, Y) -> centred square of side max(X, Y) -> (size, size), and back."""
+
+    def __init__(self, shape_xy: tuple[int, int], size: int) -> None:
+        self.shape, self.size = shape_xy, size
+        self.side = max(shape_xy)
+        self.pad = [(self.side - s) // 2 for s in shape_xy]
+
+    def to_model(self, slices: torch.Tensor, fill: float) -> torch.Tensor:
+        """(N, X, Y) -> (N, 1, size, size), bilinear."""
+        (px, py), (x, y) = self.pad, self.shape
+        sq = slices.new_full((slices.shape[0], 1, self.side, self.side), fill)
+        sq[:, 0, px : px + x, py : py + y] = slices
+        return F.interpolate(sq, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+    def to_slice(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) logits -> (N, C, X, Y), bilinear, padding cut off."""
+        (px, py), (x, y) = self.pad, self.shape
+        up = F.interpolate(logits.float(), size=(self.side, self.side), mode="bilinear", align_corners=False)
+        return up[:, :, px : px + x, py : py + y]
+
+
+class AutoEngine:
+    """Thread-safe; one per served model. `segment(image)` -> a label volume of every class (a `SegmentResult`)."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, device: str = "cpu",
+                 order: str = "middle", encode_batch: int = 8) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"unknown slice order {order!r}: use one of {', '.join(ORDERS)}")
+        self.config = config or EngineConfig()
+        self.device = torch.device(device)
+        self.model = loaded.model.to(self.device).eval()
+        self.checkpoint = loaded.checkpoint
+        self.model_name = loaded.name or type(self.model).__name__
+        self.model_id = loaded.checkpoint_sha256 or f"{type(self.model).__name__}@{id(self.model)}"
+        self.order, self.encode_batch = order, int(encode_batch)
+        self.class_names = list(self.model.class_names)
+        # answers per (image, weights, order): the same request again costs nothing (cache_mb of the model config)
+        self._results = ByteLRU(self.config.cache_mb << 20, sizeof=lambda r: r.mask.nbytes)
+        self._lock = threading.Lock()
+
+    @property
+    def label_names(self) -> dict[str, int]:
+        return {name: i + 1 for i, name in enumerate(self.class_names)}
+
+    def segment(self, image_path: str, order: str | None = None) -> SegmentResult:
+        order = order or self.order
+        if order not in ORDERS:
+            raise Sam3DInputError(f"unknown slice order {order!r}: use one of {', '.join(ORDERS)}")
+        key = (ImageKey.of(image_path), self.model_id, order)
+        with self._lock:  # one volume at a time: a second request for it waits and gets the cached answer
+            cached = self._results.get(key)
+            if cached is not None:
+                return SegmentResult(cached.mask, cached.affine, {"cached": 0.0}, {**cached.info, "cached": True})
+            result = self._segment(image_path, order)
+            self._results.put(key, result)
+            return result
+
+    @torch.no_grad()
+    def _segment(self, image_path: str, order: str) -> SegmentResult:
+        timings, t0 = {}, time.perf_counter()
+        sess = ImageSession(image_path, self.config.spacing, self.config.max_voxels)
+        vol = normalize_window(sess.volume, self.config)  # (X, Y, Z) on the model grid
+        geo = SliceGeometry(tuple(vol.shape[:2]), self.model.img_size)
+        slices = geo.to_model(vol.permute(2, 0, 1), fill=float(vol.min())).to(self.device)
+        timings["load"], t = time.perf_counter() - t0, time.perf_counter()
+
+        feats = torch.cat([self.model.encode(slices[i : i + self.encode_batch])
+                           for i in range(0, len(slices), self.encode_batch)])
+        self._synchronize()
+        timings["encode"], t = time.perf_counter() - t, time.perf_counter()
+
+        labels = self._run_slices(feats, geo, order)
+        timings["decode"], t = time.perf_counter() - t, time.perf_counter()
+
+        mask = self._to_image_grid(sess, labels)
+        timings["resample"] = time.perf_counter() - t
+        info = {"model": self.model_name, "checkpoint": self.checkpoint, "order": order, "slices": len(slices),
+                "label_names": self.label_names, "cached": False,
+                "voxels": {n: int((mask == v).sum()) for n, v in self.label_names.items()}}
+        return SegmentResult(mask, sess.affine, timings, info)
+
+    def _run_slices(self, feats: torch.Tensor, geo: SliceGeometry, order: str) -> torch.Tensor:
+        """Model-grid label volume (X, Y, Z) uint8/int16 from the slices' features, stepping as `order` says."""
+        n, k = feats.shape[0], self.model.num_classes
+        out = torch.zeros((*geo.shape, n), dtype=torch.uint8 if k < 256 else torch.int16)
+        state: dict[int, tuple] = {}  # branch -> (history (1, K_his, C) | None, boxes (1, K, 4) | None, present)
+        for step in slice_schedule(n, order):
+            ts = [t for t, _ in step]
+            prev = [state.get(b, state.get(0, (None, None, None))) for _, b in step]
+            history = None if prev[0][0] is None else torch.cat([p[0] for p in prev])
+            boxes = None if prev[0][1] is None else torch.cat([p[1] for p in prev])
+            present = None if prev[0][2] is None else torch.cat([p[2] for p in prev])
+            if history is None:
+                history = self.model.initial_history(len(ts))
+            res = self.model.step(feats[[max(t - 1, 0) for t in ts]], feats[ts], feats[[min(t + 1, n - 1) for t in ts]],
+                                  history, boxes, present)
+            low = res["logits"].argmax(1)  # the prediction's own grid: the boxes the next slice starts from
+            new_boxes, new_present = label_boxes(low, k)
+            for i, (t, b) in enumerate(step):
+                h = None if res["history"] is None else res["history"][i : i + 1]
+                state[b] = (h, new_boxes[i : i + 1], new_present[i : i + 1])
+            out[..., ts] = geo.to_slice(res["logits"]).argmax(1).permute(1, 2, 0).to(out.dtype).cpu()
+        return out
+
+    @staticmethod
+    def _to_image_grid(sess: ImageSession, labels: torch.Tensor) -> np.ndarray:
+        """Nearest-neighbour: labels stay labels (a class-wise bilinear pass would cost K resamplings)."""
+        src = MetaTensor(labels[None].float(), affine=torch.as_tensor(sess.model_affine))
+        out = SpatialResample(mode="nearest", padding_mode="zeros")(
+            src, dst_affine=torch.as_tensor(sess.affine), spatial_size=sess.shape
+        )
+        dtype = np.uint8 if labels.dtype == torch.uint8 else np.int16
+        return out.as_tensor()[0].round().numpy().astype(dtype)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    write_label = InteractiveEngine.write_label  # a label volume is written like a mask: NIfTI, atomically
