@@ -50,12 +50,14 @@ class SliceGeometry:
         self.side = max(shape_xy)
         self.pad = [(self.side - s) // 2 for s in shape_xy]
 
-    def to_model(self, slices: torch.Tensor, fill: float) -> torch.Tensor:
-        """(N, X, Y) -> (N, 1, size, size), bilinear."""
+    def to_model(self, slices: torch.Tensor, fill: float, mode: str = "bilinear") -> torch.Tensor:
+        """(N, X, Y) -> (N, 1, size, size); label maps with mode="nearest" (training)."""
         (px, py), (x, y) = self.pad, self.shape
         sq = slices.new_full((slices.shape[0], 1, self.side, self.side), fill)
         sq[:, 0, px : px + x, py : py + y] = slices
-        return F.interpolate(sq, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if mode == "nearest":
+            return F.interpolate(sq, size=(self.size, self.size), mode="nearest-exact")
+        return F.interpolate(sq, size=(self.size, self.size), mode=mode, align_corners=False)
 
     def to_slice(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) logits -> (N, C, X, Y), bilinear, padding cut off."""

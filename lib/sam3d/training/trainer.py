@@ -39,6 +39,7 @@ from ..engine.interactive import EngineConfig
 from ..models import build_network
 from .interactive import InteractiveConfig, InteractiveLoss, _sample_rounds
 from .losses import build_loss
+from .auto_step import AutoLoss, auto_dataset
 from .text_step import TextLoss, with_zoom_out
 
 logger = logging.getLogger("sam3d.training")
@@ -189,6 +190,8 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     wrapped = InteractiveLoss(model, icfg, loss_fn, autocast)
     if recipe.get("text"):  # RefSAM3D: the target's name as a text prompt, then clicks (sam3d.training.text_step)
         wrapped = TextLoss(model, icfg, loss_fn, autocast, recipe, root, sidecar)
+    if recipe.get("auto"):  # 3D-SAutoMed: chains of slices, history and generated boxes (sam3d.training.auto_step)
+        wrapped = AutoLoss(model, recipe, autocast, root)
     ddp = world > 1
     net = idist.auto_model(wrapped, find_unused_parameters=True) if ddp else wrapped
 
@@ -197,7 +200,8 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     data_cfg = recipe.get("data", {})
     data_cfg = {**data_cfg, **{k: str(_resolve(data_cfg[k], root)) for k in ("dir", "datastore") if data_cfg.get(k)}}
     volumes = [load_volume(*s, engine_cfg.spacing) for s in list_sources(data_cfg)]
-    dataset = with_zoom_out(WindowDataset(volumes, engine_cfg, sampling, seed=seed), recipe.get("text"))
+    dataset = (auto_dataset(volumes, engine_cfg, model, recipe, root, seed) if recipe.get("auto")
+               else with_zoom_out(WindowDataset(volumes, engine_cfg, sampling, seed=seed), recipe.get("text")))
     loader = DataLoader(dataset, batch_sampler=StepBatchSampler(start, steps, global_batch, rank, world),
                         num_workers=int(tcfg.get("num_workers", 0)), collate_fn=_collate,
                         persistent_workers=False)

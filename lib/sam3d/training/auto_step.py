@@ -1,0 +1,193 @@
+"""3D-SAutoMed's training step: a short chain of slices ending at slice t, as the paper trains the history token.
+
+Samples (`AutoSliceDataset`): nine neighbouring axial slices t-4..t+4 of a volume on the model grid, normalised
+and padded/resized exactly as `sam3d.engine.auto` prepares slices, with their class-index maps (the recipe's
+class names looked up in each case's label names; other structures are background).
+
+Step (`AutoLoss`): per batch a chain length n (1-3, `auto.max_previous`) and per sample a direction (towards
+t from below or from above) drawn from the sample's seed. The n previous slices run first, each reading its
+spatial neighbours, the history of the one before and its boxes (at the chain's first slice: the initial
+history and the default anchors, as at the middle slice of a volume); the previous boxes are the ground truth's
+of the slice before, jittered, with probability `auto.teacher_boxes` (else the prediction's, as at inference).
+Gradients flow through the whole chain, so the history filter and the initial history learn. Loss: Dice + CE
+over background + K classes at slice t, plus the generator's box loss (L1 + GIoU, DETR's weights 5 and 2) on
+every layer and every chain slice where the class is present.
+
+Recipe section (its presence selects this step; configs/train/autosam3d*.yaml):
+
+    auto:
+      max_previous: 3          # chain length n is drawn from 1..max_previous
+      teacher_boxes: 0.5       # share of steps whose previous boxes come from the ground truth (jittered)
+      box_loss_weight: 1.0
+      foreground_slices: 0.9   # share of samples whose slice t holds a class (else any slice)
+      sam_checkpoint: null     # Meta's sam_vit_b_01ec64.pth: its encoder into a frozen ViT-B encoder
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from ..data.clicks import derive_seed
+from ..data.training import Volume
+from ..engine.auto import SliceGeometry
+from ..engine.checkpoint import read_state_dict
+from ..engine.interactive import EngineConfig, normalize_window
+from ..models.autosam3d.boxes import label_boxes
+from ..models.autosam3d.lora import is_lora_parameter
+from ..models.autosam3d.slice_encoder import adapt_sam_state_dict
+from .text_step import case_names
+
+logger = logging.getLogger("sam3d.training")
+
+HALF = 4  # a sample holds slices t-HALF..t+HALF: the longest chain (3) plus its outer neighbour
+
+
+class AutoSliceDataset(Dataset):
+    """`length` deterministic samples: {"image", "label": (2 HALF + 1, S, S), "seed", ...}; see the module doc."""
+
+    def __init__(self, volumes: list[Volume], engine_config: EngineConfig, class_names: list[str],
+                 names: dict[str, dict[int, str]], size: int, seed: int = 0, foreground_slices: float = 0.9,
+                 length: int = 10**9) -> None:
+        self.size, self.seed, self.length, self.fg = int(size), int(seed), int(length), float(foreground_slices)
+        self.items = []
+        for v in volumes:
+            table = {name: value for value, name in (names.get(v.name) or {}).items()}
+            lut = np.zeros(int(v.label.max()) + 1, dtype=np.int64)
+            found = [(k + 1, table[n]) for k, n in enumerate(class_names) if n in table and table[n] < len(lut)]
+            for k, value in found:
+                lut[value] = k
+            if not found:
+                logger.warning(f"{v.name}: none of the classes {class_names} in its label names; skipped")
+                continue
+            classes = torch.from_numpy(lut)[v.label[0].long()]  # (X, Y, Z) class indices
+            image = normalize_window(v.image[0], engine_config)
+            fg_slices = np.flatnonzero(classes.flatten(0, 1).amax(0).numpy() > 0)
+            self.items.append((v.name, image, classes, fg_slices, SliceGeometry(tuple(image.shape[:2]), self.size)))
+        if not self.items:
+            raise ValueError(f"no training volume holds any of the classes {class_names}")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng(derive_seed(self.seed, "auto", int(index)))
+        name, image, classes, fg_slices, geo = self.items[int(rng.integers(len(self.items)))]
+        n = image.shape[2]
+        if len(fg_slices) and rng.random() < self.fg:
+            t = int(rng.choice(fg_slices))
+        else:
+            t = int(rng.integers(n))
+        idx = np.clip(np.arange(t - HALF, t + HALF + 1), 0, n - 1)  # beyond the volume: its edge slice again
+        img = geo.to_model(image[..., idx].permute(2, 0, 1), fill=float(image.min()))[:, 0]
+        # an intensity change per sample: scale and shift of the normalised values
+        img = img * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
+        lab = geo.to_model(classes[..., idx].permute(2, 0, 1).float(), fill=0.0, mode="nearest")[:, 0]
+        return {"image": img.contiguous(), "label": lab.contiguous(), "seed": derive_seed(self.seed, "chain", int(index)),
+                "index": int(index), "case": name, "target": f"slice {t}", "synthetic": False}
+
+
+def auto_dataset(volumes, engine_config, model, recipe: dict, root, seed: int) -> AutoSliceDataset:
+    a = recipe.get("auto") or {}
+    return AutoSliceDataset(volumes, engine_config, model.class_names, case_names(recipe, Path(root)),
+                            model.img_size, seed=seed, foreground_slices=float(a.get("foreground_slices", 0.9)))
+
+
+def load_sam_encoder(model: nn.Module, path) -> None:
+    """Meta's SAM checkpoint (weights_only) into the frozen slice encoder; only LoRA tensors may be missing."""
+    if not model.config.freeze_encoder:
+        raise ValueError("auto.sam_checkpoint needs freeze_encoder: true (a resumed run would lose its tuned encoder)")
+    state = adapt_sam_state_dict(read_state_dict(path), model.encoder)
+    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+    if unexpected or not all(is_lora_parameter(k) for k in missing):
+        raise ValueError(f"{path}: not a SAM ViT checkpoint of this size ({len(unexpected)} unexpected keys, "
+                         f"missing {[k for k in missing if not is_lora_parameter(k)][:5]})")
+    logger.info(f"SAM encoder weights from {path}")
+
+
+def box_loss(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """DETR's 5 L1 + 2 GIoU on (cx, cy, w, h) boxes of the classes present; zero when none is."""
+    if not bool(present.any()):
+        return pred.sum() * 0.0
+    p, t = pred[present], target[present]
+    giou = generalized_box_iou_loss(box_convert(p, "cxcywh", "xyxy"), box_convert(t, "cxcywh", "xyxy"), reduction="mean")
+    return 5.0 * F.l1_loss(p, t) + 2.0 * giou
+
+
+def _dice(pred: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    """Mean hard Dice over the classes present in the target or the prediction (1 when neither has any)."""
+    scores = []
+    for c in range(1, k + 1):
+        p, g = pred == c, target == c
+        denom = int(p.sum() + g.sum())
+        if denom:
+            scores.append(2.0 * int((p & g).sum()) / denom)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+class AutoLoss(nn.Module):
+    """The network and the chain step as one module (DDP sees one forward). -> (loss, [Dice first, Dice t])."""
+
+    batch_keys = ()
+
+    def __init__(self, model: nn.Module, recipe: dict, autocast, root=".") -> None:
+        super().__init__()
+        a = recipe.get("auto") or {}
+        self.model, self.autocast = model, autocast
+        self.max_previous = int(a.get("max_previous", 3))
+        if not 1 <= self.max_previous <= HALF - 1:
+            raise ValueError(f"auto.max_previous must be 1..{HALF - 1}")
+        self.teacher_boxes = float(a.get("teacher_boxes", 0.5))
+        self.box_weight = float(a.get("box_loss_weight", 1.0))
+        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+        if a.get("sam_checkpoint"):
+            p = Path(str(a["sam_checkpoint"])).expanduser()
+            load_sam_encoder(model, p if p.is_absolute() else Path(root) / p)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        m, k = self.model, self.model.num_classes
+        b, _, s, _ = images.shape
+        rngs = [np.random.default_rng(int(x)) for x in seeds]
+        n = int(rngs[0].integers(1, self.max_previous + 1))
+        d = torch.tensor([1 if r.random() < 0.5 else -1 for r in rngs], device=images.device)
+        # chain order: the slice before the first, the n + 1 chain slices (t last), the slice after t
+        pos = HALF + d[:, None] * (torch.arange(n + 3, device=images.device)[None] - n - 1)  # (B, n + 3)
+        rows = torch.arange(b, device=images.device)[:, None]
+        with self.autocast():
+            feats = m.encode(images[rows, pos].reshape(-1, 1, s, s))
+        feats = feats.reshape(b, n + 3, *feats.shape[1:])
+        lab = labels[rows, pos].long()  # (B, n + 3, S, S)
+        up = (d > 0).reshape(b, 1, 1, 1)
+        history, boxes, present = m.initial_history(b), None, None
+        box_total = images.new_zeros(())
+        first_dice = None
+        for j in range(n + 1):
+            i = j + 1  # the chain slice in `feats`; its spatial neighbours are i - d and i + d
+            below, above = feats[:, i - 1], feats[:, i + 1]
+            with self.autocast():
+                out = m.step(torch.where(up, below, above), feats[:, i], torch.where(up, above, below),
+                             history, boxes, present)
+            logits = out["logits"].float()
+            gt_boxes, gt_present = label_boxes(lab[:, i], k)
+            for layer_boxes in out["boxes"]:
+                box_total = box_total + box_loss(layer_boxes.float(), gt_boxes, gt_present) / max(len(out["boxes"]), 1)
+            if j == 0:  # the chain's first slice, from the default anchors: at the logits' own resolution
+                small = F.interpolate(lab[:, i, None].float(), size=logits.shape[-2:], mode="nearest-exact")
+                first_dice = _dice(logits.detach().argmax(1), small[:, 0].long(), k)
+            history = out["history"]
+            if rngs[0].random() < self.teacher_boxes:  # the ground truth's boxes, moved a little
+                jitter = torch.from_numpy(rngs[0].normal(0, 0.02, gt_boxes.shape)).to(gt_boxes)
+                boxes, present = (gt_boxes + jitter).clamp(0, 1), gt_present
+            else:
+                boxes, present = label_boxes(logits.detach().argmax(1), k)
+        full = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)
+        target = lab[:, n + 1, None]
+        loss = self.seg_loss(full, target) + self.box_weight * box_total / (n + 1)
+        dice_t = _dice(full.detach().argmax(1), target[:, 0], k)
+        return loss, torch.tensor([first_dice, dice_t])

@@ -1,0 +1,137 @@
+"""3D-SAutoMed training: slice samples, the chain step's gradients, the smoke recipe end to end."""
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from sam3d.engine import EngineConfig, load_model
+from sam3d.engine.auto import AutoEngine
+from sam3d.models import AutoSam3D, build_network
+from sam3d.models.autosam3d.lora import is_lora_parameter
+from sam3d.training import load_recipe
+from sam3d.training.auto_step import HALF, AutoLoss, AutoSliceDataset, box_loss
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "train" / "autosam3d_smoke.yaml"
+CLASSES = ["liver", "spleen", "kidney_right"]
+CT_VALUES = {"liver": 5, "spleen": 1, "kidney_right": 2}  # TotalSegmentator's `total` values
+
+
+@pytest.fixture(scope="module")
+def ct(shared_data):
+    from sam3d.data.training import load_volume
+
+    return load_volume("totalseg_ct", str(shared_data / "totalseg_ct" / "image.nii.gz"),
+                       str(shared_data / "totalseg_ct" / "label.nii.gz"), (3.0, 3.0, 3.0))
+
+
+def test_samples_are_neighbouring_slices_with_class_indices(ct):
+    names = {"totalseg_ct": {v: n for n, v in CT_VALUES.items()} | {52: "aorta"}}
+    ds = AutoSliceDataset([ct], EngineConfig(spacing=(3.0,) * 3), CLASSES, names, size=32, seed=0)
+    item = ds[5]
+    assert item["image"].shape == item["label"].shape == (2 * HALF + 1, 32, 32)
+    assert set(np.unique(item["label"].numpy())) <= {0, 1, 2, 3}  # aorta is not a class: background
+    assert item["label"][HALF].max() > 0  # foreground_slices: slice t holds a class
+    again = ds[5]
+    assert torch.equal(again["image"], item["image"]) and torch.equal(again["label"], item["label"])
+    t = int(item["target"].split()[1])
+    liver = (ct.label[0, :, :, t] == 5).sum()
+    assert (item["label"][HALF] == 1).any() == bool(liver > 0)
+
+
+def test_box_loss_is_zero_for_the_right_boxes_and_skips_absent_classes():
+    gt = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.0, 0.0, 0.0, 0.0]]])
+    present = torch.tensor([[True, False]])
+    assert float(box_loss(gt.clone(), gt, present)) == pytest.approx(0.0, abs=1e-4)  # GIoU has an eps
+    off = gt.clone()
+    off[0, 0, 0] += 0.1
+    off[0, 1] = 0.9  # wrong, but the class is absent: not counted
+    assert float(box_loss(off, gt, present)) > 0.5
+    assert float(box_loss(off, gt, torch.zeros_like(present))) == 0.0
+
+
+def test_chain_step_trains_lora_and_new_modules_not_the_frozen_encoder():
+    torch.manual_seed(0)
+    model = build_network("autosam3d_tiny")
+    with torch.no_grad():  # LoRA B != 0, so that A gets gradients as well
+        for name, p in model.encoder.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(std=0.1)
+    step = AutoLoss(model, {"auto": {"max_previous": 3, "teacher_boxes": 0.0}}, autocast=contextlib.nullcontext)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 2 * HALF + 1, 32, 32, generator=g)
+    labels = torch.zeros(2, 2 * HALF + 1, 32, 32)
+    labels[:, :, 8:20, 6:16] = 1
+    labels[:, :, 22:28, 20:30] = 3
+    loss, dice = step(images, labels, [11, 12])
+    loss.backward()
+    assert torch.isfinite(loss) and dice.shape == (2,)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    frozen = [n for n in grads if n.startswith("encoder.") and not is_lora_parameter(n)]
+    assert frozen and all(grads[n] is None for n in frozen)  # the frozen base gets none
+    lora = [n for n in grads if is_lora_parameter(n)]
+    assert lora and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in lora)
+    for module in ("local.", "box_generator.semantic", "box_generator.default_anchor", "decoder.history_init",
+                   "decoder.history_filter", "decoder.mask_tokens"):
+        assert any(grads[n] is not None and grads[n].abs().sum() > 0 for n in grads if n.startswith(module)), module
+
+
+def test_smoke_recipe_trains_and_the_checkpoint_segments_the_ct(tmp_path, shared_data):
+    from sam3d.training import train
+
+    recipe = load_recipe(SMOKE, [f"output={tmp_path}", f"data.dir={shared_data}"])
+    out = train(0, recipe, REPO)
+    assert out["step"] == 3 and np.isfinite(out["loss"])
+    header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3
+    side = yaml.safe_load((tmp_path / "model.yaml").read_text())
+    assert side["preset"] == "autosam3d_tiny" and side["network"]["class_names"] == CLASSES
+    loaded = load_model({"checkpoint": str(tmp_path / "model.safetensors")})
+    assert isinstance(loaded.model, AutoSam3D) and loaded.model.class_names == CLASSES
+    state = torch.load(tmp_path / "state.pt", weights_only=True)["model"]
+    torch.manual_seed(recipe["seed"])
+    init = AutoSam3D(loaded.model.config).state_dict()
+    frozen, tuned = "encoder.blocks.0.attn.qkv.weight", "decoder.mask_tokens.weight"
+    assert torch.equal(state[frozen], init[frozen]) and not torch.equal(state[tuned], init[tuned])
+    res = AutoEngine(loaded, EngineConfig(spacing=(3.0, 3.0, 3.0), clip=(-200.0, 300.0), normalize="zscore")).segment(
+        str(shared_data / "totalseg_ct" / "image.nii.gz"))
+    assert res.mask.shape == (122, 101, 112) and res.info["label_names"] == {"liver": 1, "spleen": 2, "kidney_right": 3}
+
+
+def test_gpu_recipe_builds_the_small_network_on_the_ct():
+    from sam3d.models.autosam3d.network import ABDOMEN
+    from sam3d.training.trainer import build_model
+
+    recipe = load_recipe(REPO / "configs" / "train" / "autosam3d.yaml")
+    model, sidecar, engine_cfg = build_model(recipe, REPO)
+    assert isinstance(model, AutoSam3D) and sidecar["preset"] == "autosam3d_small"
+    assert tuple(sidecar["network"]["class_names"]) == ABDOMEN and engine_cfg.spacing == (1.5, 1.5, 1.5)
+    assert recipe["data"]["cases"] == ["totalseg_ct"] and recipe["auto"]["max_previous"] == 3
+
+
+def test_meta_style_sam_checkpoint_loads_into_the_frozen_encoder(tmp_path):
+    """A `.pth` with SAM's `image_encoder.*` keys (other parts too), for a larger image: loaded with
+    weights_only, position tables resized, LoRA untouched."""
+    from sam3d.models.autosam3d.slice_encoder import SliceEncoderViT
+
+    cfg = build_network("autosam3d_tiny").config
+    big = SliceEncoderViT(64, cfg.patch_size, 3, cfg.encoder_embed_dim, cfg.encoder_depth, cfg.encoder_num_heads,
+                          cfg.mlp_ratio, cfg.embed_dim, cfg.window_size, cfg.encoder_global_attn_indexes)
+    torch.nn.init.normal_(big.blocks[0].attn.qkv.weight)
+    sam = {f"image_encoder.{k}": v for k, v in big.state_dict().items()}
+    sam["mask_decoder.iou_token.weight"] = torch.zeros(1, 256)
+    path = tmp_path / "sam_vit_tiny.pth"
+    torch.save(sam, path)
+    model = build_network("autosam3d_tiny")
+    lora_before = model.encoder.blocks[0].attn.qkv.lora_a.detach().clone()
+    AutoLoss(model, {"auto": {"sam_checkpoint": str(path)}}, autocast=contextlib.nullcontext)
+    assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, big.blocks[0].attn.qkv.weight)
+    assert model.encoder.pos_embed.shape[1] == cfg.img_size // cfg.patch_size
+    assert torch.equal(model.encoder.blocks[0].attn.qkv.lora_a, lora_before)
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        AutoLoss(build_network("autosam3d_tiny", freeze_encoder=False), {"auto": {"sam_checkpoint": str(path)}},
+                 autocast=contextlib.nullcontext)
