@@ -135,3 +135,23 @@ def test_meta_style_sam_checkpoint_loads_into_the_frozen_encoder(tmp_path):
     with pytest.raises(ValueError, match="freeze_encoder"):
         AutoLoss(build_network("autosam3d_tiny", freeze_encoder=False), {"auto": {"sam_checkpoint": str(path)}},
                  autocast=contextlib.nullcontext)
+
+
+def test_in_plane_augmentation_moves_image_and_label_together():
+    from sam3d.data.training import Volume
+
+    lab = torch.zeros(1, 40, 30, 12, dtype=torch.int32)
+    lab[0, 5:20, 4:14] = 1
+    lab[0, 22:36, 16:28] = 2
+    vol = Volume("synthetic", (lab.float() * 10.0), lab)
+    names = {"synthetic": {1: "liver", 2: "spleen"}}
+    cfg = EngineConfig(spacing=(3.0,) * 3, normalize="none")
+    plain = AutoSliceDataset([vol], cfg, CLASSES, names, size=32, seed=0, augment=0.0)
+    moved = AutoSliceDataset([vol], cfg, CLASSES, names, size=32, seed=0, augment=1.0)
+    for i in range(3):
+        a, b = plain[i], moved[i]
+        assert b["image"].shape == a["image"].shape and not torch.equal(b["label"], a["label"])
+        assert set(np.unique(b["label"].numpy())) <= {0, 1, 2}  # labels stay labels
+        for c in (1, 2):  # each class still sits on its own intensity (x 0.9-1.1, +-0.1: the intensity change)
+            inside = b["image"][b["label"] == c]
+            assert abs(float(inside.median()) - 10.0 * c) < 1.2 + 0.1 * c * 10

@@ -20,6 +20,7 @@ Recipe section (its presence selects this step; configs/train/autosam3d*.yaml):
       teacher_boxes: 0.5       # share of steps whose previous boxes come from the ground truth (jittered)
       box_loss_weight: 1.0
       foreground_slices: 0.9   # share of samples whose slice t holds a class (else any slice)
+      augment: 0.5             # share of samples moved in-plane (rotation, scale, shift; all nine slices alike)
       sam_checkpoint: null     # Meta's sam_vit_b_01ec64.pth: its encoder into a frozen ViT-B encoder
 """
 
@@ -30,12 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from monai.transforms import RandAffined
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from ..data.clicks import derive_seed
-from ..data.training import Volume
+from ..data.training import Volume, _plain
 from ..engine.auto import SliceGeometry
 from ..engine.checkpoint import read_state_dict
 from ..engine.interactive import EngineConfig, normalize_window
@@ -54,8 +56,11 @@ class AutoSliceDataset(Dataset):
 
     def __init__(self, volumes: list[Volume], engine_config: EngineConfig, class_names: list[str],
                  names: dict[str, dict[int, str]], size: int, seed: int = 0, foreground_slices: float = 0.9,
-                 length: int = 10**9) -> None:
+                 augment: float = 0.0, length: int = 10**9) -> None:
         self.size, self.seed, self.length, self.fg = int(size), int(seed), int(length), float(foreground_slices)
+        # the slices are the channels of one 2D image: one in-plane motion for all; no flips (left/right organs)
+        self.affine = RandAffined(["image", "label"], prob=float(augment), rotate_range=0.26, scale_range=0.15,
+                                  translate_range=0.08 * size, mode=("bilinear", "nearest"), padding_mode="border")
         self.items = []
         for v in volumes:
             table = {name: value for value, name in (names.get(v.name) or {}).items()}
@@ -89,6 +94,9 @@ class AutoSliceDataset(Dataset):
         # an intensity change per sample: scale and shift of the normalised values
         img = img * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
         lab = geo.to_model(classes[..., idx].permute(2, 0, 1).float(), fill=0.0, mode="nearest")[:, 0]
+        self.affine.set_random_state(int(rng.integers(2**31 - 1)))
+        moved = self.affine({"image": img, "label": lab})
+        img, lab = _plain(moved["image"]), _plain(moved["label"])
         return {"image": img.contiguous(), "label": lab.contiguous(), "seed": derive_seed(self.seed, "chain", int(index)),
                 "index": int(index), "case": name, "target": f"slice {t}", "synthetic": False}
 
@@ -96,7 +104,8 @@ class AutoSliceDataset(Dataset):
 def auto_dataset(volumes, engine_config, model, recipe: dict, root, seed: int) -> AutoSliceDataset:
     a = recipe.get("auto") or {}
     return AutoSliceDataset(volumes, engine_config, model.class_names, case_names(recipe, Path(root)),
-                            model.img_size, seed=seed, foreground_slices=float(a.get("foreground_slices", 0.9)))
+                            model.img_size, seed=seed, foreground_slices=float(a.get("foreground_slices", 0.9)),
+                            augment=float(a.get("augment", 0.5)))
 
 
 def load_sam_encoder(model: nn.Module, path) -> None:
