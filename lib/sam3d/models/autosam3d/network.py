@@ -80,11 +80,11 @@ AUTOSAM3D_PRESETS: dict[str, AutoSam3DConfig] = {
     # SAM ViT-B (Meta's sam_vit_b_01ec64.pth loads into `encoder`) on 256-pixel slices, as the paper's SAM-b
     "autosam3d_vit_b": AutoSam3DConfig(),
     # the CPU-sized network we train and ship: the same design, smaller numbers; no SAM weights exist at this
-    # size, so its encoder trains from scratch with the rest
+    # size, so its encoder trains from scratch with the rest (and needs no LoRA)
     "autosam3d_small": AutoSam3DConfig(img_size=128, patch_size=8, encoder_embed_dim=192, encoder_depth=4,
                                        encoder_num_heads=4, encoder_global_attn_indexes=(1, 3), window_size=8,
                                        embed_dim=128, local_heads=4, history_tokens=4, decoder_num_heads=4,
-                                       decoder_mlp_dim=512, freeze_encoder=False),
+                                       decoder_mlp_dim=512, freeze_encoder=False, lora_rank=0),
     # tests
     "autosam3d_tiny": AutoSam3DConfig(class_names=("liver", "spleen", "kidney_right"), img_size=32, patch_size=8,
                                       encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
