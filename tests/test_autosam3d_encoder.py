@@ -62,7 +62,8 @@ def test_vit_b_outputs_equal_segment_anything(img_size):
 
 
 def test_small_config_equals_segment_anything_and_loads_resized_checkpoint():
-    small = dict(embed_dim=64, depth=3, num_heads=4, global_attn_indexes=(2,), window_size=3, patch_size=8, out_chans=32)
+    small = dict(embed_dim=64, depth=3, num_heads=4, global_attn_indexes=(2,), window_size=3, patch_size=8,
+                 out_chans=32)
     ref = _reference(80, **small).eval()  # 10x10 tokens, windows of 3 with padding
     ref.load_state_dict(_randomise(ref, seed=3))
     ours = SliceEncoderViT(img_size=80, **small).eval()

@@ -97,8 +97,9 @@ class AutoSliceDataset(Dataset):
         self.affine.set_random_state(int(rng.integers(2**31 - 1)))
         moved = self.affine({"image": img, "label": lab})
         img, lab = _plain(moved["image"]), _plain(moved["label"])
-        return {"image": img.contiguous(), "label": lab.contiguous(), "seed": derive_seed(self.seed, "chain", int(index)),
-                "index": int(index), "case": name, "target": f"slice {t}", "synthetic": False}
+        return {"image": img.contiguous(), "label": lab.contiguous(), "index": int(index),
+                "seed": derive_seed(self.seed, "chain", int(index)), "case": name, "target": f"slice {t}",
+                "synthetic": False}
 
 
 def auto_dataset(volumes, engine_config, model, recipe: dict, root, seed: int) -> AutoSliceDataset:
@@ -125,7 +126,8 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) ->
     if not bool(present.any()):
         return pred.sum() * 0.0
     p, t = pred[present], target[present]
-    giou = generalized_box_iou_loss(box_convert(p, "cxcywh", "xyxy"), box_convert(t, "cxcywh", "xyxy"), reduction="mean")
+    giou = generalized_box_iou_loss(box_convert(p, "cxcywh", "xyxy"), box_convert(t, "cxcywh", "xyxy"),
+                                    reduction="mean")
     return 5.0 * F.l1_loss(p, t) + 2.0 * giou
 
 

@@ -60,8 +60,9 @@ class BoxPromptGenerator(nn.Module):
         default = self.default_anchor.sigmoid().expand(batch, -1, -1)
         if prev_boxes is None:
             return default
-        present = prev_present[..., None] if prev_present is not None else torch.ones_like(prev_boxes[..., :1], dtype=torch.bool)
-        return torch.where(present, prev_boxes.to(default.dtype).clamp(1e-3, 1 - 1e-3), default)
+        if prev_present is None:
+            prev_present = torch.ones(prev_boxes.shape[:2], dtype=torch.bool, device=prev_boxes.device)
+        return torch.where(prev_present[..., None], prev_boxes.to(default.dtype).clamp(1e-3, 1 - 1e-3), default)
 
     def forward(self, feats: torch.Tensor, feats_pos: torch.Tensor, prev_boxes: torch.Tensor | None = None,
                 prev_present: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:

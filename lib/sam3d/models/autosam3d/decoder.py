@@ -16,7 +16,8 @@ from .slice_encoder import LayerNorm2d
 
 
 class MultiClassMaskDecoder(nn.Module):
-    def __init__(self, num_classes: int, dim: int, depth: int, num_heads: int, mlp_dim: int, history_tokens: int) -> None:
+    def __init__(self, num_classes: int, dim: int, depth: int, num_heads: int, mlp_dim: int,
+                 history_tokens: int) -> None:
         super().__init__()
         self.num_outputs = num_classes + 1  # background first
         self.history_tokens = history_tokens

@@ -13,7 +13,8 @@ class LoRALinear(nn.Linear):
     B starts at zero: before training the layer computes exactly the pretrained projection.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0, alpha: float = 1.0) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,
+                 alpha: float = 1.0) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.rank = int(rank)
         if self.rank > 0:

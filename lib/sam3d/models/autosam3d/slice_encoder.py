@@ -35,7 +35,8 @@ def _rel_pos(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
 class SliceAttention(nn.Module):
     """Multi-head self-attention over an (H, W) token grid with decomposed relative positions; qkv with LoRA."""
 
-    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], lora_rank: int, lora_alpha: float) -> None:
+    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], lora_rank: int,
+                 lora_alpha: float) -> None:
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
