@@ -11,16 +11,14 @@ checkpoint is missing, 422 for an image the model cannot read, 404 for one that 
 
 import logging
 import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from .app_config import TaskSpec
-from .infer_point import EngineFactory, Sam3DPointInfer, _input_error_types, _jsonable
+from .infer_point import EngineFactory, Sam3DPointInfer, _input_error_types, _jsonable, write_label_file
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +92,7 @@ class Sam3DAutoInfer(Sam3DPointInfer):
         except _input_error_types() as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
         t_write = time.perf_counter()
-        fd, out = tempfile.mkstemp(prefix=f"{self.name}_", suffix=".nii.gz")
-        os.close(fd)
-        try:
-            engine.write_label(res, out)
-        except BaseException:
-            Path(out).unlink(missing_ok=True)
-            raise
+        out = write_label_file(engine, res, self.name)
         now = time.perf_counter()
         timings = {**res.timings, "write": now - t_write, "request": now - t0}
         result = {**res.info, "task": self.name, "model": self.model_name, "network": res.info.get("model"),

@@ -46,6 +46,18 @@ def default_engine_factory(model_config: dict, device: str):
     return InteractiveEngine(loaded, EngineConfig.from_dict(model_config), device=device)
 
 
+def write_label_file(engine, result, task_name: str) -> str:
+    """The answer as a temporary NIfTI (MONAI Label sends it, then deletes it); nothing is left if writing fails."""
+    fd, out = tempfile.mkstemp(prefix=f"{task_name}_", suffix=".nii.gz")
+    os.close(fd)
+    try:
+        engine.write_label(result, out)
+    except BaseException:
+        Path(out).unlink(missing_ok=True)
+        raise
+    return out
+
+
 def resolve_device(device: str | None) -> tuple[str, str | None]:
     """(device, error): auto -> cuda when available, else cpu; an unusable device is an error for /info."""
     import torch
@@ -299,13 +311,7 @@ class Sam3DPointInfer(InferTask):
             raise HTTPException(status_code=422, detail=str(e)) from e
 
         t_write = time.perf_counter()
-        fd, out = tempfile.mkstemp(prefix=f"{self.name}_", suffix=".nii.gz")
-        os.close(fd)
-        try:
-            engine.write_label(res, out)
-        except BaseException:
-            Path(out).unlink(missing_ok=True)
-            raise
+        out = write_label_file(engine, res, self.name)
         now = time.perf_counter()
 
         timings = dict(res.timings)
