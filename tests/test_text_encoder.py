@@ -1,6 +1,7 @@
 """The text tower: the packaged MiniLM through open_clip, offline; the cache; name variants; clear errors."""
 
 import socket
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from offline import NetworkBlocked, no_network  # noqa: F401 - fixture
 from sam3d.text import encoder as text_encoder
 from sam3d.text import load_text_encoder, name_to_words, normalize_prompt, prompt_variants, random_prompt
-from sam3d.text.encoder import TextModelMissingError, stack_embeddings
+from sam3d.text.encoder import TextModelMissingError, load_text_encoder_for, stack_embeddings
 
 
 def test_guard_blocks_sockets(no_network):  # noqa: F811
@@ -82,6 +83,11 @@ def test_open_clip_clip_tower_by_config(no_network, tmp_path):  # noqa: F811
     e = enc("left kidney")
     assert enc.dim == 32
     assert e.tokens.shape[0] == 4  # start, two words, end; the padding is cut
+    # a network names its text model; a machine may say where that model is, and the widths must agree
+    net = SimpleNamespace(text_model="minilm", text_dim=32)
+    assert load_text_encoder_for(net, "tiny-clip-test") is enc
+    with pytest.raises(ValueError, match="expects 32-d"):
+        load_text_encoder_for(net)
 
 
 def test_names_to_words():

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..text import load_text_encoder, name_to_words, normalize_prompt
-from ..text.encoder import stack_embeddings
+from ..text import name_to_words, normalize_prompt
+from ..text.encoder import load_text_encoder_for, stack_embeddings
 from ..text.variants import SYNONYMS
 from .checkpoint import LoadedModel, load_model
 from .errors import Sam3DInputError
@@ -68,15 +68,12 @@ class TextEngine(InteractiveEngine):
     """The point engine plus `segment_text`; the network must take text (`RefSam3D`)."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, device: str = "cpu",
-                 text_encoder=None, min_similarity: float = 0.4) -> None:
+                 text_encoder=None, min_similarity: float = 0.4, text_model=None) -> None:
         super().__init__(loaded, config, device)
         if not getattr(self.model, "supports_text", False):
             raise ValueError(f"{self.model_name} does not take text prompts (use a RefSAM3D checkpoint)")
         net = self.model.config
-        self.text_encoder = text_encoder or load_text_encoder(net.text_model, device=str(self.device))
-        if self.text_encoder.dim != net.text_dim:
-            raise ValueError(f"text model {self.text_encoder.name!r} gives {self.text_encoder.dim}-d tokens, "
-                             f"the network was trained with {net.text_dim}-d ({net.text_model!r})")
+        self.text_encoder = text_encoder or load_text_encoder_for(net, text_model, device=str(self.device))
         self.min_similarity = float(min_similarity)
         self._vocabulary = _vocabulary_words(net.vocabulary)
         self._vocabulary_matrix = None
@@ -256,7 +253,9 @@ class TextEngine(InteractiveEngine):
 
 
 def text_engine_from_config(model_config: dict, device: str = "cpu", text_encoder=None) -> TextEngine:
-    """The model config's network and weights as a `TextEngine` (`text_min_similarity`: the unknown-text gate)."""
+    """The model config's network and weights as a `TextEngine`. Keys: `text_min_similarity` (the unknown-text
+    gate), `text_model` (where the network's text model is on this machine, see `sam3d.text.encoder`)."""
     loaded = load_model(model_config)
     return TextEngine(loaded, EngineConfig.from_dict(model_config), device=device, text_encoder=text_encoder,
-                      min_similarity=float(model_config.get("text_min_similarity", 0.4)))
+                      min_similarity=float(model_config.get("text_min_similarity", 0.4)),
+                      text_model=model_config.get("text_model"))

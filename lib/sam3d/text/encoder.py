@@ -9,6 +9,10 @@ Text models (`text_model` in a model config):
   `local-dir:/path` folder (open_clip_config.json + weights, e.g. BiomedCLIP's files), or an `hf-hub:` id that is
   already in the Hugging Face cache. Pretrained tags (which download) are refused: nothing is downloaded.
 
+A RefSAM3D network records the text model it was trained with (`text_model`, a name: `minilm`, `ViT-B-16`,
+`hf-hub:...`); where that model's files live on a machine is a serving or training setting (`text_model` in the
+model config, `text.model` in a recipe: a name or `{name, pretrained}`), see `load_text_encoder_for`.
+
 The tower gives, per text, the token embeddings (L, C) that the cross-modal projector reads and a pooled
 sentence embedding (C,) (for the similarity gate). The loader forces HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE.
 """
@@ -211,4 +215,14 @@ def load_text_encoder(text_model=None, device: str = "cpu", cache_size: int = 10
     encoder = TextEncoder(tower.to(device), tokenizer, name, cache_size)
     with _registry_lock:
         _loaded[key] = encoder
+    return encoder
+
+
+def load_text_encoder_for(network_config, override=None, device: str = "cpu") -> TextEncoder:
+    """The text tower a network was trained with (`network_config.text_model`, or `override`, e.g. the same model's
+    weights file on this machine), checked against the token width the network expects (`text_dim`)."""
+    encoder = load_text_encoder(override or network_config.text_model, device=device)
+    if encoder.dim != network_config.text_dim:
+        raise ValueError(f"text model {encoder.name!r} gives {encoder.dim}-d tokens; the network expects "
+                         f"{network_config.text_dim}-d (it was trained with {network_config.text_model!r})")
     return encoder

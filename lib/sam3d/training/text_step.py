@@ -14,6 +14,7 @@ Recipe section (its presence selects this step; see configs/train/refsam3d*.yaml
       zoom_out_prob: 0.25     # samples that are the whole volume resized into the window (the search's coarse pass)
       synonym_prob: 0.2       # prompts that use a synonym of the name
       names: {voxelmorph_aseg: freesurfer_aseg}   # cases without a names file: a built-in table or {value: name}
+      model: null             # where the network's text model is here, e.g. {name: ViT-B-16, pretrained: /path}
 """
 
 import logging
@@ -29,8 +30,8 @@ from torch.utils.data import Dataset
 from ..data.cases import find_cases
 from ..data.clicks import derive_seed
 from ..engine.text_search import TextBound, zoom_out_window
-from ..text import load_text_encoder, name_to_words, random_prompt
-from ..text.encoder import stack_embeddings
+from ..text import name_to_words, random_prompt
+from ..text.encoder import load_text_encoder_for, stack_embeddings
 from ..text.variants import NAME_TABLES
 from .interactive import _sample_rounds
 
@@ -81,9 +82,7 @@ class TextLoss(nn.Module):
         sam.config = replace(sam.config, vocabulary=tuple(self.vocabulary))
         sidecar["network"] = {**sidecar.get("network", {}), "vocabulary": list(self.vocabulary)}
         device = next(sam.parameters()).device
-        self.encoder = load_text_encoder(sam.config.text_model, device=str(device))
-        if self.encoder.dim != sam.config.text_dim:
-            raise ValueError(f"text model gives {self.encoder.dim}-d tokens; the network expects {sam.config.text_dim}")
+        self.encoder = load_text_encoder_for(sam.config, t.get("model"), device=str(device))
 
     def target_names(self, case: str, target: str) -> list[str] | None:
         table = self.names.get(case) or {}
