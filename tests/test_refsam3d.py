@@ -79,6 +79,10 @@ def test_full_resolution_output_for_text_clicks_and_both(model):
     assert not torch.allclose(other, logits)  # the text matters
     batch, _ = model.decode(model.encode_image(torch.randn(2, 1, S, S, S)), text=_text(2))
     assert batch.shape == (2, 1, S, S, S)
+    # the ablations of the paper's Table IV: a linear projector, the last stage alone
+    ablated = build_network("refsam3d_tiny", projector_layers=1, hierarchical=False).eval()
+    assert len(ablated.cross_attention.blocks) == 1 and isinstance(ablated.text_projector.mlp, torch.nn.Linear)
+    assert ablated.decode(ablated.encode_image(img), text=text)[0].shape == (1, 1, S, S, S)
 
 
 def test_frozen_encoder_gets_no_gradient_adapters_do(model):

@@ -172,22 +172,28 @@ class TextEngine(InteractiveEngine):
         positive = coarse > 0
         if not positive.any():
             return torch.full(shape, _EMPTY_LOGIT, dtype=torch.float16), windows, float(iou.reshape(-1)[0])
-        total = torch.zeros(shape)
-        count = torch.zeros(shape)
+        starts = self._zoom_in_windows(positive)
+        size = self.model.img_size
+        lo = np.clip(np.min(starts, 0), 0, None)  # the windows' part of the volume: sums over it alone
+        hi = np.minimum(np.max(starts, 0) + size, shape)
+        total = torch.zeros(tuple(hi - lo))
+        count = torch.zeros(tuple(hi - lo))
         scores = []
-        for start in self._zoom_in_windows(positive):
+        for start in starts:
             emb, t_enc = self._embedding(sess, key, start)
             t = time.perf_counter()
-            prior = crop(coarse, start, self.model.img_size, _EMPTY_LOGIT)[None, None].to(self.device)
+            prior = crop(coarse, start, size, _EMPTY_LOGIT)[None, None].to(self.device)
             logits, iou = self.model.decode(emb, mask_input=prior, text=prompt)
-            src, dst = overlap(start, self.model.img_size, shape)
+            src, dst = overlap(tuple(int(v) for v in np.asarray(start) - lo), size, total.shape)
             total[dst] += logits[0, 0].float().cpu()[src]
             count[dst] += 1
             scores.append(float(iou.reshape(-1)[0]))
             timings["encode"] += t_enc
             timings["decode"] += time.perf_counter() - t
-            windows.append({"start": list(start), "size": self.model.img_size, "embedding_cached": t_enc == 0.0})
-        fine = torch.where(count > 0, total / count.clamp_min(1), coarse)
+            windows.append({"start": list(start), "size": size, "embedding_cached": t_enc == 0.0})
+        fine = coarse.clone()
+        region = fine[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        region[count > 0] = total[count > 0] / count[count > 0]
         return fine.to(torch.float16), windows, float(np.mean(scores))
 
     def _zoom_in_windows(self, positive: torch.Tensor) -> list[tuple]:
