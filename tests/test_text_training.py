@@ -52,6 +52,8 @@ def test_smoke_recipe_trains_and_the_checkpoint_serves_text(tmp_path, shared_dat
     assert out["step"] == 3 and np.isfinite(out["loss"])
     header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3
+    val = (tmp_path / "val.csv").read_text().splitlines()
+    assert val[0].startswith("step,dice_text,dice_1") and len(val) == 2  # text Dice beside the click Dice
     side = yaml.safe_load((tmp_path / "model.yaml").read_text())
     assert side["preset"] == "refsam3d_tiny" and "liver" in side["network"]["vocabulary"]
     assert "left kidney" in side["network"]["vocabulary"]

@@ -125,6 +125,31 @@ class TextLoss(nn.Module):
         return (loss + r * refine_loss) / (1 + r), np.concatenate([[dice_text], refine_dice])
 
 
+    @torch.no_grad()
+    def validate(self, model, dataset, samples: int, clicks: int, icfg, loss_fn, autocast, device) -> dict:
+        """The trainer's click validation plus `dice_text`: the text alone ("the <name>") on the same fixed windows
+        (targets without a name are left out of it)."""
+        from .trainer import validate
+
+        was_training = model.training
+        model.eval()
+        dice = []
+        for i in range(samples):
+            item = dataset[i]
+            names = self.target_names(item["case"], item["target"])
+            if names is None:
+                continue
+            prompt = stack_embeddings([self.encoder("the " + " and ".join(name_to_words(n) for n in names))],
+                                      device=device)
+            with autocast():
+                logits, _ = model.decode(model.encode_image(item["image"][None].to(device)), text=prompt)
+            pred, ref = logits.float()[0, 0] > 0, item["label"][0].to(device) > 0.5
+            dice.append(float(2 * (pred & ref).sum() / max(int(pred.sum() + ref.sum()), 1)))
+        model.train(was_training)
+        row = {"dice_text": float(np.mean(dice)) if dice else float("nan")}
+        return {**row, **validate(model, dataset, samples, clicks, icfg, loss_fn, autocast, device)}
+
+
 class ZoomOutDataset(Dataset):
     """A `WindowDataset` in which a share of the samples (`prob`, decided by the index) is a whole volume resized into
     the window with one of its labels: what the text search's coarse pass (zoom-out) sees. Same keys as a window."""

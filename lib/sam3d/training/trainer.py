@@ -312,8 +312,8 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
             val_set = WindowDataset(volumes, engine_cfg, sampling, seed=seed + 7919, augment=False)
 
             def _validate(engine):
-                row = validate(model, val_set, int(val_cfg.get("samples", 8)), int(val_cfg.get("clicks", 5)),
-                               icfg, loss_fn, autocast, device)
+                row = getattr(wrapped, "validate", validate)(model, val_set, int(val_cfg.get("samples", 8)),
+                                                             int(val_cfg.get("clicks", 5)), icfg, loss_fn, autocast, device)
                 row = {"step": engine.state.iteration, **row}
                 val_rows.append(row)
                 vpath = out / "val.csv"
