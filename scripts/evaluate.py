@@ -120,7 +120,8 @@ def _software() -> str:
 def build_segmenters(args, device: str) -> list:
     segmenters = []
     if args.server:
-        segmenters.append(ServerSegmenter(args.server, args.server_model, upload=args.server_upload))
+        segmenters.append(ServerSegmenter(args.server, args.server_model, upload=args.server_upload,
+                                          send_text=args.protocol == "text"))
     elif args.model != "baseline":
         from sam3d.engine import WeightsMissingError
 

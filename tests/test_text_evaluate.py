@@ -70,3 +70,39 @@ def test_evaluate_cli_text_protocol(tmp_path, shared_data, tiny_refsam3d):
     assert all(float(r["dice"]) == 0.0 for r in first if r["method"] == "random_walker")
     assert all(int(r["n_foreground"]) + int(r["n_background"]) == 1 for r in rows if r["click"] == "2")
     assert "text" in (out / "summary.md").read_text()
+
+
+def test_server_segmenter_sends_the_name_as_text(monkeypatch, tmp_path):
+    """Protocol `text` through a server: the name goes as `text` (any name), the label only when declared."""
+    import monailabel.client
+
+    import nibabel as nib
+
+    from sam3d.evaluation import ServerSegmenter
+
+    sent = []
+
+    class FakeClient:
+        def __init__(self, url, tmpdir=None):
+            self.tmpdir = tmpdir
+
+        def info(self):
+            return {"models": {"sam3d_text": {"labels": {"liver": 5}}}}
+
+        def datastore(self):
+            return {"objects": {"ct": {}}}
+
+        def infer(self, model, image_id, params):
+            sent.append(params)
+            out = Path(self.tmpdir) / "mask.nii.gz"
+            nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)), str(out))
+            return str(out), {}
+
+    monkeypatch.setattr(monailabel.client, "MONAILabelClient", FakeClient)
+    seg = ServerSegmenter("http://fake", "sam3d_text", send_text=True)
+    seg._ids["ct.nii.gz"] = "ct"
+    seg.segment("ct.nii.gz", [], [], None, "kidney_left")
+    seg.segment("ct.nii.gz", [[1, 1, 1]], [], None, "liver")
+    assert sent[0]["text"] == "kidney_left" and sent[0]["label"] == "structure" and sent[0]["foreground"] == []
+    assert sent[1]["text"] == "liver" and sent[1]["label"] == "liver"
+    seg.close()

@@ -113,17 +113,19 @@ class ServerSegmenter:
     is already there, and uploaded under that id otherwise (`upload="missing"`, the default); `upload="always"`
     uploads every time, `"never"` requires the image to be there. A DICOM folder is uploaded as a NIfTI written
     from the LoadImage array and affine, so that the server's indices are the same. The structure's name is
-    sent as `label` when the task declares it, otherwise `fallback_label`.
+    sent as `label` when the task declares it, otherwise `fallback_label`; with `send_text` (protocol `text`) it is also
+    sent as `text`, the prompt of a `sam3d_text` task.
     """
 
     def __init__(self, url: str, model: str = "sam3d_point", upload: str = "missing", image_prefix: str = "",
-                 fallback_label: str = "structure", tmpdir: str | None = None) -> None:
+                 fallback_label: str = "structure", tmpdir: str | None = None, send_text: bool = False) -> None:
         from monailabel.client import MONAILabelClient
 
         if upload not in ("missing", "always", "never"):
             raise ValueError("upload must be missing, always or never")
         self.url, self.model, self.upload, self.image_prefix = url, model, upload, image_prefix
         self.fallback_label = fallback_label
+        self.send_text = send_text  # protocol `text`: the structure's name also goes as `text` (sam3d_text)
         self._tmp = tempfile.TemporaryDirectory(prefix="sam3d-eval-", dir=tmpdir)
         self.client = MONAILabelClient(url, tmpdir=self._tmp.name)
         info = self.client.info()
@@ -184,6 +186,8 @@ class ServerSegmenter:
         }
         if roi is not None:
             params["roi"] = [int(v) for v in roi]
+        if self.send_text:
+            params["text"] = label
         result, _ = self.client.infer(self.model, image_id, params)
         try:
             return (np.asarray(nib.load(result).dataobj) > 0).astype(np.uint8)
