@@ -96,6 +96,8 @@ def test_names_to_words():
     assert name_to_words("Left-Cerebral-White-Matter") == "left cerebral white matter"
     assert name_to_words("vertebrae_L1") == "vertebrae L1"
     assert name_to_words("rib_right_4") == "right rib 4"
+    assert name_to_words("Left-VentralDC") == "left ventral diencephalon"
+    assert name_to_words("CC_Mid_Posterior") == "corpus callosum middle posterior"
     assert normalize_prompt("kidney_left") == "left kidney"
     assert normalize_prompt("  the   liver ") == "the liver"
 

@@ -28,7 +28,7 @@ _ABBREVIATIONS = {
     "sup": "superior", "inf": "inferior", "mid": "middle", "med": "medial", "ant": "anterior", "post": "posterior",
     "orb": "orbital", "oper": "opercular", "tri": "triangular", "supp": "supplementary", "lat": "lateral",
     "vent": "ventricle", "dc": "diencephalon", "cc": "corpus callosum", "csf": "cerebrospinal fluid",
-    "wm": "white matter", "vena": "vein",
+    "wm": "white matter", "vena": "vein", "ventraldc": "ventral diencephalon",
 }
 _SIDES = {"l": "left", "r": "right", "left": "left", "right": "right", "lh": "left", "rh": "right"}
 
