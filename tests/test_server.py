@@ -77,6 +77,8 @@ def server(shared_data, tmp_path_factory):
         (f"infers.{NOWEIGHTS}.model", "sam3d_small"),
         (f"infers.{NOWEIGHTS}.checkpoint", tmp / "absent" / "sam3d_small.safetensors"),
         ("infers.sam3d_semantic_point.checkpoint", _tiny_segsam3d(tmp / "segsam3d.safetensors")),
+        ("infers.sam3d_text.checkpoint", _tiny_refsam3d(tmp / "refsam3d.safetensors")),
+        ("infers.sam3d_text.spacing", "[3, 3, 3]"),  # a tiny network's 32^3 windows: cover more of the CT
     ]
     with running_server(tmp, studies, conf) as (url, proc, log):
         yield Server(url, proc, log, tmp, studies, MONAILabelClient(url, tmpdir=str(tmp / "client")))
@@ -98,6 +100,19 @@ def _tiny_segsam3d(path: Path) -> Path:
     model = build_sam3d("segsam3d", **TINY_SEGSAM3D)
     torch.nn.init.normal_(model.semantic_prompt.out_proj.weight, std=0.1)
     save_checkpoint(model, path, {"preset": "segsam3d", "network": TINY_SEGSAM3D})
+    return path
+
+
+def _tiny_refsam3d(path: Path) -> Path:
+    """RefSAM3D at its tiny size, random weights, trained (in name only) on three structures."""
+    import torch
+
+    from sam3d.engine import save_checkpoint
+    from sam3d.models import build_network
+
+    torch.manual_seed(0)
+    network = {"vocabulary": ["liver", "spleen", "kidney_left"]}
+    save_checkpoint(build_network("refsam3d_tiny", **network), path, {"preset": "refsam3d_tiny", "network": network})
     return path
 
 
@@ -258,3 +273,20 @@ def test_segsam3d_task_answers_clicks_as_the_library_does(server):
     expected = engine.segment(str(server.studies / "ct.nii.gz"), request["foreground"], request["background"],
                               None, "liver").mask
     np.testing.assert_array_equal(np.asarray(out.dataobj), expected)
+
+
+def test_text_task_answers_a_name_without_a_click(server):
+    """`sam3d_text`: the label (or typed text) is the prompt; the answer lies on the image's grid; a text far from
+    every trained name gets an empty mask and says so."""
+    task = server.client.info()["models"]["sam3d_text"]
+    assert task["sam3d"]["status"] in ("not_loaded", "ready") and "liver" in task["labels"]
+    f, params = server.infer("ct", {"label": "liver"}, model="sam3d_text")
+    out, src = nib.load(f), nib.load(server.studies / "ct.nii.gz")
+    assert out.shape == src.shape and np.allclose(out.affine, src.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    assert params["label"] == "liver" and params["closest_name"] == "liver" and params["task"] == "sam3d_text"
+    _, typed = server.infer("ct", {"text": "the left kidney", "label": "kidney_left"}, model="sam3d_text")
+    assert typed["closest_name"] in ("kidney_left", "left kidney")  # the trained name, or its words
+    f, unknown = server.infer("ct", {"text": "a banana"}, model="sam3d_text")
+    assert unknown["voxels"] == 0 and "not a structure" in unknown["message"]
+    _good_request_works(server)

@@ -54,7 +54,7 @@ except ImportError:  # a plain checkout without `pip install -e .`
     sys.path.insert(0, str(PROJECT_ROOT / "lib"))
     import sam3d
 
-from sam3d.monailabel import Sam3DAutoInfer, Sam3DPointInfer, Sam3DTrainTask, load_app_config, train_api
+from sam3d.monailabel import Sam3DAutoInfer, Sam3DPointInfer, Sam3DTextInfer, Sam3DTrainTask, load_app_config, train_api
 from sam3d.monailabel.activelearning import (
     RandomStrategy,
     ScoreCache,
@@ -67,8 +67,8 @@ from sam3d.monailabel.retrain import RetrainPolicy
 
 logger = logging.getLogger(__name__)
 
-# infer task class per task `kind` (configs/app.yaml); the text and auto kinds join as their variants land
-TASK_CLASSES = {"point": Sam3DPointInfer, "auto": Sam3DAutoInfer}
+# infer task class per task `kind` (configs/app.yaml)
+TASK_CLASSES = {"point": Sam3DPointInfer, "text": Sam3DTextInfer, "auto": Sam3DAutoInfer}
 
 
 def in_task_process() -> bool:
