@@ -376,7 +376,9 @@ class Sam3DTrainTask(TrainTask):
 
         by_id = {s[0]: s for s in sources}
         train_ids, val_ids = split_ids(list(by_id), p.val_split)
-        run = self.runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        # names sort in start order, also for runs started within the same second (latest_run relies on it)
+        now = time.time_ns()
+        run = self.runs_dir / f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now // 10**9))}-{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
         data = run / "data"
         keep = [self.spec.labels[n] for n in p.labels] if p.labels else None
         train_ids = [s[0] for s in link_datastore([by_id[i] for i in train_ids], data, keep)]
