@@ -41,13 +41,12 @@ from sam3d.data.cases import find_cases  # noqa: E402
 from sam3d.data.clicks import PROTOCOLS  # noqa: E402
 from sam3d.evaluation import (  # noqa: E402
     ClicksOnlySegmenter,
-    EngineSegmenter,
     EvalConfig,
     RandomWalkerSegmenter,
     ServerSegmenter,
-    TextEngineSegmenter,
     load_model_config,
     run_evaluation,
+    segmenter_from_config,
     write_report,
 )
 
@@ -127,8 +126,7 @@ def build_segmenters(args, device: str) -> list:
 
         cfg = load_model_config(args.model, args.configs, args.checkpoint)
         try:
-            kind = TextEngineSegmenter if args.protocol == "text" else EngineSegmenter
-            segmenters.append(kind.from_config(cfg, device=device, name=cfg.get("name")))
+            segmenters.append(segmenter_from_config(cfg, device=device, name=cfg.get("name"), protocol=args.protocol))
         except WeightsMissingError as e:
             raise SystemExit(
                 f"error: model {args.model!r} has no weights: {e}.\n"

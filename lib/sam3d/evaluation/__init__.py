@@ -8,7 +8,15 @@ from .metrics import NOC_THRESHOLDS, noc, segmentation_metrics
 from .report import write_report
 from .runner import COLUMNS, EvalConfig, run_evaluation, run_target
 from ..engine.model_config import load_model_config
-from .segmenters import ClicksOnlySegmenter, EngineSegmenter, Segmenter, ServerSegmenter, TextEngineSegmenter
+from .segmenters import (
+    ClicksOnlySegmenter,
+    EngineSegmenter,
+    LabelVolumeSegmenter,
+    Segmenter,
+    ServerSegmenter,
+    TextEngineSegmenter,
+    segmenter_from_config,
+)
 
 __all__ = [
     "COLUMNS",
@@ -20,6 +28,8 @@ __all__ = [
     "RandomWalkerSegmenter",
     "Segmenter",
     "TextEngineSegmenter",
+    "LabelVolumeSegmenter",
+    "segmenter_from_config",
     "ServerSegmenter",
     "load_model_config",
     "noc",

@@ -98,12 +98,13 @@ def _finished(spec: dict, name: str, root: Path) -> bool:
 
 
 def build_variant_segmenters(spec: dict, root: Path, device: str) -> list:
-    from .segmenters import EngineSegmenter
+    from .segmenters import segmenter_from_config
 
     segs = []
     for name, v in spec["variants"].items():
         cfg = load_model_config(str(v.get("model", "sam3d_small")), root / "configs", str(checkpoint_of(spec, name, root)))
-        segs.append(EngineSegmenter.from_config(cfg, device=device, name=name))
+        cfg.update(v.get("engine") or {})  # engine settings per variant, e.g. {order: top_down} for the auto model
+        segs.append(segmenter_from_config(cfg, device=device, name=name))
     if spec.get("baseline", True):
         from .baseline import RandomWalkerSegmenter
 

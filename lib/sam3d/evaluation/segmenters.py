@@ -88,6 +88,51 @@ class TextEngineSegmenter(EngineSegmenter):
         return self.engine.segment_text(str(image_path), label, foreground, background).mask
 
 
+# ---- models that label a whole volume without prompts (3D-SAutoMed) -------------------------------------------
+
+
+class LabelVolumeSegmenter:
+    """An `AutoEngine` (sam3d_auto): the target's mask is the voxels of the class named like the case's label;
+    prompts are not used, so every iteration gives the same answer (the engine caches it per image)."""
+
+    def __init__(self, engine, name: str | None = None) -> None:
+        self.engine, self.name = engine, name or engine.model_name
+
+    @classmethod
+    def from_config(cls, model_config: dict, device: str = "cpu", name: str | None = None) -> "LabelVolumeSegmenter":
+        from ..engine import EngineConfig, load_model
+        from ..engine.auto import AutoEngine
+
+        loaded = load_model(model_config)
+        engine = AutoEngine(loaded, EngineConfig.from_dict(model_config), device=device,
+                            order=model_config.get("order", "middle"))
+        return cls(engine, name or str(model_config.get("name") or loaded.name))
+
+    def describe(self) -> dict:
+        e = self.engine
+        return {"method": f"sam3d auto engine (no prompts), network {e.model_name}, order {e.order}",
+                "classes": ", ".join(e.class_names), "checkpoint": e.checkpoint,
+                "checkpoint sha256": e.model_id if e.checkpoint else None, "device": str(e.device)}
+
+    def segment(self, image_path, foreground, background, roi, label) -> np.ndarray:
+        value = self.engine.label_names.get(label)
+        mask = self.engine.segment(str(image_path)).mask
+        return (mask == value).astype(np.uint8) if value else np.zeros_like(mask, dtype=np.uint8)
+
+
+def segmenter_from_config(model_config: dict, device: str = "cpu", name: str | None = None, protocol: str = "center"):
+    """The harness's view of a model config: label-volume models by their network, text models under `text`."""
+    from ..engine.checkpoint import resolve_checkpoint, saved_config
+    from ..models import AUTOSAM3D_PRESETS
+
+    path = resolve_checkpoint(model_config)
+    preset = (saved_config(path) or {}).get("preset") if path and path.is_file() else None
+    if (preset or model_config.get("preset")) in AUTOSAM3D_PRESETS:
+        return LabelVolumeSegmenter.from_config(model_config, device, name)
+    kind = TextEngineSegmenter if protocol == "text" else EngineSegmenter
+    return kind.from_config(model_config, device=device, name=name)
+
+
 class ClicksOnlySegmenter:
     """A method that cannot read text, in the `text` protocol: an empty mask until the first click."""
 
