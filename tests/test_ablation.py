@@ -60,3 +60,18 @@ def test_ablation_trains_measures_and_reports(shared_data, tmp_path):
     again = _run(path, tmp_path / "eval2", "--train")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training" not in again.stdout
+
+
+def test_table_per_structure_and_the_auto_spec():
+    from sam3d.evaluation.ablation import ablation_table, checkpoint_of, load_spec, train_command
+
+    rows = [{"set": "mr", "protocol": "center", "method": "full", "label_name": name, "case": "c", "label": v,
+             "click": 1, "dice": d, "hd95": h} for v, (name, d, h) in enumerate([("liver", 0.5, 4.0), ("spleen", 0.7, 6.0)])]
+    assert "| mr | center | `full` | 2 | 0.600 | 5.0 |" in ablation_table(rows, [1])
+    per = ablation_table(rows, [1], per_class=True)
+    assert "| mr | center | `full` | liver | 1 | 0.500 | 4.0 |" in per and "| spleen | 1 | 0.700 | 6.0 |" in per
+
+    spec = load_spec(REPO / "configs" / "ablations" / "autosam3d.yaml")
+    assert checkpoint_of(spec, "full_top_down", REPO) == checkpoint_of(spec, "full", REPO)
+    assert train_command(spec, "full_top_down", REPO) is None  # the same weights, evaluated in the other order
+    assert "model.network.history_tokens=0" in train_command(spec, "local_only", REPO)

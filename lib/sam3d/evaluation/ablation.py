@@ -32,7 +32,7 @@ from .report import plot_dice_vs_clicks
 from .runner import COLUMNS, EvalConfig, run_evaluation
 
 KNOWN = {"runs", "sets", "protocols", "clicks", "report_clicks", "plots", "baseline", "variants", "seed", "near_mm",
-         "name"}
+         "name", "per_class"}
 
 
 def load_spec(path, overrides=()) -> dict:
@@ -132,21 +132,24 @@ def _mean(values) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-def ablation_table(rows: list[dict], report_clicks) -> str:
-    """Markdown: one line per (set, protocol, method); mean Dice and HD95 after each reported click."""
+def ablation_table(rows: list[dict], report_clicks, per_class: bool = False) -> str:
+    """Markdown: one line per (set, protocol, method[, structure]); mean Dice and HD95 after each reported click."""
     groups: OrderedDict = OrderedDict()
     for r in rows:
-        groups.setdefault((r["set"], r["protocol"], r["method"]), []).append(r)
+        key = (r["set"], r["protocol"], r["method"]) + ((r["label_name"],) if per_class else ())
+        groups.setdefault(key, []).append(r)
     clicks = list(report_clicks)
-    head = ["set", "protocol", "method", "targets"] + [f"Dice@{k}" for k in clicks] + [f"HD95@{k} (mm)" for k in clicks]
+    head = (["set", "protocol", "method"] + (["structure"] if per_class else []) + ["targets"]
+            + [f"Dice@{k}" for k in clicks] + [f"HD95@{k} (mm)" for k in clicks])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (set_name, protocol, method), rs in groups.items():
+    for (set_name, protocol, method, *structure), rs in groups.items():
         targets = len({(r["case"], r["label"]) for r in rs})
         # a failed call counts as Dice 0, as in the harness's curves
         dice = [_mean([r["dice"] if not math.isnan(r["dice"]) else 0.0 for r in rs if r["click"] == k]) for k in clicks]
         hd = [_mean([r["hd95"] for r in rs if r["click"] == k]) for k in clicks]
         cells = [f"{d:.3f}" for d in dice] + ["n/a" if math.isnan(h) else f"{h:.1f}" for h in hd]
-        lines.append(f"| {set_name} | {protocol} | `{method}` | {targets} | " + " | ".join(cells) + " |")
+        lines.append(f"| {set_name} | {protocol} | `{method}` | " + "".join(f"{n} | " for n in structure)
+                     + f"{targets} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -161,6 +164,8 @@ def write_ablation(rows: list[dict], out: Path, spec: dict, meta: dict) -> dict[
         w.writerows(rows)
     lines = [f"# Ablation: {spec.get('name', '')}", ""] + [f"* {k}: {v}" for k, v in meta.items()] + [""]
     lines += [ablation_table(rows, spec.get("report_clicks") or [1, spec.get("clicks", 5)]), ""]
+    if spec.get("per_class"):
+        lines += ["## Per structure", "", ablation_table(rows, spec.get("report_clicks") or [1], per_class=True), ""]
     for protocol in spec.get("plots") or []:
         sel = [r for r in rows if r["protocol"] == protocol]
         if not sel:
