@@ -115,7 +115,11 @@ def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[di
         for n in range(1, len(cfg.pool) + 1):
             if order == "uncertainty":
                 _score_now(url)
-            image_id = client.next_sample(order, {})["id"]
+            sample = client.next_sample(order, {})
+            if "id" not in sample:
+                raise RuntimeError(f"/activelearning/{order} handed out no image with {len(cfg.pool) - n + 1} "
+                                   f"unlabelled: {sample}")
+            image_id = sample["id"]
             client.save_label(image_id, str(labels[image_id]), tag="final")
             t0 = time.monotonic()
             stats = _train_and_wait(url, client, dict(cfg.train_params), cfg.train_timeout_s)
