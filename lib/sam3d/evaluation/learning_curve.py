@@ -94,7 +94,7 @@ def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[di
 
     from ..monailabel.local_server import running_server
 
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
     studies = workdir / "studies"
     studies.mkdir(parents=True)
     labels = {}
@@ -136,6 +136,7 @@ def plot_curves(rows: list[dict], path: Path, clicks: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, sharey=True)
     for ax, key in zip(axes, ("dice_1", f"dice_{clicks}")):
@@ -144,6 +145,8 @@ def plot_curves(rows: list[dict], path: Path, clicks: int) -> None:
             ax.plot(*zip(*pts), marker="o", label=order)
         ax.set_title(f"held-out Dice after {key.split('_')[1]} click(s)", fontsize=9)
         ax.set_xlabel("labelled volumes")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, 1)  # as the harness's plots: a small change should look small
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean Dice")
     axes[0].legend()
