@@ -18,7 +18,14 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from .app_config import TaskSpec
-from .infer_point import EngineFactory, Sam3DPointInfer, _input_error_types, _jsonable, write_label_file
+from .infer_point import (
+    EngineFactory,
+    Sam3DPointInfer,
+    _input_error_types,
+    _jsonable,
+    request_image,
+    write_label_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +80,12 @@ class Sam3DAutoInfer(Sam3DPointInfer):
         return engine
 
     def parse_request(self, request: dict) -> dict[str, Any]:
-        image = request.get("image")
-        if not isinstance(image, str) or not image:
-            raise HTTPException(status_code=422, detail="no image: give an image id of the datastore or upload a file")
-        if not os.path.exists(image):
-            raise HTTPException(status_code=404, detail=f"image not found: {image}")
+        image = request_image(request)
         order = request.get("order")
-        if order is not None and order not in ("middle", "top_down"):
-            raise HTTPException(status_code=422, detail=f"order must be 'middle' or 'top_down', got {order!r}")
+        from sam3d.engine.auto import ORDERS  # here: the app imports this module without torch work
+
+        if order is not None and order not in ORDERS:
+            raise HTTPException(status_code=422, detail=f"order must be {' or '.join(map(repr, ORDERS))}, got {order!r}")
         return {"image": image, "order": order}
 
     def __call__(self, request) -> tuple[str | None, dict]:

@@ -46,6 +46,16 @@ def default_engine_factory(model_config: dict, device: str):
     return InteractiveEngine(loaded, EngineConfig.from_dict(model_config), device=device)
 
 
+def request_image(request: dict) -> str:
+    """The request's image path (MONAI Label has resolved the datastore id); HTTPException 422/404 when unusable."""
+    image = request.get("image")
+    if not isinstance(image, str) or not image:
+        raise HTTPException(status_code=422, detail="no image: give an image id of the datastore or upload a file")
+    if not os.path.exists(image):
+        raise HTTPException(status_code=404, detail=f"image not found: {image}")
+    return image
+
+
 def write_label_file(engine, result, task_name: str) -> str:
     """The answer as a temporary NIfTI (MONAI Label sends it, then deletes it); nothing is left if writing fails."""
     fd, out = tempfile.mkstemp(prefix=f"{task_name}_", suffix=".nii.gz")
@@ -268,11 +278,7 @@ class Sam3DPointInfer(InferTask):
 
     def parse_request(self, request: dict) -> dict[str, Any]:
         """The prompt of a request, checked before any model work; HTTPException (422/404) when unusable."""
-        image = request.get("image")
-        if not isinstance(image, str) or not image:
-            raise HTTPException(status_code=422, detail="no image: give an image id of the datastore or upload a file")
-        if not os.path.exists(image):
-            raise HTTPException(status_code=404, detail=f"image not found: {image}")
+        image = request_image(request)
 
         fg = _points(request.get("foreground"), "foreground")
         bg = _points(request.get("background"), "background")

@@ -17,12 +17,11 @@ Registered as kind `text` in configs/app.yaml (apps/sam3d/main.py maps the kind 
 API, or a client that sends the label alone) runs the text search.
 """
 
-import os
 
 from fastapi import HTTPException
 
 from .app_config import TaskSpec
-from .infer_point import Sam3DPointInfer, _points
+from .infer_point import Sam3DPointInfer, _points, request_image
 
 
 class TextAsLabel:
@@ -55,11 +54,7 @@ class Sam3DTextInfer(Sam3DPointInfer):
 
     def parse_request(self, request: dict) -> dict:
         """The request's text and clicks, checked before any model work; HTTPException (422/404) when unusable."""
-        image = request.get("image")
-        if not isinstance(image, str) or not image:
-            raise HTTPException(status_code=422, detail="no image: give an image id of the datastore or upload a file")
-        if not os.path.exists(image):
-            raise HTTPException(status_code=404, detail=f"image not found: {image}")
+        image = request_image(request)
         if request.get("roi"):
             raise HTTPException(status_code=422, detail=f"{self.name} does not take a box (roi): send text and clicks")
         typed = request.get("text")
