@@ -77,8 +77,7 @@ class AutoEngine:
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
         self.checkpoint = loaded.checkpoint
-        self.model_name = loaded.name or type(self.model).__name__
-        self.model_id = loaded.checkpoint_sha256 or f"{type(self.model).__name__}@{id(self.model)}"
+        self.model_name, self.model_id = loaded.display_name, loaded.model_id
         self.order, self.encode_batch = order, int(encode_batch)
         self.class_names = list(self.model.class_names)
         # answers per (image, weights, order): the same request again costs nothing (cache_mb of the model config)

@@ -29,6 +29,15 @@ class LoadedModel:
     checkpoint_sha256: str | None
     name: str = ""  # the preset or factory, for the answers' metadata
 
+    @property
+    def model_id(self) -> str:
+        """What caches key on: the weights' hash, or this very module when it has no file."""
+        return self.checkpoint_sha256 or f"{type(self.model).__name__}@{id(self.model)}"
+
+    @property
+    def display_name(self) -> str:
+        return self.name or type(self.model).__name__
+
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state_dict from safetensors, or from a torch file loaded with `weights_only=True`.

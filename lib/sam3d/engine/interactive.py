@@ -102,8 +102,7 @@ class InteractiveEngine:
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
         self.checkpoint = loaded.checkpoint
-        self.model_name = loaded.name or type(self.model).__name__
-        self.model_id = loaded.checkpoint_sha256 or f"{type(self.model).__name__}@{id(self.model)}"
+        self.model_name, self.model_id = loaded.display_name, loaded.model_id
         self._sessions = ByteLRU(self.config.session_cache_mb << 20, sizeof=lambda s: s.nbytes)
         self._embeddings = ByteLRU(self.config.cache_mb << 20, sizeof=lambda t: t.element_size() * t.nelement())
         self._states: OrderedDict = OrderedDict()
