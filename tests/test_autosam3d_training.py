@@ -11,7 +11,7 @@ import yaml
 from sam3d.engine import EngineConfig, load_model
 from sam3d.engine.auto import AutoEngine
 from sam3d.models import AutoSam3D, build_network
-from sam3d.models.autosam3d.lora import is_lora_parameter
+from sam3d.models.lora import is_lora_parameter
 from sam3d.training import load_recipe
 from sam3d.training.auto_step import HALF, AutoLoss, AutoSliceDataset, box_loss
 

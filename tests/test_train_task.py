@@ -141,6 +141,21 @@ def test_run_in_process_validates_then_promotes_by_policy(tmp_path):
     assert stats["served_sha256"] == file_sha256(ckpt)
 
 
+def test_lora_run_tunes_only_the_encoders_attention_and_serves_the_same_network(tmp_path):
+    task, ds, ckpt = _task(tmp_path)
+    before = read_state_dict(ckpt)
+    done = task({"steps": 2, "promote": "always", "trainable": "lora", "val_split": 0.5}, ds)
+    recipe = yaml.safe_load((Path(done["run"]) / "recipe.yaml").read_text())
+    assert recipe["optim"]["lora"] == {"modules": ["image_encoder"], "layers": ["qkv"], "rank": 4, "alpha": 4.0}
+    after = read_state_dict(ckpt)  # the promoted file: LoRA folded in, the network's own keys
+    assert done["promoted"] and after.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    encoder = {k for k in changed if k.startswith("image_encoder.")}
+    assert encoder and all(k.endswith(".attn.qkv.weight") for k in encoder)  # no other encoder weight moved
+    assert any(k.startswith("mask_decoder.") for k in changed)  # the decoder trains as with prompt+decoder
+    load_model({"checkpoint": str(ckpt)})  # strict load into the served network
+
+
 def test_retrain_policy_counts_distinct_images_and_survives_a_restart(tmp_path):
     submitted = []
 

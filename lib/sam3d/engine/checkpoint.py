@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..models import build_network
+from ..models.lora import merged_state_dict
 
 
 class WeightsMissingError(FileNotFoundError):
@@ -76,7 +77,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, config: dict, hal
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}
+               for k, v in merged_state_dict(model).items()}  # fine-tuning LoRA folded in: the network's own keys
     # the network travels inside the weights file, so one atomic replace updates both; the YAML is for people
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_CONFIG_KEY: json.dumps(config)}))
     atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))

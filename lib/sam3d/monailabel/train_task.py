@@ -53,8 +53,10 @@ logger = logging.getLogger(__name__)
 TRAINABLE = {  # part -> the modules the recipe freezes
     "decoder": ["image_encoder", "prompt_encoder"],
     "prompt+decoder": ["image_encoder"],
+    "lora": ["image_encoder"],  # + low-rank updates of the encoder's attention (LORA), as SAMed tunes SAM
     "all": [],
 }
+LORA = {"modules": ["image_encoder"], "layers": ["qkv"]}  # rank and alpha: the task settings `lora_rank`/`lora_alpha`
 DEFAULTS = {
     "task": "sam3d_point",  # the infer task whose model this fine-tunes
     "recipe": "configs/train/datastore_finetune.yaml",
@@ -72,6 +74,8 @@ DEFAULTS = {
     "val_clicks": 5,
     "threads": 1,  # CPU threads of the training process
     "gpu_memory_fraction": 0.5,  # of the GPU the training process may take (the server infers on the same GPU)
+    "lora_rank": 4,  # trainable: lora
+    "lora_alpha": 4.0,
 }
 PARAMS = ("epochs", "steps", "lr", "trainable", "device", "val_split", "promote", "batch_size", "labels")
 ALIASES = {"learning_rate": "lr", "max_epochs": "epochs"}
@@ -347,6 +351,8 @@ class Sam3DTrainTask(TrainTask):
         recipe["train"] = {**recipe.get("train", {}), "steps": steps, "batch_size": p.batch_size, "accumulate": 1,
                            "threads": int(s["threads"])}
         recipe["optim"] = {**recipe.get("optim", {}), "lr": p.lr, "freeze": TRAINABLE[p.trainable], "lr_mult": {}}
+        if p.trainable == "lora":
+            recipe["optim"]["lora"] = {**LORA, "rank": int(s["lora_rank"]), "alpha": float(s["lora_alpha"])}
         return recipe
 
     def __call__(self, request, datastore):

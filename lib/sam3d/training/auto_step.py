@@ -42,7 +42,7 @@ from ..engine.auto import SliceGeometry
 from ..engine.checkpoint import read_state_dict
 from ..engine.interactive import EngineConfig, normalize_window
 from ..models.autosam3d.boxes import label_boxes
-from ..models.autosam3d.lora import is_lora_parameter
+from ..models.lora import is_lora_parameter
 from ..models.autosam3d.slice_encoder import adapt_sam_state_dict
 from .text_step import case_names
 

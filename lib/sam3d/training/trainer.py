@@ -37,6 +37,7 @@ from ..data.training import SamplingConfig, WindowDataset, list_sources, load_vo
 from ..engine.checkpoint import atomic_write, read_state_dict, save_checkpoint
 from ..engine.interactive import EngineConfig
 from ..models import build_network
+from ..models.lora import add_lora, is_lora_parameter
 from .interactive import InteractiveConfig, InteractiveLoss, _sample_rounds
 from .losses import build_loss
 from .auto_step import AutoLoss, auto_dataset
@@ -115,7 +116,7 @@ def _param_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
     mults = optim.get("lr_mult") or {}
     groups: dict = {}
     for name, p in model.named_parameters():
-        if freeze and name.startswith(freeze):
+        if freeze and name.startswith(freeze) and not is_lora_parameter(name):  # LoRA trains in a frozen part
             p.requires_grad_(False)
             continue
         mult = next((float(v) for k, v in mults.items() if name.startswith(k)), 1.0)
@@ -155,8 +156,14 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     torch.manual_seed(seed)
     model, sidecar, engine_cfg = build_model(recipe, root)
     sidecar = {**sidecar, "recipe": recipe.get("name")}
-    model.to(device)
     optim = recipe.get("optim", {})
+    if optim.get("lora"):  # low-rank updates of frozen layers, folded into the weights at every checkpoint
+        lo = optim["lora"]
+        added = add_lora(model, list(lo.get("modules", ["image_encoder"])), list(lo.get("layers", ["qkv"])),
+                         int(lo.get("rank", 4)), float(lo.get("alpha", lo.get("rank", 4))))
+        if rank == 0:
+            logger.info(f"LoRA rank {lo.get('rank', 4)} on {len(added)} layers ({added[0]}, ...)")
+    model.to(device)
     groups = _param_groups(model, optim)
     base_lr = float(optim.get("lr", 3e-4))
     for g in groups:

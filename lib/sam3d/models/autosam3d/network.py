@@ -17,7 +17,7 @@ from torch import nn
 from .box_generator import BoxPromptGenerator
 from .decoder import MultiClassMaskDecoder
 from .local_attention import InterIntraSliceAttention
-from .lora import freeze_all_but_lora
+from ..lora import freeze_all_but_lora
 from .positional import PositionEmbeddingRandom2D
 from .slice_encoder import SliceEncoderViT
 

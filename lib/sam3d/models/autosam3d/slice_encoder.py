@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common import LayerNorm3d, MLPBlock
-from .lora import LoRALinear
+from ..lora import LoRALinear
 
 
 class LayerNorm2d(LayerNorm3d):
