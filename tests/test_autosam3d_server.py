@@ -1,5 +1,6 @@
 """`sam3d_auto` behind a real `monailabel start_server`: a multi-class label volume on the image's grid, the
-class names in /info and in the answer, 503 while the weights are missing, 422 for a bad request."""
+class names in /info and in the answer, 503 while the weights are missing, 422 for a bad request; clicks of
+`sam3d_point` with `prior` refine one class of it."""
 
 import json
 import re
@@ -12,6 +13,7 @@ import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from monailabel_server import running_server
+from tiny_datastore import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["liver", "spleen", "aorta"]
@@ -37,8 +39,10 @@ def server(shared_data, tmp_path_factory):
     studies.mkdir()
     shutil.copy(shared_data / "totalseg_ct" / "image.nii.gz", studies / "ct.nii.gz")
     (tmp / "client").mkdir()
+    point_config, _ = write_tiny_model(tmp / "point")
     conf = [
         ("device", "cpu"),
+        ("model", point_config),
         ("infers.sam3d_auto.checkpoint", _tiny_checkpoint(tmp / "auto.safetensors")),
         ("infers.sam3d_auto.spacing", "[3.0, 3.0, 3.0]"),
         (f"infers.{ABSENT}.model", "autosam3d"),
@@ -97,3 +101,31 @@ def test_missing_weights_and_bad_requests(server):
     with pytest.raises(AssertionError) as e:
         _infer(client, "sam3d_auto", {"order": "sideways"})
     assert e.value.args[0][0] == 422 and "order" in e.value.args[0][1]
+
+
+def test_clicks_refine_one_class_of_the_automatic_answer(server):
+    from sam3d.engine import EngineConfig, InteractiveEngine, load_model
+    from sam3d.monailabel.app_config import load_app_config
+
+    tmp, studies, client = server
+    f, _ = _infer(client, "sam3d_auto")
+    auto = np.asarray(nib.load(f).dataobj)
+    click = [60, 50, 56]
+    g, params = _infer(client, "sam3d_point", {"prior": "sam3d_auto", "label": "spleen", "foreground": [click]})
+    refined = np.asarray(nib.load(g).dataobj)
+    assert params["prior"] == "sam3d_auto" and params["label_names"] == {n: i + 1 for i, n in enumerate(CLASSES)}
+    spleen = CLASSES.index("spleen") + 1
+    untouched = (auto != spleen) & (refined != spleen)
+    np.testing.assert_array_equal(refined[untouched], auto[untouched])  # only the clicked class changed
+
+    # the library's answer: the same click with the automatic spleen as the previous mask
+    mc = load_app_config({"model": str(tmp / "point" / "tiny_config.yaml")}, REPO / "configs").infers["sam3d_point"]
+    engine = InteractiveEngine(load_model(mc.model_config), EngineConfig.from_dict(mc.model_config))
+    want = engine.segment(str(studies / "ct.nii.gz"), [click], [], label="spleen", prior=auto == spleen).mask
+    np.testing.assert_array_equal(refined == spleen, want > 0)
+
+    for params, message in [({"prior": "sam3d_text"}, "prior must name an automatic task (sam3d_auto"),
+                            ({"prior": "sam3d_auto", "label": "femur"}, "label 'femur' is not a class of sam3d_auto")]:
+        with pytest.raises(AssertionError) as e:
+            _infer(client, "sam3d_point", {**params, "foreground": [click]})
+        assert e.value.args[0][0] == 422 and message in e.value.args[0][1]

@@ -105,6 +105,27 @@ def test_next_click_refines_the_previous_mask_of_the_same_label(ct):
     assert restart.mask[tuple(a)] == 0 and restart.mask[tuple(b)] == 1
 
 
+def test_a_prior_mask_starts_a_new_click_sequence(ct, shared_data):
+    """One class of an automatic answer as the previous mask: the first click refines it, later clicks continue."""
+    liver = np.asarray(nib.load(shared_data / "totalseg_ct" / "label.nii.gz").dataobj) == 5
+    model = BallModel(radius=3.0, accumulate=True)
+    eng = engine_for(model)
+    edge = np.argwhere(liver)[np.argmin(np.argwhere(liver)[:, 0])]
+    click = (edge - [2, 0, 0]).tolist()  # just outside the liver, a missed part to add
+    first = eng.segment(ct, [click], [], label="liver", prior=liver)
+    assert float(model.mask_inputs[0].max()) == 10.0  # the prior, as confident logits
+    assert first.mask[tuple(click)] == 1
+    inter = (first.mask.astype(bool) & liver).sum()
+    assert inter / liver.sum() > 0.97  # all the liver kept (resampled twice through the 1.5 mm grid), in and
+    assert (first.mask.astype(bool) & ~liver).sum() < 0.05 * liver.sum()  # out of the click's window; little more
+    plain = engine_for(BallModel(radius=3.0, accumulate=True)).segment(ct, [click], [], label="liver")
+    assert (plain.mask.astype(bool) & liver).sum() == 0
+    more = eng.segment(ct, [click, [32, 20, 20]], [], label="liver")  # extends: continues from its own answer
+    assert (more.mask.astype(bool) & liver).sum() == inter
+    with pytest.raises(Sam3DInputError, match="does not match the image"):
+        eng.segment(ct, [click], [], label="spleen", prior=liver[:-1])
+
+
 def test_structure_larger_than_a_window_is_followed(ct):
     """A ball wider than the 128^3 window is not cut at the window's edge."""
     res = engine_for(BallModel(radius=90.0)).segment(ct, [[60, 50, 56]], [], label="x")

@@ -112,6 +112,10 @@ class MyApp(MONAILabelApp):
             state, message = task.status()
             (logger.info if state in ("not_loaded", "ready") else logger.warning)(f"sam3d: task {name}: {message}")
             infers[name] = task
+        autos = {name: t for name, t in infers.items() if isinstance(t, Sam3DAutoInfer)}
+        for task in infers.values():  # a click request may refine one class of an automatic answer (`prior`)
+            if type(task) is Sam3DPointInfer:
+                task.prior_sources = autos
         return infers
 
     def init_trainers(self):

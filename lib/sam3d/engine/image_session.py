@@ -92,6 +92,16 @@ class ImageSession:
         pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
         return pts @ self.to_model[:3, :3].T + self.to_model[:3, 3]
 
+    def mask_to_model(self, mask: np.ndarray) -> torch.Tensor:
+        """A mask on the image's grid -> its share of each model-grid voxel (float32 in [0, 1], trilinear)."""
+        if tuple(mask.shape) != self.shape:
+            raise Sam3DInputError(f"mask of shape {list(mask.shape)} does not match the image's {list(self.shape)}")
+        src = MetaTensor(torch.as_tensor(np.asarray(mask, dtype=np.float32))[None], affine=torch.as_tensor(self.affine))
+        out = SpatialResample(mode="bilinear", padding_mode="zeros", align_corners=False)(
+            src, dst_affine=torch.as_tensor(self.model_affine), spatial_size=tuple(self.volume.shape)
+        )
+        return out.as_tensor()[0].clamp(0, 1)
+
     def crop(self, start: tuple[int, int, int], size: int) -> torch.Tensor:
         """(size,)*3 window of the model-grid volume at `start`, padded with the image's minimum outside it."""
         return crop(self.volume, start, size, self.background)

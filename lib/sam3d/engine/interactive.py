@@ -22,6 +22,7 @@ from .image_session import ImageKey, ImageSession
 from .windows import contains, crop, interior_point, neighbour_start, overlap, touched_faces, window_start
 
 _EMPTY_LOGIT = -20.0  # "certainly background" where no window has looked
+_PRIOR_LOGIT = 10.0  # a given prior mask as logits: as confident as a previous answer, not as certain as "empty"
 
 
 @dataclass
@@ -142,7 +143,11 @@ class InteractiveEngine:
 
     # ---- one request ---------------------------------------------------------------------------------------
 
-    def segment(self, image_path: str, foreground=None, background=None, roi=None, label: str = "structure"):
+    def segment(self, image_path: str, foreground=None, background=None, roi=None, label: str = "structure",
+                prior: np.ndarray | None = None):
+        """`prior`: a 0/1 mask on the image's grid (e.g. one class of an automatic result) that the first click of a
+        new click sequence on (image, label) refines, as if it were the previous answer; later requests that
+        extend the sequence continue from their own previous answer."""
         t_start = time.perf_counter()
         fg = _parse_points(foreground, "foreground")
         bg = _parse_points(background, "background")
@@ -156,7 +161,7 @@ class InteractiveEngine:
             self._check_inside(fg, sess.shape, "foreground")
             self._check_inside(bg, sess.shape, "background")
             box_image = self._parse_roi(roi, sess.shape)
-            result = self._segment(sess, key, fg, bg, box_image, label)
+            result = self._segment(sess, key, fg, bg, box_image, label, prior)
         result.timings["load"] = 0.0 if cached_session else t_loaded - t_start
         result.timings["total"] = time.perf_counter() - t_start
         return result
@@ -182,7 +187,7 @@ class InteractiveEngine:
         InteractiveEngine._check_inside(box, shape, "roi corner")
         return box
 
-    def _segment(self, sess, key, fg, bg, box_image, label) -> SegmentResult:
+    def _segment(self, sess, key, fg, bg, box_image, label, prior=None) -> SegmentResult:
         cfg, size = self.config, self.model.img_size
         state_key = (key, label)
         prompts = [(*p, True) for p in fg.tolist()] + [(*p, False) for p in bg.tolist()]
@@ -191,6 +196,9 @@ class InteractiveEngine:
         # the client resends every click so far: a request that extends the last one continues it
         if state is not None and not _extends(prompts, state.prompts):
             state = None
+        if state is None and prior is not None:  # a new sequence starts from the prior, as from a previous answer
+            logits = (sess.mask_to_model(prior) * 2 - 1) * _PRIOR_LOGIT
+            state = _LabelState([prompts[-1]], OrderedDict(), logits.to(torch.float16))
 
         fg_m, bg_m = sess.image_to_model(fg), sess.image_to_model(bg)
         box_m = None
@@ -212,7 +220,10 @@ class InteractiveEngine:
             if len(fg_m) and not contains(primary, size, fg_m, 0):  # clicks spread wider than a window
                 primary = window_start(fg_m[-1], size, sess.volume.shape)
 
-        canvas = torch.full(sess.volume.shape, _EMPTY_LOGIT, dtype=torch.float16)
+        # where no window of this request looks, the previous answer (or the prior) stays as it was
+        canvas = state.canvas.clone() if state is not None else torch.full(sess.volume.shape, _EMPTY_LOGIT,
+                                                                            dtype=torch.float16)
+        covered = torch.zeros(sess.volume.shape, dtype=torch.bool)  # what this request's windows have answered
         timings = {"encode": 0.0, "decode": 0.0}
         windows, low_res_out = [], OrderedDict()
         queue, seen = [(primary, None)], {primary}
@@ -223,7 +234,7 @@ class InteractiveEngine:
             mask_input = self._mask_input(state, start, canvas if seed is not None else None)
             low = self._decode(emb, start, fg_m, bg_m, box_m, seed, mask_input)
             logits = F.interpolate(low, size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
-            self._paste(canvas, logits.float().cpu(), start, overwrite=seed is None)
+            self._paste(canvas, covered, logits.float().cpu(), start)
             self._synchronize()
             timings["encode"] += t_enc
             timings["decode"] += time.perf_counter() - t
@@ -245,6 +256,11 @@ class InteractiveEngine:
         t = time.perf_counter()
         lo = np.clip(np.min([w["start"] for w in windows], 0), 0, None)
         hi = np.minimum(np.max([w["start"] for w in windows], 0) + size, sess.volume.shape)
+        if state is not None:  # the box must also hold what stays of the previous answer
+            kept = (canvas > 0) & ~covered
+            if kept.any():
+                idx = kept.nonzero()
+                lo, hi = np.minimum(lo, idx.min(0).values.numpy()), np.maximum(hi, idx.max(0).values.numpy() + 1)
         box_lo, box_hi = sess.model_box_to_image_box(lo, hi)
         mask = sess.to_image_grid(canvas[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], lo, box_lo, box_hi)
         timings["resample"] = time.perf_counter() - t
@@ -295,12 +311,13 @@ class InteractiveEngine:
         return low
 
     @staticmethod
-    def _paste(canvas: torch.Tensor, logits: torch.Tensor, start: tuple, overwrite: bool) -> None:
+    def _paste(canvas: torch.Tensor, covered: torch.Tensor, logits: torch.Tensor, start: tuple) -> None:
+        """A window's answer replaces what an earlier request left; where this request's windows overlap, the
+        union (max) of their answers."""
         src, dst = overlap(start, logits.shape[0], canvas.shape)
-        if overwrite:
-            canvas[dst] = logits[src].to(canvas.dtype)
-        else:
-            canvas[dst] = torch.maximum(canvas[dst], logits[src].to(canvas.dtype))
+        new = logits[src].to(canvas.dtype)
+        canvas[dst] = torch.where(covered[dst], torch.maximum(canvas[dst], new), new)
+        covered[dst] = True
 
     def write_label(self, result: SegmentResult, path: str) -> None:
         """The mask as NIfTI with the image's affine; written to a temporary file, then moved into place."""

@@ -88,14 +88,19 @@ class Sam3DAutoInfer(Sam3DPointInfer):
             raise HTTPException(status_code=422, detail=f"order must be {' or '.join(map(repr, ORDERS))}, got {order!r}")
         return {"image": image, "order": order}
 
+    def labelled(self, image: str, order: str | None = None):
+        """This task's answer for `image` (cached by the engine): a SegmentResult whose mask is the label volume."""
+        engine = self.engine()
+        try:
+            return engine.segment(image, order=order)
+        except _input_error_types() as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+
     def __call__(self, request) -> tuple[str | None, dict]:
         t0 = time.perf_counter()
         req = self.parse_request(request)
         engine = self.engine()
-        try:
-            res = engine.segment(req["image"], order=req["order"])
-        except _input_error_types() as e:
-            raise HTTPException(status_code=422, detail=str(e)) from e
+        res = self.labelled(req["image"], req["order"])
         t_write = time.perf_counter()
         out = write_label_file(engine, res, self.name)
         now = time.perf_counter()

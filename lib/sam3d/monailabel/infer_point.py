@@ -7,7 +7,8 @@ A request (what Slicer's and OHIF's MONAI Label clients send for a `deepgrow` mo
 
 Indices address the array `monai.transforms.LoadImage` returns for the image. The answer is a 0/1 NIfTI on the
 image's grid (a temporary file MONAI Label deletes once sent) and JSON with the timings, the windows, the model
-and the checkpoint.
+and the checkpoint. With `"prior": "<automatic task>"` the clicks refine the class `label` of that task's answer
+(its mask is the previous one) and the answer is that task's label volume with the class replaced.
 
 Errors reach the client as HTTP errors with a message meant for the user (MONAI Label turns any other exception
 into a bare 500): 422 for a request the model cannot answer (no prompt, a point outside the image, an unknown
@@ -127,6 +128,18 @@ def _points(value, name: str) -> list[list[float]]:
     return [list(p) for p in value]
 
 
+def replace_class(auto, refined, name: str):
+    """`auto` (a label volume result) with class `name` set to the voxels of `refined` (a 0/1 result): the class
+    takes what the clicks gave it, from the background or from another class; no other voxel changes."""
+    from dataclasses import replace
+
+    value = auto.info["label_names"][name]
+    labels = auto.mask.copy()
+    labels[labels == value] = 0
+    labels[refined.mask > 0] = value
+    return replace(refined, mask=labels)
+
+
 class Sam3DPointInfer(InferTask):
     """Clicks (and an optional box) -> one structure, as a 0/1 label volume on the image's grid."""
 
@@ -148,6 +161,7 @@ class Sam3DPointInfer(InferTask):
         self._engine_stamp = None  # (path, mtime_ns, size) of the checkpoint the engine holds
         self._failure: tuple[Any, str] | None = None  # (stamp, message) of the last failed load
         self._lock = threading.Lock()
+        self.prior_sources: dict[str, Any] = {}  # name -> automatic task whose answer a request may refine (`prior`)
         super().__init__(
             type=InferType.DEEPGROW,  # Slicer and OHIF offer foreground/background click tools for it
             labels=dict(spec.labels),
@@ -293,6 +307,16 @@ class Sam3DPointInfer(InferTask):
             )
 
         label = request.get("label")
+        prior = request.get("prior")
+        if prior is not None:  # refine one class of an automatic task's answer: the label names that class
+            if not isinstance(prior, str) or prior not in self.prior_sources:
+                known = ", ".join(self.prior_sources) or "none in this app"
+                raise HTTPException(status_code=422, detail=f"prior must name an automatic task ({known}), got {prior!r}")
+            classes = self.prior_sources[prior].labels
+            if label not in classes:
+                raise HTTPException(status_code=422, detail=f"label {label!r} is not a class of {prior}: "
+                                    f"name one of {', '.join(classes)}")
+            return {"image": image, "foreground": fg, "background": bg, "roi": roi, "label": label, "prior": prior}
         if label is None or label == "":
             label = self.default_label()
         if not isinstance(label, str):
@@ -309,12 +333,19 @@ class Sam3DPointInfer(InferTask):
         t0 = time.perf_counter()
         prompt = self.parse_request(request)
         engine = self.engine()
+        prior = prompt.get("prior")
+        auto = self.prior_sources[prior].labelled(prompt["image"]) if prior else None
+        extra = {} if auto is None else {"prior": auto.mask == auto.info["label_names"][prompt["label"]]}
         try:
             res = engine.segment(
-                prompt["image"], prompt["foreground"], prompt["background"], roi=prompt["roi"], label=prompt["label"]
+                prompt["image"], prompt["foreground"], prompt["background"], roi=prompt["roi"], label=prompt["label"],
+                **extra,
             )
         except _input_error_types() as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
+        label_names = {prompt["label"]: 1}
+        if auto is not None:  # the automatic answer with the clicked class replaced: the other classes stay
+            res, label_names = replace_class(auto, res, prompt["label"]), auto.info["label_names"]
 
         t_write = time.perf_counter()
         out = write_label_file(engine, res, self.name)
@@ -333,7 +364,8 @@ class Sam3DPointInfer(InferTask):
                 "model_id": getattr(engine, "model_id", None),  # the weights that answered: their sha256
                 "device": self.device,
                 "label": prompt["label"],
-                "label_names": {prompt["label"]: 1},
+                "label_names": label_names,
+                "prior": prior,
                 "timings": timings,
                 # MONAI Label's usual latency report, for clients that show it
                 "latencies": {
