@@ -21,10 +21,7 @@ git commit, hardware, torch version and date. Timings belong here, never in pass
 
 import argparse
 import contextlib
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -38,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from provenance import cpu_model, git_commit  # noqa: E402
+from provenance import report_header  # noqa: E402
 try:
     import sam3d  # noqa: F401
 except ImportError:  # not pip-installed: run from the source tree
@@ -282,23 +279,6 @@ def markdown_table(rows: list[Row], args) -> str:
     return "\n".join(lines)
 
 
-def header(args, devices) -> str:
-    hw = f"{cpu_model()}, {os.cpu_count()} logical CPUs visible, torch.get_num_threads() = {torch.get_num_threads()}"
-    gpus = [torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"]
-    if gpus:
-        hw += f"; GPU {gpus[0]} (CUDA {torch.version.cuda})"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return "\n".join([
-        f"## {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        "",
-        f"* command: `{' '.join(['python', *map(shlex.quote, [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])])}`",
-        f"* commit: {git_commit(TIMED_CODE)}",
-        f"* hardware: {hw}",
-        f"* software: torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
-        f"* 1-min load average before the run: {load:.2f}",
-    ])
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -322,7 +302,7 @@ def main(argv=None) -> int:
         p.error("--device cuda: CUDA is not available")
     else:
         devices = [torch.device(args.device)]
-    head = header(args, devices)
+    head = report_header(TIMED_CODE, next((torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"), None))
 
     models = build_models(args.presets, with_medim=not args.no_medim)
     x_cpu = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(0))

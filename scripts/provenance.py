@@ -1,7 +1,11 @@
 """What a recorded figure needs beside it: the commit it came from and the processor it ran on."""
 
+import datetime
+import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,3 +34,22 @@ def cpu_model() -> str:
     simd = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
                 None)
     return f"{name} ({simd})" if simd else name
+
+
+def report_header(timed_code: list[str], gpu_name: str | None = None) -> str:
+    """The markdown header of a measurement: date, command, commit (of `timed_code`), hardware, software, load."""
+    import torch
+
+    hw = f"{cpu_model()}, {os.cpu_count()} logical CPUs visible, torch.get_num_threads() = {torch.get_num_threads()}"
+    if gpu_name:
+        hw += f"; GPU {gpu_name} (CUDA {torch.version.cuda})"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return "\n".join([
+        f"## {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        "",
+        f"* command: `{' '.join(['python', *map(shlex.quote, [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])])}`",
+        f"* commit: {git_commit(timed_code)}",
+        f"* hardware: {hw}",
+        f"* software: torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
+        f"* 1-min load average before the run: {load:.2f}",
+    ])
