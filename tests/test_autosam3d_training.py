@@ -109,8 +109,19 @@ def test_gpu_recipe_builds_the_small_network_on_the_ct():
     recipe = load_recipe(REPO / "configs" / "train" / "autosam3d.yaml")
     model, sidecar, engine_cfg = build_model(recipe, REPO)
     assert isinstance(model, AutoSam3D) and sidecar["preset"] == "autosam3d_small"
-    assert tuple(sidecar["network"]["class_names"]) == ABDOMEN and engine_cfg.spacing == (1.5, 1.5, 1.5)
+    assert tuple(sidecar["network"]["class_names"]) == ABDOMEN and engine_cfg.spacing == (3.0, 3.0, 3.0)
     assert recipe["data"]["cases"] == ["totalseg_ct"] and recipe["auto"]["max_previous"] == 3
+
+
+def test_cpu_recipe_trains_the_five_large_organs_on_the_served_grid():
+    from sam3d.engine.model_config import load_model_config
+    from sam3d.training.trainer import build_model
+
+    recipe = load_recipe(REPO / "configs" / "train" / "autosam3d_cpu.yaml")
+    model, sidecar, engine_cfg = build_model(recipe, REPO)
+    served = load_model_config("autosam3d", REPO / "configs")
+    assert sidecar["preset"] == "autosam3d_small" and engine_cfg.spacing == tuple(served["spacing"])
+    assert model.class_names == ["spleen", "kidney_right", "kidney_left", "liver", "stomach"]
 
 
 def test_meta_style_sam_checkpoint_loads_into_the_frozen_encoder(tmp_path):

@@ -17,7 +17,7 @@ def test_report_names_the_grid_and_the_parts_of_the_time(tmp_path, shared_data):
     report = out.read_text()
     assert "* command: `python scripts/benchmark_auto.py --presets autosam3d_tiny" in report and "* commit: " in report
     row = next(line for line in report.splitlines() if line.startswith("| autosam3d_tiny (random weights) | cpu |"))
-    assert "117x91x20 -> 233x181x39 (39 slices)" in row  # the MR at the served config's 1.5 mm grid
+    assert "117x91x20 -> 117x91x20 (20 slices)" in row  # the MR (3 mm) on the served config's 3 mm grid
     assert all(f"{part} " in row for part in ("load", "encode", "decode", "resample"))
 
     bad = subprocess.run(cmd[:2] + ["--images", str(tmp_path / "absent.nii.gz")], capture_output=True, text=True)
