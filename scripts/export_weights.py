@@ -3,8 +3,9 @@
     python scripts/export_weights.py runs/sam3d_default_cpu/model.safetensors models/sam3d_small.safetensors --half
 
 Writes DST (safetensors) and its sidecar DST.yaml (the network, plus the run's step and recipe), each replaced
-atomically, so a running server never reads half a file. Prints the largest difference of the low-res logits
-of the exported model from the source's on a random window and clicks (the cost of float16).
+atomically, so a running server never reads half a file. Prints the largest difference of the logits of the
+exported model from the source's on a random window and clicks, or random slices for 3D-SAutoMed (the cost of
+float16).
 """
 
 import argparse
@@ -12,6 +13,18 @@ import sys
 
 import torch
 import yaml
+
+
+@torch.no_grad()
+def probe(model) -> torch.Tensor:
+    """Logits on a seeded random input: a window and three clicks, or three slices for the slice model (auto)."""
+    torch.manual_seed(0)
+    s = model.img_size
+    if hasattr(model, "encode_image"):
+        pts = (torch.rand(1, 3, 3) * (s - 1), torch.tensor([[1, 1, 0]]))
+        return model.decode(model.encode_image(torch.randn(1, 1, s, s, s)), points=pts)[0]
+    feats = model.encode(torch.randn(3, 1, s, s))
+    return model.step(feats[:1], feats[1:2], feats[2:], model.initial_history(1))["logits"]
 
 
 def main(argv=None) -> int:
@@ -30,12 +43,7 @@ def main(argv=None) -> int:
     loaded = load_model({"checkpoint": str(src)})
     save_checkpoint(loaded.model, args.dst, side, half=args.half)
     exported = load_model({"checkpoint": args.dst}).model
-    torch.manual_seed(0)
-    x = torch.randn(1, 1, loaded.model.img_size, *(loaded.model.img_size,) * 2)
-    pts = (torch.rand(1, 3, 3) * (loaded.model.img_size - 1), torch.tensor([[1, 1, 0]]))
-    with torch.no_grad():
-        a, _ = loaded.model.decode(loaded.model.encode_image(x), points=pts)
-        b, _ = exported.decode(exported.encode_image(x), points=pts)
+    a, b = probe(loaded.model), probe(exported)
     agree = float(((a > 0) == (b > 0)).float().mean())
     print(f"{args.dst}: step {side.get('step')}, max |logit diff| {float((a - b).abs().max()):.2e}, "
           f"sign agreement {agree:.6f}")
