@@ -97,11 +97,12 @@ def main(argv=None) -> int:
         engine = AutoEngine(loaded, config, device=device, order=mc.get("order", "middle"),
                             encode_batch=int(mc.get("encode_batch", 8)))
         for image in args.images:
+            label = f"{image.name} (DICOM)" if image.is_dir() else f"{image.parent.name}/{image.name}"
             sess = ImageSession(str(image), config.spacing, config.max_voxels)
-            totals, parts = time_volume(engine, image, args.runs, args.warmup, f"{name} {image.parent.name}")
+            totals, parts = time_volume(engine, image, args.runs, args.warmup, f"{name} {label}")
             split = ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in parts.items())
             grid = "x".join(map(str, sess.volume.shape))
-            rows.append(f"| {name} | {device} | {image.parent.name}/{image.name}: {'x'.join(map(str, sess.shape))} "
+            rows.append(f"| {name} | {device} | {label}: {'x'.join(map(str, sess.shape))} "
                         f"-> {grid} ({sess.volume.shape[2]} slices) | **{_s(totals)}** | {split} |")
     table = "\n".join([
         f"Time per volume of `sam3d_auto` (model config `{args.model}`: {config.spacing[0]:g} mm grid, order "
