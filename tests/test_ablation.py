@@ -62,7 +62,7 @@ def test_ablation_trains_measures_and_reports(shared_data, tmp_path):
     assert "training" not in again.stdout
 
 
-def test_table_per_structure_and_the_auto_spec():
+def test_table_per_structure_and_the_auto_spec(tmp_path):
     from sam3d.evaluation.ablation import ablation_table, checkpoint_of, load_spec, train_command
 
     rows = [{"set": "mr", "protocol": "center", "method": "full", "label_name": name, "case": "c", "label": v,
@@ -70,6 +70,12 @@ def test_table_per_structure_and_the_auto_spec():
     assert "| mr | center | `full` | 2 | 0.600 | 5.0 |" in ablation_table(rows, [1])
     per = ablation_table(rows, [1], per_class=True)
     assert "| mr | center | `full` | liver | 1 | 0.500 | 4.0 |" in per and "| spleen | 1 | 0.700 | 6.0 |" in per
+
+    from sam3d.evaluation.ablation import write_ablation
+
+    paths = write_ablation([{**r, "set": "mr"} for r in rows], tmp_path, {"name": "auto", "per_class": True}, {})
+    assert paths["plot_per_structure"].stat().st_size > 1000
+    assert "![Dice per structure](dice_per_structure.png)" in paths["summary"].read_text()
 
     spec = load_spec(REPO / "configs" / "ablations" / "autosam3d.yaml")
     assert checkpoint_of(spec, "full_top_down", REPO) == checkpoint_of(spec, "full", REPO)

@@ -28,7 +28,7 @@ import numpy as np
 from ..data.cases import find_cases
 from ..engine.model_config import load_model_config
 from ..training.config import load_recipe
-from .report import plot_dice_vs_clicks
+from .report import plot_dice_per_structure, plot_dice_vs_clicks
 from .runner import COLUMNS, EvalConfig, run_evaluation
 
 KNOWN = {"runs", "sets", "protocols", "clicks", "report_clicks", "plots", "baseline", "variants", "seed", "near_mm",
@@ -165,7 +165,11 @@ def write_ablation(rows: list[dict], out: Path, spec: dict, meta: dict) -> dict[
     lines = [f"# Ablation: {spec.get('name', '')}", ""] + [f"* {k}: {v}" for k, v in meta.items()] + [""]
     lines += [ablation_table(rows, spec.get("report_clicks") or [1, spec.get("clicks", 5)]), ""]
     if spec.get("per_class"):
-        lines += ["## Per structure", "", ablation_table(rows, spec.get("report_clicks") or [1], per_class=True), ""]
+        report_clicks = spec.get("report_clicks") or [1]
+        lines += ["## Per structure", "", ablation_table(rows, report_clicks, per_class=True), ""]
+        paths["plot_per_structure"] = out / "dice_per_structure.png"
+        plot_dice_per_structure(rows, report_clicks[-1], paths["plot_per_structure"], spec.get("name", ""))
+        lines += ["![Dice per structure](dice_per_structure.png)", ""]
     for protocol in spec.get("plots") or []:
         sel = [r for r in rows if r["protocol"] == protocol]
         if not sel:

@@ -178,6 +178,36 @@ def plot_dice_vs_clicks(rows: list[dict], path: str | Path, title: str = "") -> 
     plt.close(fig)
 
 
+def plot_dice_per_structure(rows: list[dict], click: int, path: str | Path, title: str = "") -> None:
+    """Grouped bars: mean Dice after `click` per (set, structure), one bar per method (failed calls count 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["click"] == click]
+    groups = list(dict.fromkeys((r.get("set", r["case"]), r["label_name"]) for r in sel))
+    methods = list(dict.fromkeys(r["method"] for r in sel))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(groups) + 2.5), 4), dpi=120)
+    for i, m in enumerate(methods):
+        means = []
+        for g in groups:
+            d = [r["dice"] for r in sel if r["method"] == m and (r.get("set", r["case"]), r["label_name"]) == g]
+            means.append(float(np.mean([0.0 if math.isnan(v) else v for v in d])) if d else 0.0)
+        ax.bar(np.arange(len(groups)) + (i - (len(methods) - 1) / 2) * width, means, width, label=m)
+    ax.set_xticks(np.arange(len(groups)), [f"{st}\n{s}" for s, st in groups], fontsize=7)
+    ax.set_ylabel(f"Dice after click {click}")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write_report(rows: list[dict], out_dir: str | Path, meta: dict, budget: int) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
