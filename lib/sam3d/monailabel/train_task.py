@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 TRAINABLE = {  # part -> the modules the recipe freezes
     "decoder": ["image_encoder", "prompt_encoder"],
     "prompt+decoder": ["image_encoder"],
-    "lora": ["image_encoder"],  # + low-rank updates of the encoder's attention (LORA), as SAMed tunes SAM
+    "lora": ["image_encoder"],  # + low-rank updates of the encoder's attention (LORA below), as SAMed tunes SAM
     "all": [],
 }
 LORA = {"modules": ["image_encoder"], "layers": ["qkv"]}  # rank and alpha: the task settings `lora_rank`/`lora_alpha`
