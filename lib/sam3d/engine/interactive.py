@@ -67,6 +67,7 @@ class _LabelState:
     prompts: list  # [(i, j, k, is_foreground)] and roi of the request that produced this state
     low_res: dict  # window start -> low-res logits (1, 1, s, s, s)
     canvas: torch.Tensor  # model-grid logits of the last answer (float16)
+    box: tuple | None  # model-grid (lo, hi) that holds every positive voxel of `canvas`; None: there is none
 
 
 def normalize_window(x: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
@@ -198,7 +199,9 @@ class InteractiveEngine:
             state = None
         if state is None and prior is not None:  # a new sequence starts from the prior, as from a previous answer
             logits = (sess.mask_to_model(prior) * 2 - 1) * _PRIOR_LOGIT
-            state = _LabelState([prompts[-1]], OrderedDict(), logits.to(torch.float16))
+            idx = (logits > 0).nonzero()
+            box = (idx.min(0).values.numpy(), idx.max(0).values.numpy() + 1) if len(idx) else None
+            state = _LabelState([prompts[-1]], OrderedDict(), logits.to(torch.float16), box)
 
         fg_m, bg_m = sess.image_to_model(fg), sess.image_to_model(bg)
         box_m = None
@@ -256,16 +259,13 @@ class InteractiveEngine:
         t = time.perf_counter()
         lo = np.clip(np.min([w["start"] for w in windows], 0), 0, None)
         hi = np.minimum(np.max([w["start"] for w in windows], 0) + size, sess.volume.shape)
-        if state is not None:  # the box must also hold what stays of the previous answer
-            kept = (canvas > 0) & ~covered
-            if kept.any():
-                idx = kept.nonzero()
-                lo, hi = np.minimum(lo, idx.min(0).values.numpy()), np.maximum(hi, idx.max(0).values.numpy() + 1)
+        if state is not None and state.box is not None:  # the box must also hold what stays of the previous answer
+            lo, hi = np.minimum(lo, state.box[0]), np.maximum(hi, state.box[1])  # (no scan of the whole canvas)
         box_lo, box_hi = sess.model_box_to_image_box(lo, hi)
         mask = sess.to_image_grid(canvas[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], lo, box_lo, box_hi)
         timings["resample"] = time.perf_counter() - t
 
-        self._states[state_key] = _LabelState(prompts, low_res_out, canvas)
+        self._states[state_key] = _LabelState(prompts, low_res_out, canvas, (lo, hi))
         self._states.move_to_end(state_key)
         while len(self._states) > self._max_states:
             self._states.popitem(last=False)
