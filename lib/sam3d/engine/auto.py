@@ -21,7 +21,7 @@ from monai.transforms import SpatialResample
 
 from ..models.autosam3d.boxes import label_boxes
 from .cache import ByteLRU
-from .checkpoint import LoadedModel
+from .checkpoint import LoadedModel, load_model
 from .errors import Sam3DInputError
 from .image_session import ImageKey, ImageSession
 from .interactive import EngineConfig, InteractiveEngine, SegmentResult, normalize_window
@@ -163,3 +163,9 @@ class AutoEngine:
             torch.cuda.synchronize(self.device)
 
     write_label = InteractiveEngine.write_label  # a label volume is written like a mask: NIfTI, atomically
+
+
+def auto_engine_from_config(model_config: dict, device: str = "cpu") -> AutoEngine:
+    """The model config's network and weights as an `AutoEngine` (keys `order`, `encode_batch`, the engine's)."""
+    return AutoEngine(load_model(model_config), EngineConfig.from_dict(model_config), device=device,
+                      order=model_config.get("order", "middle"), encode_batch=int(model_config.get("encode_batch", 8)))

@@ -100,13 +100,10 @@ class LabelVolumeSegmenter:
 
     @classmethod
     def from_config(cls, model_config: dict, device: str = "cpu", name: str | None = None) -> "LabelVolumeSegmenter":
-        from ..engine import EngineConfig, load_model
-        from ..engine.auto import AutoEngine
+        from ..engine.auto import auto_engine_from_config
 
-        loaded = load_model(model_config)
-        engine = AutoEngine(loaded, EngineConfig.from_dict(model_config), device=device,
-                            order=model_config.get("order", "middle"))
-        return cls(engine, name or str(model_config.get("name") or loaded.name))
+        engine = auto_engine_from_config(model_config, device)
+        return cls(engine, name or str(model_config.get("name") or engine.model_name))
 
     def describe(self) -> dict:
         e = self.engine

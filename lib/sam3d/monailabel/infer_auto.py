@@ -32,12 +32,9 @@ logger = logging.getLogger(__name__)
 
 def default_auto_engine_factory(model_config: dict, device: str):
     """The model config's network and weights, served by an `AutoEngine` on `device`."""
-    from sam3d.engine import EngineConfig, load_model
-    from sam3d.engine.auto import AutoEngine
+    from sam3d.engine.auto import auto_engine_from_config  # here: the app imports this module without torch work
 
-    loaded = load_model(model_config)
-    return AutoEngine(loaded, EngineConfig.from_dict(model_config), device=device,
-                      order=model_config.get("order", "middle"), encode_batch=int(model_config.get("encode_batch", 8)))
+    return auto_engine_from_config(model_config, device)
 
 
 def model_class_names(model_config: dict) -> list[str]:

@@ -124,7 +124,6 @@ class TextLoss(nn.Module):
         r = self.refine_rounds
         return (loss + r * refine_loss) / (1 + r), np.concatenate([[dice_text], refine_dice])
 
-
     @torch.no_grad()
     def validate(self, model, dataset, samples: int, clicks: int, icfg, loss_fn, autocast, device) -> dict:
         """The trainer's click validation plus `dice_text`: the text alone ("the <name>") on the same fixed windows
