@@ -159,10 +159,11 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     optim = recipe.get("optim", {})
     if optim.get("lora"):  # low-rank updates of frozen layers, folded into the weights at every checkpoint
         lo = optim["lora"]
-        added = add_lora(model, list(lo.get("modules", ["image_encoder"])), list(lo.get("layers", ["qkv"])),
-                         int(lo.get("rank", 4)), float(lo.get("alpha", lo.get("rank", 4))))
+        r = int(lo.get("rank", 4))
+        added = add_lora(model, list(lo.get("modules", ["image_encoder"])), list(lo.get("layers", ["qkv"])), r,
+                         float(lo.get("alpha", r)))
         if rank == 0:
-            logger.info(f"LoRA rank {lo.get('rank', 4)} on {len(added)} layers ({added[0]}, ...)")
+            logger.info(f"LoRA rank {r} on {len(added)} layers ({added[0]}, ...)")
     model.to(device)
     groups = _param_groups(model, optim)
     base_lr = float(optim.get("lr", 3e-4))
