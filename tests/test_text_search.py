@@ -33,9 +33,7 @@ def _dice(a, b):
     return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
-def test_search_geometry_finds_the_structure_on_the_image_grid(text_encoder, ct, no_network):  # noqa: F811
-    """A network that marks the window's bright voxels: zoom-out, zoom-in and the way back to the image grid
-    must put the mask where the bright voxels of the image are."""
+def _bright_voxel_engine(text_encoder):
     eng = _engine(text_encoder, normalize="none", max_windows=200)  # enough to cover the bone
     net = eng.model
 
@@ -44,12 +42,43 @@ def test_search_geometry_finds_the_structure_on_the_image_grid(text_encoder, ct,
         return (image - 200.0) * 0.1, torch.ones(image.shape[0], 1)  # bone (> 200 HU)
 
     net.decode = bright
+    return eng
+
+
+def test_search_geometry_finds_the_structure_on_the_image_grid(text_encoder, ct, no_network):  # noqa: F811
+    """A network that marks the window's bright voxels: zoom-out, zoom-in and the way back to the image grid
+    must put the mask where the bright voxels of the image are."""
+    eng = _bright_voxel_engine(text_encoder)
     res = eng.segment_text(str(ct), "the spine")
     img = nib.load(str(ct))
     reference = np.asarray(img.dataobj) > 200
     assert res.mask.shape == img.shape and np.allclose(res.affine, img.affine, atol=1e-4)
     assert _dice(res.mask > 0, reference) > 0.95
     assert res.info["windows"][0]["start"] == "zoom-out" and len(res.info["windows"]) > 1
+
+
+def test_a_scan_of_three_slices_is_searched_as_a_slab(text_encoder, ct, tmp_path, no_network):  # noqa: F811
+    """The zoom-out keeps proportions: three slices stay a thin slab (not stretched through the window), and the
+    answer comes back on the thin image's grid."""
+    img = nib.load(str(ct))
+    thin = nib.Nifti1Image(np.asarray(img.dataobj)[..., 50:53], img.affine)
+    nib.save(thin, str(tmp_path / "thin.nii.gz"))
+    res = _bright_voxel_engine(text_encoder).segment_text(str(tmp_path / "thin.nii.gz"), "the spine")
+    reference = np.asarray(thin.dataobj) > 200
+    assert res.mask.shape == thin.shape and _dice(res.mask > 0, reference) > 0.9
+
+
+def test_zoom_out_keeps_proportions_and_comes_back():
+    from sam3d.engine.text_search import zoom_out, zoom_out_layout, zoom_out_logits_to_volume
+
+    where, inner = zoom_out_layout((120, 60, 3), 32)
+    assert inner == (32, 16, 1) and where == (slice(0, 32), slice(8, 24), slice(15, 16))
+    volume = torch.zeros(120, 60, 3)
+    volume[30:90, 20:40, :] = 1.0
+    window = zoom_out(volume, 32, fill=-5.0)
+    assert window[0, 0, 0] == -5.0 and window[where].min() == 0.0  # padding outside, the volume inside
+    back = zoom_out_logits_to_volume(window[None, None] - 0.5, (120, 60, 3)) > 0
+    assert _dice(back.numpy(), volume.numpy() > 0) > 0.95
 
 
 def test_text_then_clicks_with_the_real_network(text_encoder, ct, no_network):  # noqa: F811

@@ -9,10 +9,10 @@ import yaml
 
 from offline import no_network  # noqa: F401 - fixture
 from sam3d.engine import EngineConfig, load_model
-from sam3d.engine.text_search import TextEngine
+from sam3d.engine.text_search import TextEngine, zoom_out_layout
 from sam3d.models import RefSam3D
 from sam3d.training import load_recipe
-from sam3d.training.text_step import ZoomOutDataset, case_names
+from sam3d.training.text_step import ZoomOutDataset, case_names, trained_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "train" / "refsam3d_smoke.yaml"
@@ -27,6 +27,14 @@ def test_case_names_with_a_builtin_table(shared_data):
         case_names({"text": {"names": {"x": "nope"}}}, REPO)
 
 
+def test_the_vocabulary_is_what_the_recipe_targets():
+    names = {"ct": {1: "spleen", 5: "liver", 7: "pancreas"}, "mr": {1: "Left-Hippocampus"}}
+    assert trained_vocabulary(names, {}) == ["left hippocampus", "liver", "pancreas", "spleen"]
+    assert trained_vocabulary(names, {"data": {"cases": ["ct"]}}) == ["liver", "pancreas", "spleen"]
+    recipe = {"sampling": {"targets": {"ct": [5, 1]}}}
+    assert trained_vocabulary(names, recipe) == ["left hippocampus", "liver", "spleen"]
+
+
 def test_zoom_out_samples_hold_the_whole_structure(shared_data):
     from sam3d.data.training import SamplingConfig, WindowDataset, load_volume
 
@@ -37,11 +45,28 @@ def test_zoom_out_samples_hold_the_whole_structure(shared_data):
     item = ds[3]
     assert item["image"].shape == (1, 32, 32, 32) and item["label"].shape == (1, 32, 32, 32)
     value = int(item["target"])
-    # the whole structure, shrunk: its share of the window is its share of the volume
+    # the whole volume, shrunk by one scale (122 x 101 x 112 -> 32 x 26 x 29, centred): the structure's share of
+    # that part is its share of the volume, and nothing lies outside it
+    where, inner = zoom_out_layout(tuple(vol.image.shape[1:]), 32)
+    assert inner == (32, 26, 29) and float(item["label"].sum()) == float(item["label"][0][where].sum())
     share = float((vol.label == value).float().mean())
-    assert abs(float(item["label"].mean()) - share) < 0.5 * share + 1e-3
+    assert abs(float(item["label"][0][where].mean()) - share) < 0.25 * share + 1e-3
     assert torch.isfinite(item["image"]).all() and float(item["image"].std()) > 0.1
     assert ZoomOutDataset(windows, prob=0.0)[3]["start"] == windows[3]["start"]  # plain windows otherwise
+
+
+def test_thin_samples_are_a_centred_slab_through_the_target(shared_data):
+    from sam3d.data.training import SamplingConfig, WindowDataset, load_volume
+
+    vol = load_volume("totalseg_ct", str(shared_data / "totalseg_ct" / "image.nii.gz"),
+                      str(shared_data / "totalseg_ct" / "label.nii.gz"), (3.0, 3.0, 3.0))
+    cfg = SamplingConfig(size=32, min_voxels=8, synth_prob=0.0, intensity_aug_prob=0.0, thin_prob=1.0, thin_slices=3)
+    windows = WindowDataset([vol], EngineConfig(spacing=(3.0,) * 3), cfg, seed=0)
+    for item in (windows[5], ZoomOutDataset(windows, prob=1.0)[5]):
+        slices = np.flatnonzero(item["image"][0].std(dim=(0, 1)).numpy() > 0)  # slices with an image in them
+        assert 1 <= len(slices) <= 3 and abs(slices.mean() - 15.5) <= 1.0  # a slab in the middle
+        held = np.flatnonzero(item["label"][0].sum(dim=(0, 1)).numpy())
+        assert len(held) and set(held) <= set(slices)  # the target only where the image is
 
 
 def test_smoke_recipe_trains_and_the_checkpoint_serves_text(tmp_path, shared_data, no_network):  # noqa: F811

@@ -113,6 +113,20 @@ def test_window_dataset(tiny_cases):
     assert torch.allclose(plain["image"][0], normalize_window(raw, cfg), atol=1e-4)
 
 
+def test_sampling_targets_restrict_a_case_to_some_labels(tiny_cases):
+    vols = [load_volume(*s, (1.5, 1.5, 1.5)) for s in list_sources({"dir": str(tiny_cases)})]
+    ds = WindowDataset(vols, EngineConfig(), SamplingConfig(size=32, min_voxels=8, targets={"case0": [2]}), seed=1)
+    by_case = {"case0": set(), "case1": set()}
+    for i in range(40):
+        item = ds[i]
+        by_case[item["case"]].update(int(v) for v in item["target"].split("+"))
+    assert by_case["case0"] == {2} and by_case["case1"] == {1, 2, 3}  # no merge with a label left out
+    with pytest.raises(ValueError, match="no training volume 'nope'"):
+        WindowDataset(vols, EngineConfig(), SamplingConfig(size=32, targets={"nope": [1]}))
+    with pytest.raises(ValueError, match=r"values \[9\] are absent"):
+        WindowDataset(vols, EngineConfig(), SamplingConfig(size=32, targets={"case1": [1, 9]}))
+
+
 def test_smoke_recipe_trains_and_serves(tmp_path, tiny_cases):
     out = _train(_smoke(tmp_path, tiny_cases))
     assert out["step"] == 4 and np.isfinite(out["loss"])

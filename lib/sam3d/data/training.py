@@ -130,6 +130,9 @@ class SamplingConfig:
     flip_prob: float = 0.0
     intensity_aug_prob: float = 0.5
     case_weights: dict | None = None
+    thin_prob: float = 0.0  # samples cut to a slab of 1..thin_slices slices (last axis): scans of a few slices
+    thin_slices: int = 4
+    targets: dict | None = None  # {case: [label values]}: that case's only targets and merge partners (else all)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingConfig":
@@ -139,6 +142,27 @@ class SamplingConfig:
         if bad:
             raise ValueError(f"unknown sampling settings {sorted(bad)}; known: {sorted(known)}")
         return cls(**d)
+
+
+def thin_slab(mask: np.ndarray, most: int, rng: np.random.Generator) -> slice:
+    """1..`most` consecutive slices (last axis) through a random slice of `mask`'s target."""
+    zs = np.flatnonzero(mask.any(axis=(0, 1)))
+    thick = int(rng.integers(1, most + 1))
+    z0 = int(np.clip(int(rng.choice(zs)) - thick // 2, 0, max(mask.shape[-1] - thick, 0)))
+    return slice(z0, z0 + thick)
+
+
+def as_thin_scan(image, mask: np.ndarray, most: int, rng: np.random.Generator):
+    """A window as the engine shows a scan of a few slices: the slab through the target, centred along the last
+    axis (as `window_start` centres a short axis), the volume's minimum around it; the target only in the slab."""
+    z = thin_slab(mask, most, rng)
+    size, thick = mask.shape[-1], z.stop - z.start
+    at = slice((size - thick) // 2, (size - thick) // 2 + thick)
+    out = torch.full_like(torch.as_tensor(image), float(image.min()))
+    out[..., at] = torch.as_tensor(image)[..., z]
+    thin = np.zeros_like(mask)
+    thin[..., at] = mask[..., z]
+    return out, thin
 
 
 def _plain(x) -> torch.Tensor:
@@ -158,6 +182,17 @@ class WindowDataset(Dataset):
         for v in volumes:
             if v.values is None:
                 v.index(sampling.min_voxels)
+        self.allowed = {}  # case -> the label values it may target (absent: all)
+        for case, values in (sampling.targets or {}).items():
+            vol = next((v for v in volumes if v.name == case), None)
+            if vol is None:
+                raise ValueError(f"sampling.targets: no training volume {case!r}; volumes: {[v.name for v in volumes]}")
+            allowed = np.array(sorted({int(x) for x in values}), dtype=np.int64)
+            if not np.isin(allowed, vol.values).all():
+                missing = sorted(set(allowed.tolist()) - set(vol.values.tolist()))
+                raise ValueError(f"sampling.targets.{case}: values {missing} are absent or below min_voxels")
+            vol.values = allowed
+            self.allowed[case] = allowed
         weights = np.array([(sampling.case_weights or {}).get(v.name, 1.0) for v in volumes], dtype=np.float64)
         self.weights = weights / weights.sum()
         c = sampling
@@ -204,6 +239,8 @@ class WindowDataset(Dataset):
         lab = d["label"][0].numpy()
         values, counts = np.unique(lab[lab != 0], return_counts=True)
         ok = values[counts >= c.min_voxels]
+        if vol.name in self.allowed:
+            ok = ok[np.isin(ok, self.allowed[vol.name])]
         if len(ok) == 0:
             return None
         target = wanted if wanted is not None and wanted in ok else int(rng.choice(ok))
@@ -211,13 +248,16 @@ class WindowDataset(Dataset):
         chosen = [target]
         if rng.random() < c.merge_prob:
             ring = ndimage.binary_dilation(mask, iterations=2) & ~mask
-            neighbours = [int(v) for v in np.unique(lab[ring]) if v != 0 and v != target]
+            neighbours = [int(v) for v in np.unique(lab[ring]) if v != 0 and v != target
+                          and (vol.name not in self.allowed or v in self.allowed[vol.name])]
             if neighbours:
                 extra = rng.choice(neighbours, size=int(rng.integers(1, min(3, len(neighbours)) + 1)), replace=False)
                 chosen += [int(v) for v in extra]
                 mask = np.isin(lab, chosen)
         self.synth.set_random_state(sub_seed + 1)
         d = self.synth(d)
+        if self.augment and rng.random() < c.thin_prob:
+            d["image"], mask = as_thin_scan(d["image"], mask, c.thin_slices, rng)
         image = normalize_window(torch.as_tensor(d["image"][0], dtype=torch.float32), self._engine_cfg(d["synthetic"]))
         d2 = {"image": image[None]}
         self.intensity.set_random_state(sub_seed + 2)

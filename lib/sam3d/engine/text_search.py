@@ -1,7 +1,7 @@
 """Text prompts over a whole image: find the named structure without a click, then refine it with clicks.
 
-The search is SegVol's zoom-out-zoom-in: the whole model-grid volume resampled into one window (zoom-out) gives
-a coarse mask; windows at the model spacing that cover the coarse mask's bounding box (zoom-in, as many as
+The search is SegVol's zoom-out-zoom-in: the whole model-grid volume resampled into one window (zoom-out; one
+scale for all axes, so a scan of a few slices stays a thin slab instead of being stretched) gives a coarse mask; windows at the model spacing that cover the coarse mask's bounding box (zoom-in, as many as
 `max_windows` allows, each fed the coarse result as its previous mask) give the fine one, averaged where they
 overlap. Clicks that follow (the client resends every click with the same text) refine the last answer in one
 window, with the text, the clicks and the last mask as prompts, as the point engine refines its masks.
@@ -45,10 +45,34 @@ def _vocabulary_words(names) -> list[str]:
     return list(dict.fromkeys(words))
 
 
+def zoom_out_layout(shape: tuple[int, ...], size: int) -> tuple[tuple[slice, ...], tuple[int, ...]]:
+    """Where a whole volume of `shape` goes in the zoom-out window: one scale for every axis (shapes keep their
+    proportions; a scan of a few slices stays a slab), centred, the rest padding as for any short axis.
+    Returns the window's slices that hold it and its resized shape."""
+    scale = size / max(shape)
+    inner = tuple(max(1, min(size, int(round(n * scale)))) for n in shape)
+    return tuple(slice((size - n) // 2, (size - n) // 2 + n) for n in inner), inner
+
+
+def zoom_out(volume: torch.Tensor, size: int, fill: float) -> torch.Tensor:
+    """(X, Y, Z) -> the (size,)^3 zoom-out window (trilinear), `fill` around it."""
+    where, inner = zoom_out_layout(tuple(volume.shape), size)
+    out = torch.full((size,) * 3, float(fill))
+    out[where] = F.interpolate(volume[None, None].float(), size=inner, mode="trilinear", align_corners=False)[0, 0]
+    return out
+
+
 def zoom_out_window(volume: torch.Tensor, size: int, config: EngineConfig) -> torch.Tensor:
-    """The whole (X, Y, Z) model-grid volume resized into one (size,)^3 window and normalised (training uses it)."""
-    whole = F.interpolate(volume[None, None].float(), size=(size,) * 3, mode="trilinear", align_corners=False)
-    return normalize_window(whole[0, 0], config)
+    """The whole model-grid volume in one window (`zoom_out`, padded with its minimum) and normalised, as the
+    search's coarse pass sees it (training uses it too)."""
+    return normalize_window(zoom_out(volume, size, float(volume.min())), config)
+
+
+def zoom_out_logits_to_volume(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The coarse pass's (size,)^3 logits back on the volume's (X, Y, Z) grid."""
+    where, _ = zoom_out_layout(shape, logits.shape[-1])
+    return F.interpolate(logits[..., where[0], where[1], where[2]].float(), size=tuple(shape), mode="trilinear",
+                         align_corners=False)[0, 0]
 
 
 class TextBound:
@@ -165,7 +189,7 @@ class TextEngine(InteractiveEngine):
         emb, t_enc = self._zoom_out_embedding(sess, key)
         t = time.perf_counter()
         low, iou = self.model.decode(emb, text=prompt)
-        coarse = F.interpolate(low.float(), size=shape, mode="trilinear", align_corners=False)[0, 0].cpu()
+        coarse = zoom_out_logits_to_volume(low, tuple(shape)).cpu()
         timings["encode"] += t_enc
         timings["decode"] += time.perf_counter() - t
         windows = [{"start": "zoom-out", "size": list(shape), "embedding_cached": t_enc == 0.0}]

@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 
 from ..data.cases import find_cases
 from ..data.clicks import derive_seed
-from ..engine.text_search import TextBound, zoom_out_window
+from ..data.training import thin_slab
+from ..engine.text_search import TextBound, zoom_out, zoom_out_window
 from ..text import name_to_words, random_prompt
 from ..text.encoder import load_text_encoder_for, stack_embeddings
 from ..text.variants import NAME_TABLES
@@ -55,6 +56,15 @@ def case_names(recipe: dict, root: Path) -> dict[str, dict[int, str]]:
     return out
 
 
+def trained_vocabulary(names: dict[str, dict[int, str]], recipe: dict) -> list[str]:
+    """The names a recipe trains on: those of its cases (`data.cases`, else all), only the `sampling.targets` of a
+    case that lists some. The engine answers texts close to one of these; others get an empty mask."""
+    wanted = set((recipe.get("data") or {}).get("cases") or names)
+    targets = {c: {int(v) for v in vs} for c, vs in ((recipe.get("sampling") or {}).get("targets") or {}).items()}
+    return sorted({name_to_words(n) for c, table in names.items() if c in wanted
+                   for v, n in table.items() if c not in targets or v in targets[c]})
+
+
 class TextLoss(nn.Module):
     """The network, the frozen text tower and the text-then-clicks loop as one module (DDP sees one forward).
 
@@ -76,9 +86,7 @@ class TextLoss(nn.Module):
         self.iou_loss_weight = cfg.iou_loss_weight
         self.synonym_prob = float(t.get("synonym_prob", 0.2))
         self.names = case_names(recipe, Path(root))
-        wanted = set((recipe.get("data") or {}).get("cases") or self.names)
-        self.vocabulary = sorted({name_to_words(n) for c, table in self.names.items() if c in wanted
-                                  for n in table.values()})
+        self.vocabulary = trained_vocabulary(self.names, recipe)
         sam.config = replace(sam.config, vocabulary=tuple(self.vocabulary))
         sidecar["network"] = {**sidecar.get("network", {}), "vocabulary": list(self.vocabulary)}
         device = next(sam.parameters()).device
@@ -150,8 +158,10 @@ class TextLoss(nn.Module):
 
 
 class ZoomOutDataset(Dataset):
-    """A `WindowDataset` in which a share of the samples (`prob`, decided by the index) is a whole volume resized into
-    the window with one of its labels: what the text search's coarse pass (zoom-out) sees. Same keys as a window."""
+    """A `WindowDataset` in which a share of the samples (`prob`, decided by the index) is a whole volume in the
+    window with one of its labels: what the text search's coarse pass (zoom-out) sees. With the windows'
+    `thin_prob`, the "whole volume" is a slab of a few slices through the target (a scan of a few slices).
+    Same keys as a window."""
 
     def __init__(self, windows, prob: float) -> None:
         self.windows, self.prob = windows, float(prob)
@@ -165,16 +175,18 @@ class ZoomOutDataset(Dataset):
         if rng.random() >= self.prob:
             return w[index]
         vol = w.volumes[int(rng.choice(len(w.volumes), p=w.weights))]
-        size = (w.cfg.size,) * 3
-        value = int(rng.choice(vol.values)) if len(vol.values) else None
-        label = None
-        if value is not None:
-            label = F.interpolate((vol.label == value).float()[None], size=size, mode="trilinear", align_corners=False)[0]
-            label = (label > 0.5).float()
-        if label is None or label.sum() < w.cfg.min_voxels:  # too small to survive the resize: a window instead
+        if not len(vol.values):
+            return w[index]
+        value = int(rng.choice(vol.values))
+        image, target = vol.image[0], (vol.label[0] == value)
+        if w.augment and rng.random() < w.cfg.thin_prob:
+            z = thin_slab(target.numpy(), w.cfg.thin_slices, rng)
+            image, target = image[..., z], target[..., z]
+        label = (zoom_out(target.float(), w.cfg.size, 0.0) > 0.5).float()[None]
+        if label.sum() < min(w.cfg.min_voxels, target.sum()):  # too small to survive the resize: a window instead
             return w[index]
         return {
-            "image": zoom_out_window(vol.image[0], w.cfg.size, w.engine_config)[None].contiguous(),
+            "image": zoom_out_window(image, w.cfg.size, w.engine_config)[None].contiguous(),
             "label": label.contiguous(),
             "seed": derive_seed(w.seed, "clicks", int(index)),
             "index": int(index),
