@@ -106,3 +106,37 @@ def test_server_segmenter_sends_the_name_as_text(monkeypatch, tmp_path):
     assert sent[0]["text"] == "kidney_left" and sent[0]["label"] == "structure" and sent[0]["foreground"] == []
     assert sent[1]["text"] == "liver" and sent[1]["label"] == "liver"
     seg.close()
+
+
+def test_text_phrasings_scores_every_phrasing_and_gates_unknown_text(tmp_path, shared_data):
+    import torch
+
+    from sam3d.engine import save_checkpoint
+    from sam3d.models import build_network
+
+    import nibabel as nib
+
+    case = tmp_path / "cases" / "ct_crop"  # the CT around its liver: a small real case
+    case.mkdir(parents=True)
+    for part in ("image", "label"):
+        img = nib.load(str(shared_data / "totalseg_ct" / f"{part}.nii.gz"))
+        nib.save(img.slicer[40:100, 30:80, 80:104], str(case / f"{part}.nii.gz"))
+    (case / "label_names.json").write_text((shared_data / "totalseg_ct" / "label_names.json").read_text())
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(build_network("refsam3d_tiny", vocabulary=["liver", "spleen"]), ckpt,
+                    {"preset": "refsam3d_tiny", "network": {"vocabulary": ["liver", "spleen"]}})
+    out = tmp_path / "phrasings"
+    cmd = [sys.executable, str(REPO / "scripts" / "text_phrasings.py"), "--checkpoint", str(ckpt), "--data",
+           str(case.parent), "--label", "liver", "--text", "femur", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "phrasings.csv") as f:
+        rows = {r["text"]: r for r in csv.DictReader(f)}
+    assert {"liver", "the liver", "Liver", "hepatic parenchyma", "A computed tomography of the liver.", "femur"} <= set(rows)
+    assert rows["hepatic parenchyma"]["closest_name"] == "liver" and float(rows["the liver"]["similarity"]) > 0.8
+    assert float(rows["femur"]["dice"]) == 0.0 and float(rows["femur"]["similarity"]) < 0.4  # gated: empty mask
+    assert (out / "phrasings.png").stat().st_size > 0 and "hepatic parenchyma" in (out / "phrasings.md").read_text()
+    bad = subprocess.run([*cmd[:-4], "--label", "femur_left", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert bad.returncode != 0 and "no case" in bad.stderr
