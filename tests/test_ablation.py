@@ -81,3 +81,26 @@ def test_table_per_structure_and_the_auto_spec(tmp_path):
     assert checkpoint_of(spec, "full_top_down", REPO) == checkpoint_of(spec, "full", REPO)
     assert train_command(spec, "full_top_down", REPO) is None  # the same weights, evaluated in the other order
     assert "model.network.history_tokens=0" in train_command(spec, "local_only", REPO)
+
+
+def test_refsam3d_spec_gives_text_to_the_variants_that_read_it(tmp_path):
+    import torch
+
+    from sam3d.engine import save_checkpoint
+    from sam3d.evaluation.ablation import build_variant_segmenters, load_spec, train_command
+    from sam3d.evaluation.segmenters import ClicksOnlySegmenter, TextEngineSegmenter
+    from sam3d.models import build_network
+
+    spec = load_spec(REPO / "configs" / "ablations" / "refsam3d_cpu.yaml", [f"runs={tmp_path}"])
+    assert spec["protocols"] == ["text"] and "text=null" in train_command(spec, "without_text", REPO)
+    assert "model.network.hierarchical=false" in train_command(spec, "last_stage_only", REPO)
+    torch.manual_seed(0)
+    for name in spec["variants"]:
+        (tmp_path / name).mkdir()
+        save_checkpoint(build_network("refsam3d_tiny"), tmp_path / name / "model.safetensors",
+                        {"preset": "refsam3d_tiny", "network": {}})
+    segs = {s.name: s for s in build_variant_segmenters(spec, REPO, "cpu", "text")}
+    assert isinstance(segs["full"], TextEngineSegmenter) and isinstance(segs["last_stage_only"], TextEngineSegmenter)
+    assert isinstance(segs["without_text"], ClicksOnlySegmenter) and isinstance(segs["random_walker"], ClicksOnlySegmenter)
+    plain = {s.name: s for s in build_variant_segmenters(spec, REPO, "cpu", "center")}
+    assert not any(isinstance(s, (TextEngineSegmenter, ClicksOnlySegmenter)) for s in plain.values())

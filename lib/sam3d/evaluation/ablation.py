@@ -12,6 +12,8 @@ A spec (YAML, `base:` and `key.path=value` overrides as training recipes; see co
     baseline: true                        # the random walker beside the variants
     variants:
       default: {model: sam3d_small, train: {config: configs/train/sam3d_default.yaml, overrides: []}}
+      # optional per variant: checkpoint (instead of training), engine (model-config keys), text: false (in the
+      # `text` protocol: no text, clicks only)
 
 Every variant meets the same targets with the same seeds (`sam3d.evaluation.runner`), so the first prompt of each
 target is the same for all of them. Rows are the runner's, with `set` and `protocol` added.
@@ -97,25 +99,32 @@ def _finished(spec: dict, name: str, root: Path) -> bool:
     return int(json.loads((run / "summary.json").read_text())["step"]) == step
 
 
-def build_variant_segmenters(spec: dict, root: Path, device: str) -> list:
-    from .segmenters import segmenter_from_config
+def build_variant_segmenters(spec: dict, root: Path, device: str, protocol: str = "center") -> list:
+    """The variants (and the baseline) as the harness runs them under `protocol`. In the `text` protocol a variant
+    with `text: false`, and the baseline, get no text: an empty mask until the first click."""
+    from .segmenters import ClicksOnlySegmenter, segmenter_from_config
+
+    def without_text(seg):
+        return ClicksOnlySegmenter(seg) if protocol == "text" else seg
 
     segs = []
     for name, v in spec["variants"].items():
         cfg = load_model_config(str(v.get("model", "sam3d_small")), root / "configs", str(checkpoint_of(spec, name, root)))
         cfg.update(v.get("engine") or {})  # engine settings per variant, e.g. {order: top_down} for the auto model
-        segs.append(segmenter_from_config(cfg, device=device, name=name))
+        reads_text = protocol == "text" and v.get("text", True)
+        seg = segmenter_from_config(cfg, device=device, name=name, protocol="text" if reads_text else "center")
+        segs.append(seg if reads_text else without_text(seg))
     if spec.get("baseline", True):
         from .baseline import RandomWalkerSegmenter
 
-        segs.append(RandomWalkerSegmenter())
+        segs.append(without_text(RandomWalkerSegmenter()))
     return segs
 
 
 def run_ablation(spec: dict, root: Path, device: str = "cpu", progress: bool = True) -> list[dict]:
-    segmenters = build_variant_segmenters(spec, root, device)
     rows = []
     for protocol in spec.get("protocols") or ["center"]:
+        segmenters = build_variant_segmenters(spec, root, device, protocol)
         for s in spec["sets"]:
             cases = find_cases(_resolve(s["data"], root), names_key=s.get("names_key"))
             labels = s.get("labels")
