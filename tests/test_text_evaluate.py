@@ -137,6 +137,7 @@ def test_text_phrasings_scores_every_phrasing_and_gates_unknown_text(tmp_path, s
     assert rows["the liver"]["closest_name"] == "liver" and float(rows["the liver"]["similarity"]) > 0.8
     assert rows["hepatic parenchyma"]["closest_name"] == "hepatic parenchyma"  # a known synonym of a trained name
     assert float(rows["femur"]["dice"]) == 0.0 and float(rows["femur"]["similarity"]) < 0.4  # gated: empty mask
+    assert rows["femur"]["kind"] == "extra" and rows["Liver"]["kind"] == "name"
     assert (out / "phrasings.png").stat().st_size > 0 and "hepatic parenchyma" in (out / "phrasings.md").read_text()
     bad = subprocess.run([*cmd[:-4], "--label", "femur_left", "--out", str(out)], capture_output=True, text=True,
                          timeout=600, cwd=REPO)
