@@ -182,7 +182,9 @@ class WindowDataset(Dataset):
         for v in volumes:
             if v.values is None:
                 v.index(sampling.min_voxels)
-        self.allowed = {}  # case -> the label values it may target (absent: all)
+        # case -> the label values it may target (absent: all); the volume's own index is narrowed too, so every
+        # dataset over these volumes (training, validation, zoom-out) targets the same structures
+        self.allowed = {}
         for case, values in (sampling.targets or {}).items():
             vol = next((v for v in volumes if v.name == case), None)
             if vol is None:

@@ -1,9 +1,9 @@
 """Text prompts over a whole image: find the named structure without a click, then refine it with clicks.
 
 The search is SegVol's zoom-out-zoom-in: the whole model-grid volume resampled into one window (zoom-out; one
-scale for all axes, so a scan of a few slices stays a thin slab instead of being stretched) gives a coarse mask; windows at the model spacing that cover the coarse mask's bounding box (zoom-in, as many as
-`max_windows` allows, each fed the coarse result as its previous mask) give the fine one, averaged where they
-overlap. Clicks that follow (the client resends every click with the same text) refine the last answer in one
+scale for all axes, so a scan of a few slices stays a thin slab instead of being stretched) gives a coarse mask;
+windows at the model spacing that cover the coarse mask's bounding box (zoom-in, as many as `max_windows`
+allows, each fed the coarse result as its previous mask) give the fine one, averaged where they overlap. Clicks that follow (the client resends every click with the same text) refine the last answer in one
 window, with the text, the clicks and the last mask as prompts, as the point engine refines its masks.
 
 A text far from every name the model was trained on (cosine similarity of the sentence embeddings below
