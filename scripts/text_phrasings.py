@@ -50,8 +50,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def phrasings(name: str, extra: list[str]) -> list[str]:
-    return list(dict.fromkeys([*prompt_variants(name), name, *extra]))
+def phrasings(name: str) -> list[str]:
+    """Every phrasing of a label name that training draws from, and the dataset code itself."""
+    return list(dict.fromkeys([*prompt_variants(name), name]))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
         if not reference.any():
             continue
         name = case.label_name(value)
-        variants = phrasings(name, [])
-        for text in tqdm(phrasings(name, args.text), desc=case.name):
+        variants = phrasings(name)
+        for text in tqdm(list(dict.fromkeys(variants + args.text)), desc=case.name):
             res = engine.segment_text(str(case.image), text)
             m = segmentation_metrics(res.mask > 0, reference, loaded.spacing)
             rows.append({"case": case.name, "label": name, "text": text, "kind": "name" if text in variants else "extra",
