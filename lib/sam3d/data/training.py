@@ -1,8 +1,9 @@
 """Training samples: model windows around structures (or at random) of real volumes, augmented or synthesised.
 
-Volumes come from a case folder (`sam3d.data.cases`, as `../shared/data/`) or a MONAI Label local datastore
-(`DIR/*.nii.gz` with labels in `DIR/labels/final/<same name>`). Each volume is put on the model grid once, by
-the engine's own `ImageSession` (RAS, the model spacing, bilinear), its label map the same way (nearest).
+Volumes come from a case folder (`sam3d.data.cases`, as `../shared/data/`), a MONAI Label local datastore
+(`DIR/*.nii.gz` with labels in `DIR/labels/final/<same name>`), label maps without an image (every image of
+theirs is synthesised) and generated scenes of shapes (`sam3d.data.shapes`). Each volume is put on the model grid
+once, by the engine's own `ImageSession` (RAS, the model spacing, bilinear), its label map the same way (nearest).
 
 `WindowDataset[i]` is a function of (seed, i) alone: the same index gives the same sample in any process, worker
 or resumed run. A sample is one binary target in one window:
@@ -12,6 +13,8 @@ or resumed run. A sample is one binary target in one window:
      "case": str, "target": str (label values), "synthetic": bool}
 """
 
+import fnmatch
+import glob
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,7 @@ from ..engine.interactive import EngineConfig, normalize_window
 from ..engine.windows import window_start
 from .cases import find_cases
 from .clicks import derive_seed
+from .shapes import shape_label_map
 from .synthesis import RandWindowDeformd, SynthesizeFromLabelsd
 
 logger = logging.getLogger(__name__)
@@ -45,7 +49,7 @@ class Volume:
     """One labelled volume on the model grid, with an index of its labelled voxels per label value."""
 
     name: str
-    image: torch.Tensor  # (1, X, Y, Z) float32
+    image: torch.Tensor | None  # (1, X, Y, Z) float32; None: a label map alone, every image is synthesised
     label: torch.Tensor  # (1, X, Y, Z) int32
     values: np.ndarray = field(default=None)  # label values with at least min_voxels voxels
     _flat: np.ndarray = field(default=None, repr=False)
@@ -74,13 +78,19 @@ class Volume:
         return self._box
 
 
-def list_sources(data: dict) -> list[tuple[str, str, str]]:
-    """(name, image path, label path) for the training volumes a recipe's `data` section names.
+def list_sources(data: dict) -> list[tuple[str, str | None, str]]:
+    """(name, image path or None, label path) for the training volumes a recipe's `data` section names.
 
-    Keys: `dir` (a case folder, optionally filtered by `cases` and `exclude`) and/or `datastore` (a MONAI Label
-    local datastore; its labelled images).
+    Keys: `dir` (a case folder, optionally filtered by `cases` and `exclude`), `datastore` (a MONAI Label
+    local datastore; its labelled images) and `label_maps` (`{name: glob}`: label maps without images, named
+    `<name>_<file stem>`).
     """
     out = []
+    for prefix, pattern in (data.get("label_maps") or {}).items():
+        files = sorted(glob.glob(str(pattern)))
+        if not files:
+            raise FileNotFoundError(f"label_maps.{prefix}: no file matches {pattern}")
+        out += [(f"{prefix}_{Path(f).name.split('.')[0]}", None, f) for f in files]
     if data.get("dir"):
         include, exclude = data.get("cases"), set(data.get("exclude") or [])
         for case in find_cases(data["dir"]):
@@ -102,10 +112,14 @@ def list_sources(data: dict) -> list[tuple[str, str, str]]:
     return out
 
 
-def load_volume(name: str, image_path: str, label_path: str, spacing) -> Volume:
-    """Image and label map on the model grid, exactly as the engine resamples images (labels by nearest)."""
-    sess = ImageSession(image_path, tuple(spacing), max_voxels=400_000_000)
+def load_volume(name: str, image_path: str | None, label_path: str, spacing) -> Volume:
+    """Image and label map on the model grid, exactly as the engine resamples images (labels by nearest).
+
+    Without an image path, the label map alone (its images are synthesised)."""
     lab = to_model_grid(load_image(label_path).float(), spacing, mode="nearest").as_tensor()[0]
+    if image_path is None:
+        return Volume(name, None, lab.round().to(torch.int32)[None].contiguous())
+    sess = ImageSession(image_path, tuple(spacing), max_voxels=400_000_000)
     image = sess.volume
     if tuple(lab.shape) != tuple(image.shape):  # rounding of the output grid: crop/pad the label to the image
         fixed = torch.zeros(image.shape)
@@ -113,6 +127,26 @@ def load_volume(name: str, image_path: str, label_path: str, spacing) -> Volume:
         fixed[sl] = lab[sl]
         lab = fixed
     return Volume(name, image[None].contiguous(), lab.round().to(torch.int32)[None].contiguous())
+
+
+def shape_volumes(count: int, size: int, seed: int = 0) -> list[Volume]:
+    """`count` generated scenes of shapes (`sam3d.data.shapes`), named `shapes_<i>`, the same for a seed."""
+    return [Volume(f"shapes_{i}", None, torch.from_numpy(shape_label_map(size, np.random.default_rng(
+        derive_seed(seed, "shapes", i))))[None].contiguous()) for i in range(int(count))]
+
+
+def load_volumes(data: dict, spacing, seed: int = 0) -> list[Volume]:
+    """Every training volume of a recipe's `data` section (`list_sources`, plus `shapes: {count, size}`)."""
+    volumes = [load_volume(*s, spacing) for s in list_sources(data)] if _has_files(data) else []
+    if data.get("shapes"):
+        volumes += shape_volumes(int(data["shapes"].get("count", 16)), int(data["shapes"].get("size", 96)), seed)
+    if not volumes:
+        raise FileNotFoundError(f"no training volumes in {data}")
+    return volumes
+
+
+def _has_files(data: dict) -> bool:
+    return any(data.get(k) for k in ("dir", "datastore", "label_maps"))
 
 
 @dataclass
@@ -129,7 +163,7 @@ class SamplingConfig:
     elastic_voxels: float = 3.0
     flip_prob: float = 0.0
     intensity_aug_prob: float = 0.5
-    case_weights: dict | None = None
+    case_weights: dict | None = None  # {name or glob pattern: weight}, first match wins; else 1
     thin_prob: float = 0.0  # samples cut to a slab of 1..thin_slices slices (last axis): scans of a few slices
     thin_slices: int = 4
     targets: dict | None = None  # {case: [label values]}: that case's only targets and merge partners (else all)
@@ -142,6 +176,13 @@ class SamplingConfig:
         if bad:
             raise ValueError(f"unknown sampling settings {sorted(bad)}; known: {sorted(known)}")
         return cls(**d)
+
+
+def _case_weight(weights: dict | None, name: str) -> float:
+    for pattern, w in (weights or {}).items():
+        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            return float(w)
+    return 1.0
 
 
 def thin_slab(mask: np.ndarray, most: int, rng: np.random.Generator) -> slice:
@@ -195,13 +236,14 @@ class WindowDataset(Dataset):
                 raise ValueError(f"sampling.targets.{case}: values {missing} are absent or below min_voxels")
             vol.values = allowed
             self.allowed[case] = allowed
-        weights = np.array([(sampling.case_weights or {}).get(v.name, 1.0) for v in volumes], dtype=np.float64)
+        weights = np.array([_case_weight(sampling.case_weights, v.name) for v in volumes], dtype=np.float64)
         self.weights = weights / weights.sum()
         c = sampling
         self.deform = RandWindowDeformd(size=c.size, prob=c.deform_prob if augment else 0.0, rotate_deg=c.rotate_deg,
                                         scale=c.scale, elastic_voxels=c.elastic_voxels,
                                         flip_prob=c.flip_prob if augment else 0.0)
         self.synth = SynthesizeFromLabelsd(prob=c.synth_prob if augment else 0.0)
+        self.synth_always = SynthesizeFromLabelsd(prob=1.0)  # label maps without an image
         p = c.intensity_aug_prob if augment else 0.0
         self.intensity = Compose([
             RandScaleIntensityd("image", factors=0.1, prob=p),
@@ -234,7 +276,8 @@ class WindowDataset(Dataset):
             lo, hi = vol.foreground_box()
             center = rng.uniform(lo, hi + 1)
         start = window_start(center, size, shape)
-        d = {"image": vol.image, "label": vol.label, "start": start}
+        d = {"label": vol.label, "start": start} if vol.image is None else {"image": vol.image, "label": vol.label,
+                                                                             "start": start}
         sub_seed = int(rng.integers(2**31 - 1))
         self.deform.set_random_state(sub_seed)
         d = self.deform(d)
@@ -256,8 +299,9 @@ class WindowDataset(Dataset):
                 extra = rng.choice(neighbours, size=int(rng.integers(1, min(3, len(neighbours)) + 1)), replace=False)
                 chosen += [int(v) for v in extra]
                 mask = np.isin(lab, chosen)
-        self.synth.set_random_state(sub_seed + 1)
-        d = self.synth(d)
+        synth = self.synth_always if vol.image is None else self.synth
+        synth.set_random_state(sub_seed + 1)
+        d = synth(d)
         if self.augment and rng.random() < c.thin_prob:
             d["image"], mask = as_thin_scan(d["image"], mask, c.thin_slices, rng)
         image = normalize_window(torch.as_tensor(d["image"][0], dtype=torch.float32), self._engine_cfg(d["synthetic"]))

@@ -31,6 +31,10 @@ class InteractiveConfig:
     spacing_mm: float = 1.5
     loss_resolution: str = "full"  # "full" (SAM-Med3D: logits upsampled to the window) or "low" (32^3)
     iou_loss_weight: float = 1.0
+    # "all": every round has a loss (SAM-Med3D). "last": the batch runs 1..rounds rounds (drawn per step), only the
+    # last with gradients and a loss, the earlier ones simulate the clicks so far (RITM's, nnInteractive's way):
+    # for a network that runs again on every click, one backward pass per sample instead of one per round.
+    grad_rounds: str = "all"
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "InteractiveConfig":
@@ -41,6 +45,8 @@ class InteractiveConfig:
         for k in ("protocols", "protocol_probs"):
             if k in d:
                 d[k] = tuple(d[k])
+        if d.get("grad_rounds", "all") not in ("all", "last"):
+            raise ValueError(f"interactive.grad_rounds must be 'all' or 'last', got {d['grad_rounds']!r}")
         return cls(**d)
 
 
@@ -59,6 +65,8 @@ class InteractiveLoss(nn.Module):
         core, cfg = self.sam, self.cfg
         with self.autocast():
             emb = core.encode_image(images)
+        if cfg.grad_rounds == "last":
+            return _batch_last_round(core, emb, labels, seeds, cfg, self.loss_fn, self.autocast)
         total = images.new_zeros((), dtype=torch.float32)
         dice_rounds = np.zeros(cfg.rounds)
         for b in range(images.shape[0]):
@@ -126,3 +134,46 @@ def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=N
             on_round(r, pred)
         low = logits.detach()
     return loss_total / cfg.rounds, dice
+
+
+def _batch_last_round(core, emb, gt, seeds, cfg, loss_fn, autocast):
+    """`grad_rounds: last`: the whole batch clicks round by round; only the last round (1..rounds, drawn from the
+    first sample's seed) has gradients. Returns (loss of that round, batch Dice per round; rounds after the last
+    repeat its Dice)."""
+    n, size, device = emb.shape[0], core.img_size, emb.device
+    rngs = [np.random.default_rng(int(s)) for s in seeds]
+    last = int(rngs[0].integers(1, cfg.rounds + 1))
+    probs = np.asarray(cfg.protocol_probs) / np.sum(cfg.protocol_probs)
+    sims = [ClickSimulator(str(r.choice(list(cfg.protocols), p=probs)), seed=r, spacing=cfg.spacing_mm) for r in rngs]
+    gt_np = gt[:, 0].detach().cpu().numpy() > 0.5
+    boxes = None
+    if core.supports_boxes and rngs[0].random() < cfg.box_prob:  # the whole batch starts from a box
+        corners = [ClickSimulator("box", seed=r, spacing=cfg.spacing_mm, box_jitter_mm=cfg.box_jitter_mm).next(g).box
+                   for r, g in zip(rngs, gt_np)]
+        boxes = torch.tensor(corners, dtype=torch.float32, device=device)
+    clicks = [[] for _ in range(n)]
+    preds = [None] * n
+    low = torch.zeros((n, 1, size, size, size), device=device)
+    dice = np.zeros(cfg.rounds)
+    for r in range(1, last + 1):
+        for b in range(n):
+            if r > 1 or boxes is None:
+                clicks[b] += sims[b].next(gt_np[b], preds[b], r).points
+        most = max(1, max(len(c) for c in clicks))
+        coords = torch.zeros((n, most, 3), device=device)
+        labels = torch.full((n, most), -1, dtype=torch.int64, device=device)  # -1: padding
+        for b, c in enumerate(clicks):
+            if c:
+                coords[b, : len(c)] = torch.tensor([p for p, _ in c], dtype=torch.float32)
+                labels[b, : len(c)] = torch.tensor([int(pos) for _, pos in c])
+        with torch.set_grad_enabled(r == last and torch.is_grad_enabled()), autocast():
+            logits, _ = core.decode(emb, points=(coords, labels), boxes=boxes, mask_input=low)
+        logits = logits.float()
+        hard = logits.detach() > 0
+        target = gt > 0.5
+        dice[r - 1] = float((2 * (hard & target).flatten(1).sum(1) / (hard.flatten(1).sum(1) + target.flatten(1).sum(1))
+                             .clamp_min(1)).mean())
+        preds = list(hard[:, 0].cpu().numpy())
+        low = logits.detach()
+    dice[last:] = dice[last - 1]
+    return loss_fn(logits, gt), torch.as_tensor(dice, dtype=torch.float32)

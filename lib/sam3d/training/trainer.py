@@ -33,7 +33,7 @@ from ignite import distributed as idist
 from ignite.engine import Engine, Events
 from torch.utils.data import DataLoader, Sampler
 
-from ..data.training import SamplingConfig, WindowDataset, list_sources, load_volume
+from ..data.training import SamplingConfig, WindowDataset, load_volumes
 from ..engine.checkpoint import atomic_write, read_state_dict, save_checkpoint
 from ..engine.interactive import EngineConfig
 from ..models import build_network
@@ -128,6 +128,14 @@ def _param_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
+def _resolve_data(data: dict, root: Path) -> dict:
+    """A recipe's `data` section with its paths resolved against the project root."""
+    out = {**data, **{k: str(_resolve(data[k], root)) for k in ("dir", "datastore") if data.get(k)}}
+    if data.get("label_maps"):
+        out["label_maps"] = {k: str(_resolve(v, root)) for k, v in data["label_maps"].items()}
+    return out
+
+
 def _autocast(amp, device: torch.device):
     if amp in (None, False, "none", "off") or (amp == "auto" and device.type != "cuda"):
         return nullcontext
@@ -180,16 +188,19 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     if rank == 0:  # temporary files of writes that a killed run left behind (the real files are whole)
         for stale in out.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    if state_path.is_file():
+    # a new output folder continues from `resume_from` when given (the committed state of a run trained in legs)
+    source = state_path if state_path.is_file() else (_resolve(recipe["resume_from"], root)
+                                                      if recipe.get("resume_from") else None)
+    if source is not None and source.is_file():
         if not resume:
-            raise FileExistsError(f"{state_path} exists and resume is off: choose another output folder")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+            raise FileExistsError(f"{source} exists and resume is off: choose another output folder")
+        state = torch.load(source, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
         if rank == 0:
-            logger.info(f"resuming from {state_path} at step {start}")
+            logger.info(f"resuming from {source} at step {start}")
 
     icfg = InteractiveConfig.from_dict({"spacing_mm": float(engine_cfg.spacing[0]), **(recipe.get("interactive") or {})})
     loss_cfg = dict(recipe.get("loss") or {})
@@ -205,9 +216,7 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
 
     sampling = SamplingConfig.from_dict(recipe.get("sampling"))
     sampling = replace(sampling, size=model.img_size)
-    data_cfg = recipe.get("data", {})
-    data_cfg = {**data_cfg, **{k: str(_resolve(data_cfg[k], root)) for k in ("dir", "datastore") if data_cfg.get(k)}}
-    volumes = [load_volume(*s, engine_cfg.spacing) for s in list_sources(data_cfg)]
+    volumes = load_volumes(_resolve_data(recipe.get("data", {}), root), engine_cfg.spacing, seed)
     dataset = (auto_dataset(volumes, engine_cfg, model, recipe, root, seed) if recipe.get("auto")
                else with_zoom_out(WindowDataset(volumes, engine_cfg, sampling, seed=seed), recipe.get("text")))
     loader = DataLoader(dataset, batch_sampler=StepBatchSampler(start, steps, global_batch, rank, world),
@@ -317,7 +326,11 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
             ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"], "dice": o["dice_last"]})
 
         if val_cfg.get("every"):
-            val_set = WindowDataset(volumes, engine_cfg, sampling, seed=seed + 7919, augment=False)
+            # held-out volumes when the recipe names them (`validation.data`, as `data`), else the training ones
+            val_set = (WindowDataset(load_volumes(_resolve_data(val_cfg["data"], root), engine_cfg.spacing, seed),
+                                     engine_cfg, replace(sampling, case_weights=None), seed=seed + 7919, augment=False)
+                       if val_cfg.get("data") else WindowDataset(volumes, engine_cfg, sampling, seed=seed + 7919,
+                                                                 augment=False))
 
             def _validate(engine):
                 row = getattr(wrapped, "validate", validate)(model, val_set, int(val_cfg.get("samples", 8)),
