@@ -79,12 +79,14 @@ def status_of(fn) -> HTTPException:
 # ---- configuration --------------------------------------------------------------------------------------------
 
 
-def test_shipped_config_defaults_to_sam3d_small_without_failing():
+def test_shipped_config_serves_the_shipped_click_model():
     c = load_app_config({}, CONFIGS)
     t = c.infers["sam3d_point"]
-    assert t.error is None and t.model_name == "sam3d_small"
-    assert t.model_config["preset"] == "sam3d_small"
-    assert t.model_config["checkpoint"] == str(REPO / "models" / "sam3d_small.safetensors")  # against the project root
+    assert t.error is None and t.model_name == "clicknet"
+    assert t.model_config["preset"] == "clicknet_small"
+    assert t.model_config["checkpoint"] == str(REPO / "models" / "clicknet.safetensors")  # against the project root
+    assert Path(t.model_config["checkpoint"]).is_file()  # the weights ship with the repository
+    assert c.labels["hippocampus_left"] and "structure" in c.labels  # brain structures among the suggestions
     assert c.device == "auto" and c.preload is False and c.strict_labels is True
     assert c.labels["liver"] == 5 and c.labels["aorta"] == 52 and "structure" in c.labels
 
@@ -177,8 +179,9 @@ def test_missing_label_means_the_generic_structure(ct, tmpdir_for_results):
         ({"foreground": [[1, 2, float("nan")]]}, 422, "voxel indices"),
         ({"foreground": [[1, 2, True]]}, 422, "voxel indices"),
         ({"foreground": [[1, 2, 3]], "roi": "all"}, 422, "roi"),
-        ({"foreground": [[1, 2, 3]], "label": "no_such_organ"}, 422, "unknown label"),
         ({"foreground": [[1, 2, 3]], "label": 5}, 422, "label"),
+        ({"foreground": [[1, 2, 3]], "label": "x" * 129}, 422, "at most 128"),
+        ({"foreground": [[1, 2, 3]], "label": "liver\n"}, 422, "printable"),
     ],
 )
 def test_bad_requests_are_422_before_any_model_work(ct, request_, status, fragment):
@@ -188,10 +191,12 @@ def test_bad_requests_are_422_before_any_model_work(ct, request_, status, fragme
     assert engine.calls == []
 
 
-def test_unknown_labels_pass_when_not_strict(ct, tmpdir_for_results):
+@pytest.mark.parametrize("strict", [True, False])
+def test_the_click_task_takes_any_structure_name(ct, tmpdir_for_results, strict):
     engine = StubEngine()
-    stub_task(engine, strict_labels=False)({"image": ct, "foreground": [[1, 2, 3]], "label": "Segment_1"})
-    assert engine.calls[0][-1] == "Segment_1"
+    for name in ("left hippocampus", "autochthon_left", "Segment_1"):
+        stub_task(engine, strict_labels=strict)({"image": ct, "foreground": [[1, 2, 3]], "label": name})
+        assert engine.calls[-1][-1] == name
 
 
 def test_missing_image_is_404(tmp_path):

@@ -207,7 +207,7 @@ def _not_gzip(server) -> Path:
         ("outside", 422, "outside the image"),
         ("no_prompt", 422, "no prompt"),
         ("bad_points", 422, "voxel indices"),
-        ("unknown_label", 422, "unknown label"),
+        ("overlong_label", 422, "at most 128"),
         ("unknown_image", 404, "not in the datastore"),
         ("corrupt_upload", 422, "cannot read image"),
         ("not_an_image_upload", 422, "cannot read image"),
@@ -222,8 +222,8 @@ def test_bad_input_is_a_4xx_with_a_message_and_the_server_carries_on(server, cas
         params = {"label": "liver"}
     elif case == "bad_points":
         params["foreground"] = [[60, 50]]
-    elif case == "unknown_label":
-        params["label"] = "no_such_organ"
+    elif case == "overlong_label":
+        params["label"] = "x" * 200
     elif case == "unknown_image":
         image = "no_such_image"
     elif case == "corrupt_upload":

@@ -11,7 +11,7 @@ infer task per entry; no model or image code lives here (see `sam3d.monailabel` 
     checkpoint PATH          its weights (.safetensors, or SAM-Med3D's .pth loaded with weights_only=True)
     device auto|cpu|cuda:N   where the models run (auto: cuda when available)
     preload true|false       load the weights in the background at start-up instead of on the first click
-    strict_labels true|false reject label names that configs/app.yaml does not declare (default true)
+    strict_labels true|false the text task refuses names that configs/app.yaml does not declare (default true)
     config PATH              another app YAML instead of configs/app.yaml
     infers.TASK.KEY VALUE    any key of a task or of its model config, e.g. infers.sam3d_point.spacing "[2,2,2]";
                              a new TASK adds a task, `infers.TASK null` removes one

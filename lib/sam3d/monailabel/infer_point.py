@@ -140,6 +140,9 @@ def replace_class(auto, refined, name: str):
     return replace(refined, mask=labels)
 
 
+MAX_LABEL_CHARS = 128
+
+
 class Sam3DPointInfer(InferTask):
     """Clicks (and an optional box) -> one structure, as a 0/1 label volume on the image's grid."""
 
@@ -319,14 +322,10 @@ class Sam3DPointInfer(InferTask):
             return {"image": image, "foreground": fg, "background": bg, "roi": roi, "label": label, "prior": prior}
         if label is None or label == "":
             label = self.default_label()
-        if not isinstance(label, str):
-            raise HTTPException(status_code=422, detail=f"label must be a structure name, got {label!r}")
-        if self.strict_labels and self.labels and label not in self.labels:
-            raise HTTPException(
-                status_code=422,
-                detail=f"unknown label {label!r}: {self.name} knows {', '.join(self.labels)} "
-                f"(name the segment after one of them, or use {self.default_label()!r})",
-            )
+        # class-agnostic: any name is what the new mask is called; the configured labels are suggestions
+        if not isinstance(label, str) or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+            raise HTTPException(status_code=422, detail=f"label must be a structure name (printable text of at most "
+                                f"{MAX_LABEL_CHARS} characters), got {str(label)[:MAX_LABEL_CHARS]!r}")
         return {"image": image, "foreground": fg, "background": bg, "roi": roi, "label": label}
 
     def __call__(self, request) -> tuple[str | None, dict]:
