@@ -228,14 +228,15 @@ class InteractiveEngine:
                                                                             dtype=torch.float16)
         covered = torch.zeros(sess.volume.shape, dtype=torch.bool)  # what this request's windows have answered
         timings = {"encode": 0.0, "decode": 0.0}
-        windows, low_res_out = [], OrderedDict()
+        windows, low_res_out, scores = [], OrderedDict(), []
         queue, seen = [(primary, None)], {primary}
         while queue:
             start, seed = queue.pop(0)
             emb, t_enc = self._embedding(sess, key, start)
             t = time.perf_counter()
             mask_input = self._mask_input(state, start, canvas if seed is not None else None)
-            low = self._decode(emb, start, fg_m, bg_m, box_m, seed, mask_input)
+            low, score = self._decode(emb, start, fg_m, bg_m, box_m, seed, mask_input)
+            scores.append(score)
             logits = F.interpolate(low, size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
             self._paste(canvas, covered, logits.float().cpu(), start)
             self._synchronize()
@@ -276,6 +277,7 @@ class InteractiveEngine:
             "embedding_cached": windows[0]["embedding_cached"],
             "spacing": list(cfg.spacing),
             "voxels": int(mask.sum()),
+            "score": float(np.mean(scores)),  # the network's own confidence (IoU head or mean foreground probability)
         }
         return SegmentResult(mask, sess.affine.copy(), timings, info)
 
@@ -289,7 +291,7 @@ class InteractiveEngine:
         window = crop(source, start, self.model.img_size, _EMPTY_LOGIT).float()
         return F.interpolate(window[None, None], size=(s,) * 3, mode="trilinear", align_corners=False).to(self.device)
 
-    def _decode(self, emb, start, fg_m, bg_m, box_m, seed, mask_input) -> torch.Tensor:
+    def _decode(self, emb, start, fg_m, bg_m, box_m, seed, mask_input) -> tuple[torch.Tensor, float]:
         size = self.model.img_size
         origin = np.asarray(start, dtype=np.float64)
         pts = [(p - origin, 1) for p in fg_m] + [(p - origin, 0) for p in bg_m]
@@ -307,8 +309,8 @@ class InteractiveEngine:
         boxes = None
         if box_m is not None and self.model.supports_boxes:
             boxes = torch.tensor(box_m - origin, dtype=torch.float32, device=self.device)[None]
-        low, _ = self.model.decode(emb, points=points, boxes=boxes, mask_input=mask_input)
-        return low
+        low, score = self.model.decode(emb, points=points, boxes=boxes, mask_input=mask_input)
+        return low, float(score.reshape(-1)[0])
 
     @staticmethod
     def _paste(canvas: torch.Tensor, covered: torch.Tensor, logits: torch.Tensor, start: tuple) -> None:
@@ -331,6 +333,13 @@ class InteractiveEngine:
 
 
 def _extends(prompts: list, previous: list) -> bool:
-    """True when `prompts` keeps every click of `previous` (in order) and the same roi."""
-    clicks, prev_clicks = prompts[:-1], previous[:-1]
-    return prompts[-1] == previous[-1] and clicks[: len(prev_clicks)] == prev_clicks
+    """True when `prompts` keeps every foreground and every background click of `previous` (each list in its order)
+    and the same roi: clients send the two lists apart, so a new foreground click follows the old background ones."""
+    if prompts[-1] != previous[-1]:
+        return False
+    for positive in (True, False):
+        new = [p for p in prompts[:-1] if p[3] is positive]
+        old = [p for p in previous[:-1] if p[3] is positive]
+        if new[: len(old)] != old:
+            return False
+    return True

@@ -252,7 +252,7 @@ class TextEngine(InteractiveEngine):
         t = time.perf_counter()
         prior = crop(state.canvas, start, size, _EMPTY_LOGIT).float()[None, None].to(self.device)
         with self._text_bound(prompt):  # the point engine's click handling, with the text as one more prompt
-            logits = self._decode(emb, start, fg_m, bg_m, None, None, prior)
+            logits, _ = self._decode(emb, start, fg_m, bg_m, None, None, prior)
         canvas = state.canvas.clone()
         src, dst = overlap(start, size, canvas.shape)
         canvas[dst] = logits[0, 0].float().cpu()[src].to(canvas.dtype)
