@@ -25,7 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .engine.checkpoint import load_model, resolve_checkpoint, saved_config
+from .engine.checkpoint import configured_preset, load_model, saved_config
 from .engine.interactive import EngineConfig, InteractiveEngine
 from .engine.model_config import load_model_config
 from .models import model_kind
@@ -75,9 +75,7 @@ class Sam3DPredictor:
             cfg = _config_for_checkpoint(path, configs_dir)
         else:
             cfg = load_model_config(str(name_or_path), configs_dir)
-        ckpt = resolve_checkpoint(cfg)
-        preset = (saved_config(ckpt) or {}).get("preset") if ckpt and ckpt.is_file() else None
-        kind = model_kind(preset or cfg.get("preset", "sam_med3d_turbo"))
+        kind = model_kind(configured_preset(cfg))
         return cls(_engine(kind, cfg, device), kind, cfg)
 
     # ---- the image --------------------------------------------------------------------------------------------

@@ -276,8 +276,9 @@ class WindowDataset(Dataset):
             lo, hi = vol.foreground_box()
             center = rng.uniform(lo, hi + 1)
         start = window_start(center, size, shape)
-        d = {"label": vol.label, "start": start} if vol.image is None else {"image": vol.image, "label": vol.label,
-                                                                             "start": start}
+        d = {"label": vol.label, "start": start}
+        if vol.image is not None:  # a label map alone gets its image from the synthesis below
+            d["image"] = vol.image
         sub_seed = int(rng.integers(2**31 - 1))
         self.deform.set_random_state(sub_seed)
         d = self.deform(d)

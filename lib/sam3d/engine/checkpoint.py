@@ -150,6 +150,13 @@ def load_model(model_config: dict, base_dir: str | os.PathLike | None = None) ->
     return LoadedModel(model.eval(), str(path), file_sha256(path), preset)
 
 
+def configured_preset(model_config: dict, default: str = "sam_med3d_turbo") -> str:
+    """The preset a model config serves: the one its checkpoint records (ours carry it), else the config's."""
+    path = resolve_checkpoint(model_config)
+    saved = (saved_config(path) or {}).get("preset") if path is not None and path.is_file() else None
+    return saved or model_config.get("preset", default)
+
+
 def resolve_checkpoint(model_config: dict, base_dir: str | os.PathLike | None = None) -> Path | None:
     """The configured checkpoint path (relative paths against `base_dir`), or None when none is set."""
     ckpt = model_config.get("checkpoint")

@@ -119,12 +119,10 @@ class LabelVolumeSegmenter:
 
 def segmenter_from_config(model_config: dict, device: str = "cpu", name: str | None = None, protocol: str = "center"):
     """The harness's view of a model config: label-volume models by their network, text models under `text`."""
-    from ..engine.checkpoint import resolve_checkpoint, saved_config
-    from ..models import AUTOSAM3D_PRESETS
+    from ..engine.checkpoint import configured_preset
+    from ..models import model_kind
 
-    path = resolve_checkpoint(model_config)
-    preset = (saved_config(path) or {}).get("preset") if path and path.is_file() else None
-    if (preset or model_config.get("preset")) in AUTOSAM3D_PRESETS:
+    if model_kind(configured_preset(model_config)) == "auto":
         return LabelVolumeSegmenter.from_config(model_config, device, name)
     kind = TextEngineSegmenter if protocol == "text" else EngineSegmenter
     return kind.from_config(model_config, device=device, name=name)

@@ -327,10 +327,10 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
 
         if val_cfg.get("every"):
             # held-out volumes when the recipe names them (`validation.data`, as `data`), else the training ones
-            val_set = (WindowDataset(load_volumes(_resolve_data(val_cfg["data"], root), engine_cfg.spacing, seed),
-                                     engine_cfg, replace(sampling, case_weights=None), seed=seed + 7919, augment=False)
-                       if val_cfg.get("data") else WindowDataset(volumes, engine_cfg, sampling, seed=seed + 7919,
-                                                                 augment=False))
+            held_out = val_cfg.get("data")
+            val_volumes = load_volumes(_resolve_data(held_out, root), engine_cfg.spacing, seed) if held_out else volumes
+            val_sampling = replace(sampling, case_weights=None) if held_out else sampling
+            val_set = WindowDataset(val_volumes, engine_cfg, val_sampling, seed=seed + 7919, augment=False)
 
             def _validate(engine):
                 row = getattr(wrapped, "validate", validate)(model, val_set, int(val_cfg.get("samples", 8)),
