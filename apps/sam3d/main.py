@@ -41,7 +41,6 @@ import sys
 from pathlib import Path
 
 from fastapi import HTTPException
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelError, MONAILabelException
@@ -55,6 +54,7 @@ except ImportError:  # a plain checkout without `pip install -e .`
     import sam3d
 
 from sam3d.monailabel import Sam3DAutoInfer, Sam3DPointInfer, Sam3DTextInfer, Sam3DTrainTask, load_app_config, train_api
+from sam3d.monailabel import infer_api
 from sam3d.monailabel.activelearning import (
     RandomStrategy,
     ScoreCache,
@@ -116,6 +116,9 @@ class MyApp(MONAILabelApp):
         for task in infers.values():  # a click request may refine one class of an automatic answer (`prior`)
             if type(task) is Sam3DPointInfer:
                 task.prior_sources = autos
+        server = sys.modules.get("monailabel.app")  # the server process: checked, queued requests off its event loop
+        if server is not None and not in_task_process():
+            infer_api.install(server.app, self)
         return infers
 
     def init_trainers(self):
@@ -171,12 +174,10 @@ class MyApp(MONAILabelApp):
             self.retrain.record(image_id)
 
     def infer(self, request, datastore=None):
-        """MONAI Label's infer, with its errors for unknown models and images answered as 404 instead of 500."""
-        image = request.get("image")
-        ds = datastore or self.datastore()
-        if isinstance(image, str) and image and not os.path.exists(image) and isinstance(ds, LocalDatastore):
-            if not ds.get_image_uri(image):
-                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        """MONAI Label's infer on an image id of the datastore, never a server path (infer_api's route has checked
+        its request's image: an upload or session image is the server's file); unknown models and images are 404."""
+        if not infer_api.image_checked_by_route():
+            infer_api.check_image_id(request.get("image"), datastore or self.datastore())
         try:
             return super().infer(request, datastore)
         except MONAILabelException as e:

@@ -8,6 +8,7 @@ MONAI Label hands the app a flat dict of strings (`--conf KEY VALUE`, repeated).
 - `config`: another app YAML instead of `configs/app.yaml`;
 - `train.KEY` (the train task's defaults, see `train_task.DEFAULTS`), `retrain_every` (train after every N new or
   changed final labels; 0: never), `lease_minutes` (how long an image handed out for annotation stays reserved);
+- `limits.KEY`: what one /infer request may ask and how many are answered at once (`RequestLimits`, infer_api);
 - any dotted path into the app YAML, its value parsed as YAML: `infers.sam3d_point.spacing "[2, 2, 2]"`,
   `labels.tumour 200`, `infers.turbo.model sam_med3d_turbo` (a new name adds a task), `infers.sam3d_point null`
   (removes it).
@@ -41,7 +42,7 @@ ALIASES = {
     "checkpoint": f"infers.{DEFAULT_TASK}.checkpoint",
 }
 TOP_KEYS = {"name", "description", "device", "preload", "strict_labels", "infers", "labels", "train", "retrain_every",
-            "lease_minutes", "uncertainty"}
+            "lease_minutes", "uncertainty", "limits"}
 NOT_OURS = {"config", "server_mode"}  # `config` is read first; `server_mode` belongs to MONAI Label
 STRING_KEYS = {"model", "checkpoint", "factory", "description", "device", "name", "recipe"}  # values never YAML-parsed
 
@@ -65,6 +66,29 @@ class TaskSpec:
 
 
 @dataclass
+class RequestLimits:
+    """What one /infer request may ask, and how many requests are answered at once (`--conf limits.KEY VALUE`)."""
+
+    max_points: int = 1000  # foreground + background clicks of one request
+    max_request_mb: float = 256.0  # the request's body, an uploaded image included
+    infer_threads: int = 2  # requests computed at once, each in its own thread (never on the server's event loop)
+    infer_queue: int = 4 * (os.cpu_count() or 1)  # requests waiting for a thread; one more is answered 429
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RequestLimits":
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise AppConfigError(f"unknown limits {sorted(unknown)}: use {', '.join(cls.__dataclass_fields__)}")
+        out = cls()
+        for name, value in values.items():
+            setattr(out, name, _non_negative(value, f"limits.{name}", type(getattr(out, name))))
+        for name in ("max_points", "max_request_mb", "infer_threads"):
+            if getattr(out, name) <= 0:
+                raise AppConfigError(f"limits.{name} must be > 0, got {getattr(out, name)!r}")
+        return out
+
+
+@dataclass
 class AppConfig:
     name: str
     description: str
@@ -77,6 +101,7 @@ class AppConfig:
     retrain_every: int = 0  # start training after this many new or changed final labels; 0: never
     lease_minutes: float = 30.0  # an image handed to one annotator is not handed to another for this long
     uncertainty: dict[str, Any] = field(default_factory=dict)  # the uncertainty strategy's settings
+    limits: RequestLimits = field(default_factory=RequestLimits)  # /infer's request limits and queue (infer_api)
     source: Path | None = None  # the app YAML read
     root: Path | None = None  # relative YAML paths resolve against this
 
@@ -238,7 +263,7 @@ def load_app_config(
     if not isinstance(infers, dict):
         raise AppConfigError("infers must be a mapping task name -> task config")
 
-    for key in ("train", "uncertainty"):
+    for key in ("train", "uncertainty", "limits"):
         if not isinstance(tree.get(key) or {}, dict):
             raise AppConfigError(f"{key} must be a mapping of settings")
     out = AppConfig(
@@ -252,6 +277,7 @@ def load_app_config(
         retrain_every=_non_negative(tree.get("retrain_every", 0), "retrain_every", int),
         lease_minutes=_non_negative(tree.get("lease_minutes", 30), "lease_minutes", float),
         uncertainty=dict(tree.get("uncertainty") or {}),
+        limits=RequestLimits.from_dict(tree.get("limits") or {}),
         source=source,
         root=root,
     )
