@@ -33,14 +33,20 @@ given with --conf against the working directory. Example:
 
 The server starts without weights: a task whose checkpoint is missing stays listed in /info with a description
 that says what to set, and its requests answer HTTP 503 until the file is there.
+
+A local studies folder is served by `sam3d.monailabel.datastore`: ids, tags and extensions that stay inside it,
+uploads checked before they are registered (3D NIfTI, finite, labels on their image's grid; at most
+SAM3D_MAX_VOXELS voxels, default 512*512*1024, read from the header), every file written whole or not at all.
 """
 
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelError, MONAILabelException
@@ -62,6 +68,7 @@ from sam3d.monailabel.activelearning import (
     UncertaintyStrategy,
     start_scoring_once,
 )
+from sam3d.monailabel.datastore import Sam3DDatastore, max_voxels_setting
 from sam3d.monailabel.leases import LeasedStrategy, LeaseStore
 from sam3d.monailabel.retrain import RetrainPolicy
 
@@ -154,8 +161,20 @@ class MyApp(MONAILabelApp):
         return {"uncertainty": UncertaintyScoring(spec, self.scores, c.uncertainty, c.device)}
 
     def init_datastore(self):
-        """MONAI Label's datastore, telling the app when a final label is saved (on_save_label has no tag)."""
-        ds = super().init_datastore()
+        """The app's local datastore (`sam3d.monailabel.datastore`: checked uploads, names inside the studies folder,
+        durable writes; a DICOMweb URL keeps MONAI Label's), telling the app when a final label is saved
+        (on_save_label has no tag)."""
+        if self.studies.startswith(("http://", "https://")):
+            ds = super().init_datastore()
+        else:
+            ds = Sam3DDatastore(
+                self.studies,
+                max_voxels=max_voxels_setting(),
+                upload_dir=tempfile.gettempdir(),  # where MONAI Label's endpoints put uploads
+                clean_partial_files=not in_task_process(),  # the server may be mid-save when a task process starts
+                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            )
         save_label = ds.save_label
 
         def save_and_notify(image_id, label_filename, label_tag, label_info):
