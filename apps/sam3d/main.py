@@ -1,13 +1,13 @@
 """sam3d: the MONAI Label app that serves 3D Segment-Anything models to Slicer and OHIF.
 
-    monailabel start_server --app apps/sam3d --studies DATASET [--conf KEY VALUE ...]
+    monailabel start_server --app apps/sam3d --studies DATASET --host 127.0.0.1 [--conf KEY VALUE ...]
 
 The app reads `configs/app.yaml` (the tasks, their model YAMLs in `configs/models/`, the labels) and registers one
 infer task per entry; no model or image code lives here (see `sam3d.monailabel` and `sam3d.engine`).
 
 `--conf` keys (MONAI Label passes them as strings; see `sam3d.monailabel.app_config`):
 
-    model NAME_OR_YAML       model config of `sam3d_point`: sam3d_small (default) | sam_med3d_turbo | a YAML path
+    model NAME_OR_YAML       model config of `sam3d_point`: clicknet (default) | sam3d_small | sam_med3d_turbo | a YAML
     checkpoint PATH          its weights (.safetensors, or SAM-Med3D's .pth loaded with weights_only=True)
     device auto|cpu|cuda:N   where the models run (auto: cuda when available)
     preload true|false       load the weights in the background at start-up instead of on the first click
@@ -20,6 +20,8 @@ infer task per entry; no model or image code lives here (see `sam3d.monailabel` 
     retrain_every N          start training after every N new or changed final labels (0: never)
     lease_minutes M          an image handed out by /activelearning stays reserved for its client this long
     uncertainty.KEY VALUE    the uncertainty score (points, repeats, jitter_mm, threads)
+    auth_token_file PATH     a file holding the API token every request must carry (or env SAM3D_API_TOKEN)
+    insecure_no_auth true    listen beyond loopback without authentication (refused otherwise)
 
 Learning while annotating: `POST /train/sam3d` trains in MONAI Label's own training subprocess, which re-creates
 this app (so the app builds no model at start-up); `/activelearning/{random,first,uncertainty}` hand out images
@@ -28,11 +30,15 @@ under leases; the uncertainty scores come from MONAI Label's scoring job. See RE
 Relative paths in the YAML files resolve against the project root (the folder holding configs/); relative paths
 given with --conf against the working directory. Example:
 
-    monailabel start_server --app apps/sam3d --studies data \\
+    monailabel start_server --app apps/sam3d --studies data --host 127.0.0.1 \\
         --conf model sam_med3d_turbo --conf checkpoint ~/weights/sam_med3d_turbo.pth --conf device cuda
 
 The server starts without weights: a task whose checkpoint is missing stays listed in /info with a description
 that says what to set, and its requests answer HTTP 503 until the file is there.
+
+Security (README "Security", `sam3d.monailabel.security`): browsers may call the server only from its own origin
+unless MONAI_LABEL_CORS_ORIGINS lists others; it refuses to start on a non-loopback --host without an API token
+(or MONAI Label's auth). Task processes exit with the server that started them (`sam3d.monailabel.lifecycle`).
 
 A local studies folder is served by `sam3d.monailabel.datastore`: ids, tags and extensions that stay inside it,
 uploads checked before they are registered (3D NIfTI, finite, labels on their image's grid; at most
@@ -61,12 +67,14 @@ except ImportError:  # a plain checkout without `pip install -e .`
 
 from sam3d.monailabel import Sam3DAutoInfer, Sam3DPointInfer, Sam3DTextInfer, Sam3DTrainTask, load_app_config, train_api
 from sam3d.monailabel import infer_api
+from sam3d.monailabel import lifecycle, security
 from sam3d.monailabel.activelearning import (
     RandomStrategy,
     ScoreCache,
     UncertaintyScoring,
     UncertaintyStrategy,
     start_scoring_once,
+    why_unscorable,
 )
 from sam3d.monailabel.datastore import Sam3DDatastore, max_voxels_setting
 from sam3d.monailabel.leases import LeasedStrategy, LeaseStore
@@ -93,8 +101,21 @@ def state_dir(studies: str, app_dir: str) -> Path:
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        self.app_config = load_app_config(conf, config_dir=PROJECT_ROOT / "configs")
+        server = sys.modules.get("monailabel.app")  # MONAI Label's FastAPI app, in the process that answers HTTP
+        self.fastapi_app = server.app if server is not None and not in_task_process() else None
+        if self.fastapi_app is not None:  # first: a server that must not start stops here (HTTP not yet open)
+            try:
+                security.install(self.fastapi_app, security.policy_for(conf, sys.argv))
+            except security.InsecureServerError as e:
+                logger.error(f"sam3d: not starting: {e}")
+                raise
+        app_conf = {k: v for k, v in conf.items() if k not in security.CONF_KEYS}
+        self.app_config = load_app_config(app_conf, config_dir=PROJECT_ROOT / "configs")
         self.state_dir = state_dir(studies, app_dir)
+        if self.fastapi_app is not None:
+            lifecycle.register_server(self.state_dir)
+        else:
+            lifecycle.exit_with_server()  # a task process: no-op unless a server started it
         self.leases = LeaseStore(self.state_dir / "leases.json", self.app_config.lease_minutes)
         self.scores = ScoreCache(self.state_dir / "uncertainty.json")
         self.retrain = RetrainPolicy(self.app_config.retrain_every, self.state_dir / "retrain.json",
@@ -108,6 +129,10 @@ class MyApp(MONAILabelApp):
             description=self.app_config.description,
             version=sam3d.__version__,
         )
+        if self.fastapi_app is None:
+            # MONAI Label's scoring after a training run asks the server over HTTP, without the API token; the
+            # uncertainty strategy starts scoring itself when the served checkpoint changed
+            self._auto_update_scoring = False
 
     def init_infers(self):
         c = self.app_config
@@ -137,9 +162,8 @@ class MyApp(MONAILabelApp):
             logger.warning(f"sam3d: no train task: the infer task {name!r} (train.task) is not configured")
             return {}
         trainers = {"sam3d": Sam3DTrainTask(spec, c.train, self.state_dir, c.root)}
-        server = sys.modules.get("monailabel.app")  # the server process: check train requests before they start
-        if server is not None and not in_task_process():
-            train_api.install(server.app, self)
+        if self.fastapi_app is not None:  # the server process: check train requests before they start
+            train_api.install(self.fastapi_app, self)
         return trainers
 
     def _scored_task(self):
@@ -154,8 +178,16 @@ class MyApp(MONAILabelApp):
         return {name: LeasedStrategy(s, self.leases) for name, s in strategies.items()}
 
     def init_scoring_methods(self):
+        """`uncertainty`, when the scored model has weights: MONAI Label starts a process for every registered
+        method at start-up and after each Next Sample, and one without weights would score nothing each time."""
         spec = self._scored_task()
         if spec is None:
+            return {}
+        skipped = why_unscorable(spec)
+        if skipped:
+            if self.fastapi_app is not None:
+                logger.info(f"sam3d uncertainty: off ({skipped}); Next Sample hands out images at random until "
+                            "the model can score (a restart registers the scoring method)")
             return {}
         c = self.app_config
         return {"uncertainty": UncertaintyScoring(spec, self.scores, c.uncertainty, c.device)}

@@ -8,9 +8,12 @@ over points of 1 - the mean pairwise Dice of those masks. A model that is sure o
 the same mask for nearby clicks; one that is not, does not.
 
 Scores are cached in `<studies>/.sam3d/uncertainty.json` keyed by image and by the served checkpoint's stamp
-(path, modification time, size): a promoted checkpoint makes every score stale. The strategy ranks unlabelled
-images by cached score, unscored ones after them in random order, and starts the scoring job in the background
-(once: not while one is queued or running) whenever some image is unscored.
+(path, modification time, size): a promoted checkpoint makes every score stale. An image that cannot be scored
+(unreadable, or the model failed on it) is kept there too, with the reason, and not tried again for that stamp.
+The strategy ranks unlabelled images by cached score, unscored ones after them in random order, and starts the
+scoring job in the background (once: not while one is queued or running) whenever some image is still to try.
+A model without weights scores nothing: no job starts, and the app registers no scoring method for it, so
+MONAI Label's automatic scoring (at start-up, after each Next Sample) starts no process either.
 """
 
 import itertools
@@ -47,23 +50,56 @@ def checkpoint_stamp(spec: TaskSpec) -> str:
     return f"{ckpt}:{st.st_mtime_ns}:{st.st_size}"
 
 
+def why_unscorable(spec: TaskSpec) -> str | None:
+    """Why the task's model cannot score any image now (no weights, a broken config); None when it can."""
+    if spec.error:
+        return f"task {spec.name} is misconfigured: {spec.error}"
+    config = spec.model_config
+    if config.get("factory"):
+        return None
+    if not config.get("checkpoint"):
+        return f"task {spec.name} has no checkpoint configured"
+    if not os.path.isfile(config["checkpoint"]):
+        return f"task {spec.name} has no weights: {config['checkpoint']} not found"
+    return None
+
+
 class ScoreCache:
-    """{"stamp": ..., "scores": {image id: score}} in one JSON file, replaced atomically."""
+    """{"stamp": ..., "scores": {image id: score}, "unscorable": {image id: reason}} in one JSON file, replaced
+    atomically."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.Lock()
 
-    def scores(self, stamp: str) -> dict[str, float]:
+    def _read(self, stamp: str) -> dict:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        return dict(data.get("scores") or {}) if data.get("stamp") == stamp else {}
+        return data if data.get("stamp") == stamp else {}
+
+    def scores(self, stamp: str) -> dict[str, float]:
+        return dict(self._read(stamp).get("scores") or {})
+
+    def unscorable(self, stamp: str) -> dict[str, str]:
+        return dict(self._read(stamp).get("unscorable") or {})
+
+    def tried(self, stamp: str) -> set[str]:
+        """Images scored, or found unscorable, with this checkpoint."""
+        return set(self.scores(stamp)) | set(self.unscorable(stamp))
 
     def put(self, stamp: str, image_id: str, score: float) -> None:
+        self._update(stamp, "scores", image_id, float(score))
+
+    def put_unscorable(self, stamp: str, image_id: str, reason: str) -> None:
+        self._update(stamp, "unscorable", image_id, reason)
+
+    def _update(self, stamp: str, section: str, image_id: str, value) -> None:
         with self._lock:
-            data = {"stamp": stamp, "scores": {**self.scores(stamp), image_id: float(score)}}
+            old = self._read(stamp)
+            data = {"stamp": stamp, "scores": old.get("scores") or {}, "unscorable": old.get("unscorable") or {}}
+            data[section] = {**data[section], image_id: value}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)))
 
@@ -139,18 +175,29 @@ class UncertaintyScoring(ScoringMethod):
         if self.device == "cpu":
             torch.set_num_threads(int(self.settings["threads"]))  # the server's clicks come first
         stamp = checkpoint_stamp(self.spec)
-        done = self.cache.scores(stamp)
+        skipped = why_unscorable(self.spec)
+        if skipped:
+            logger.info(f"sam3d uncertainty: nothing scored: {skipped}")
+            return {"scored": 0, "stamp": stamp, "skipped": skipped}
+        done = self.cache.tried(stamp)
         todo = [i for i in sorted(datastore.get_unlabeled_images()) if i not in done]
         if not todo:
             return {"scored": 0, "stamp": stamp}
-        engine = self.engine_factory(self.spec.model_config, self.device)
+        try:
+            engine = self.engine_factory(self.spec.model_config, self.device)
+        except Exception as e:  # a checkpoint that does not load scores nothing until it changes
+            logger.warning(f"sam3d uncertainty: cannot load the model, no image scored: {e}")
+            for image_id in todo:
+                self.cache.put_unscorable(stamp, image_id, f"the model did not load: {e}")
+            return {"scored": 0, "stamp": stamp, "skipped": str(e)}
         scored = {}
         for image_id in todo:
             try:
                 path = datastore.get_image_uri(image_id)
                 scored[image_id] = score_image(engine, path, self.settings, _seed(image_id))
-            except Exception as e:  # one unreadable image must not stop the others
-                logger.warning(f"sam3d uncertainty: cannot score {image_id}: {e}")
+            except Exception as e:  # one unreadable image must not stop the others, nor be tried again
+                logger.warning(f"sam3d uncertainty: cannot score {image_id} (not tried again for this checkpoint): {e}")
+                self.cache.put_unscorable(stamp, image_id, str(e))
                 continue
             self.cache.put(stamp, image_id, scored[image_id])
             logger.info(f"sam3d uncertainty: {image_id} = {scored[image_id]:.4f}")
@@ -166,10 +213,12 @@ class UncertaintyStrategy(Strategy):
         self.spec, self.cache, self.start_scoring = spec, cache, start_scoring
 
     def __call__(self, request, datastore):
-        scores = self.cache.scores(checkpoint_stamp(self.spec))
+        stamp = checkpoint_stamp(self.spec)
+        scores = self.cache.scores(stamp)
         # every unlabelled image, leased or not (a lease hides an image from get_unlabeled_images only)
         unlabelled = set(datastore.list_images()) - set(datastore.get_labeled_images())
-        if unlabelled - set(scores) and self.start_scoring is not None:
+        to_try = unlabelled - self.cache.tried(stamp)
+        if to_try and self.start_scoring is not None and why_unscorable(self.spec) is None:
             self.start_scoring()
         images = datastore.get_unlabeled_images()
         if not images:

@@ -20,7 +20,8 @@ What one run does (the pipeline is `sam3d.training.train`, the recipe `configs/t
    `validate`; the score is the Dice averaged over the clicks). With `promote: better` (default) the new
    checkpoint replaces the served one only when its Dice is at least the served model's; `always` and
    `never` do what they say. The replaced checkpoint is kept as `<stem>.prev.*` (see `promotion`), and the
-   infer task reloads the new file on its next request.
+   infer task reloads the new file on its next request. A run promotes only while the server that started it
+   still serves the datastore (`lifecycle`); the process exits when that server is gone.
 
 `stats()` (the server's /info `train_stats`) and the lines the run prints (GET /train `details`) report the
 step, epoch, loss and validation Dice from the run folder.
@@ -44,7 +45,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from ..engine.checkpoint import file_sha256, saved_config
-from . import promotion
+from . import lifecycle, promotion
 from .app_config import TaskSpec
 from .infer_point import resolve_device
 
@@ -397,7 +398,8 @@ class Sam3DTrainTask(TrainTask):
         recipe = self.recipe(p, run, data, steps)
         info = {"run": str(run), "status": "running", "params": asdict(p), "steps": steps,
                 "steps_per_epoch": per_epoch, "epochs": math.ceil(steps / per_epoch), "train_images": train_ids,
-                "val_images": val_ids, "served": str(self.served), "started": time.time(), "pid": os.getpid()}
+                "val_images": val_ids, "served": str(self.served), "started": time.time(), "pid": os.getpid(),
+                "server": asdict(server) if (server := lifecycle.starting_server()) else None}
         _write_json(run / "run.json", info)
         logger.info(f"sam3d train: run {run}: {steps} steps on {len(train_ids)} images, {len(val_ids)} held out")
 
@@ -428,6 +430,8 @@ class Sam3DTrainTask(TrainTask):
                             if served.is_file() else None)
         dice = {k: (v["dice_mean"] if v else None) for k, v in scores.items()}
         ok, why = promotion.should_promote(p.promote, dice["new"], dice["served"])
+        if ok and (gone := lifecycle.why_not_serving(self.state_dir)):  # last, just before the served file changes
+            ok, why = False, f"not promoted: {gone}"
         logger.info(f"sam3d train: validation Dice new={dice['new']} served={dice['served']}: {why}")
         out = {"validation": scores, "val_dice": dice["new"], "val_dice_served": dice["served"], "promoted": ok,
                "reason": why}
@@ -478,13 +482,17 @@ class Sam3DTrainTask(TrainTask):
         return runs[-1].parent if runs else None
 
     def mark_stopped_runs(self) -> None:
-        """A run still `running` whose process is gone was killed (DELETE /train) or crashed: say so in its folder."""
+        """A run still `running` that is none of this server's training processes was stopped (DELETE /train, which
+        does not wait for the process to end), crashed, or died with an earlier server: say so in its folder."""
+        from monailabel.utils.async_tasks.utils import processes
+
+        running = {p.pid for p in processes("train").values()}
         for path in self.runs_dir.glob("*/run.json") if self.runs_dir.is_dir() else []:
             try:
                 info = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if info.get("status") == "running" and not _alive(info.get("pid")):
+            if info.get("status") == "running" and info.get("pid") not in running:
                 _write_json(path, {**info, "status": "stopped", "finished": time.time()})
 
     def stats(self) -> dict[str, Any]:
@@ -527,11 +535,3 @@ def _line(info: dict) -> str:
         parts.append(f"promoted={info['promoted']} ({info.get('reason')})")
     return " ".join(parts)
 
-
-def _alive(pid) -> bool:
-    import psutil
-
-    try:
-        return pid is not None and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
