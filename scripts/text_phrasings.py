@@ -30,7 +30,7 @@ except ImportError:  # not pip-installed: run from the source tree
 from sam3d.data.cases import find_cases, load_case, parse_label_selection  # noqa: E402
 from sam3d.engine.model_config import load_model_config  # noqa: E402
 from sam3d.engine.text_search import text_engine_from_config  # noqa: E402
-from sam3d.evaluation.metrics import segmentation_metrics  # noqa: E402
+from sam3d.metrics import segmentation_metrics  # noqa: E402
 from sam3d.text import prompt_variants  # noqa: E402
 
 TIMED_CODE = ["lib/sam3d/engine", "lib/sam3d/models", "lib/sam3d/text", "scripts/text_phrasings.py"]

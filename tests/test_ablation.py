@@ -88,7 +88,7 @@ def test_refsam3d_spec_gives_text_to_the_variants_that_read_it(tmp_path):
 
     from sam3d.engine import save_checkpoint
     from sam3d.evaluation.ablation import build_variant_segmenters, load_spec, train_command
-    from sam3d.evaluation.segmenters import ClicksOnlySegmenter, TextEngineSegmenter
+    from sam3d.evaluation.segmenters import ClicksOnlySegmenter, PredictorSegmenter
     from sam3d.models import build_network
 
     spec = load_spec(REPO / "configs" / "ablations" / "refsam3d_cpu.yaml", [f"runs={tmp_path}"])
@@ -100,7 +100,7 @@ def test_refsam3d_spec_gives_text_to_the_variants_that_read_it(tmp_path):
         save_checkpoint(build_network("refsam3d_tiny"), tmp_path / name / "model.safetensors",
                         {"preset": "refsam3d_tiny", "network": {}})
     segs = {s.name: s for s in build_variant_segmenters(spec, REPO, "cpu", "text")}
-    assert isinstance(segs["full"], TextEngineSegmenter) and isinstance(segs["last_stage_only"], TextEngineSegmenter)
+    assert all(isinstance(segs[v], PredictorSegmenter) and segs[v].read_text for v in ("full", "last_stage_only"))
     assert isinstance(segs["without_text"], ClicksOnlySegmenter) and isinstance(segs["random_walker"], ClicksOnlySegmenter)
     plain = {s.name: s for s in build_variant_segmenters(spec, REPO, "cpu", "center")}
-    assert not any(isinstance(s, (TextEngineSegmenter, ClicksOnlySegmenter)) for s in plain.values())
+    assert not any(getattr(s, "read_text", False) or isinstance(s, ClicksOnlySegmenter) for s in plain.values())

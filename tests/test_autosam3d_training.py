@@ -13,10 +13,10 @@ from sam3d.engine.auto import AutoEngine
 from sam3d.models import AutoSam3D, build_network
 from sam3d.models.lora import is_lora_parameter
 from sam3d.training import load_recipe
-from sam3d.training.auto_step import HALF, AutoLoss, AutoSliceDataset, box_loss
+from sam3d.training.auto_step import HALF, AutoStep, AutoSliceDataset, box_loss
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "configs" / "train" / "autosam3d_smoke.yaml"
+SMOKE = REPO / "tests" / "recipes" / "autosam3d_smoke.yaml"
 CLASSES = ["liver", "spleen", "kidney_right"]
 CT_VALUES = {"liver": 5, "spleen": 1, "kidney_right": 2}  # TotalSegmentator's `total` values
 
@@ -61,7 +61,7 @@ def test_chain_step_trains_lora_and_new_modules_not_the_frozen_encoder():
         for name, p in model.encoder.named_parameters():
             if name.endswith("lora_b"):
                 p.normal_(std=0.1)
-    step = AutoLoss(model, {"auto": {"max_previous": 3, "teacher_boxes": 0.0}}, autocast=contextlib.nullcontext)
+    step = AutoStep(model, {"auto": {"max_previous": 3, "teacher_boxes": 0.0}}, autocast=contextlib.nullcontext)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(2, 2 * HALF + 1, 32, 32, generator=g)
     labels = torch.zeros(2, 2 * HALF + 1, 32, 32)
@@ -139,12 +139,12 @@ def test_meta_style_sam_checkpoint_loads_into_the_frozen_encoder(tmp_path):
     torch.save(sam, path)
     model = build_network("autosam3d_tiny")
     lora_before = model.encoder.blocks[0].attn.qkv.lora_a.detach().clone()
-    AutoLoss(model, {"auto": {"sam_checkpoint": str(path)}}, autocast=contextlib.nullcontext)
+    AutoStep(model, {"auto": {"sam_checkpoint": str(path)}}, autocast=contextlib.nullcontext)
     assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, big.blocks[0].attn.qkv.weight)
     assert model.encoder.pos_embed.shape[1] == cfg.img_size // cfg.patch_size
     assert torch.equal(model.encoder.blocks[0].attn.qkv.lora_a, lora_before)
     with pytest.raises(ValueError, match="freeze_encoder"):
-        AutoLoss(build_network("autosam3d_tiny", freeze_encoder=False), {"auto": {"sam_checkpoint": str(path)}},
+        AutoStep(build_network("autosam3d_tiny", freeze_encoder=False), {"auto": {"sam_checkpoint": str(path)}},
                  autocast=contextlib.nullcontext)
 
 

@@ -18,7 +18,7 @@ from sam3d.engine import EngineConfig, load_model
 from sam3d.engine.checkpoint import save_checkpoint
 from sam3d.engine.interactive import InteractiveEngine
 from sam3d.models import ClickNetConfig, build_network
-from sam3d.training import InteractiveConfig, InteractiveLoss, build_loss, load_recipe
+from sam3d.training import InteractiveConfig, PointStep, build_loss, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tests" / "recipes" / "clicknet_smoke.yaml"
@@ -128,7 +128,7 @@ def test_last_round_training_step_backpropagates_through_the_last_round_only():
     net = _tiny().train()
     cfg = InteractiveConfig(rounds=3, grad_rounds="last", loss_resolution="low", iou_loss_weight=0.0, box_prob=0.0,
                             spacing_mm=2.0)
-    step = InteractiveLoss(net, cfg, build_loss("dice_ce", balanced=True))
+    step = PointStep(net, cfg, build_loss("dice_ce", balanced=True))
     labels = torch.zeros(2, 1, 16, 16, 16)
     labels[:, :, 4:10, 5:11, 6:12] = 1
     loss, dice = step(torch.randn(2, 1, 16, 16, 16), labels, [5, 6])

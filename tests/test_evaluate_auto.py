@@ -18,8 +18,8 @@ def test_evaluate_scores_the_named_class_of_an_auto_model(shared_data, tmp_path)
 
     from sam3d.data.cases import find_cases, load_case
     from sam3d.engine import save_checkpoint
-    from sam3d.evaluation import LabelVolumeSegmenter, segmenter_from_config
-    from sam3d.evaluation.metrics import segmentation_metrics
+    from sam3d.evaluation import segmenter_from_config
+    from sam3d.metrics import segmentation_metrics
     from sam3d.models import build_network
 
     torch.manual_seed(0)
@@ -45,7 +45,7 @@ def test_evaluate_scores_the_named_class_of_an_auto_model(shared_data, tmp_path)
     assert kidney == [0.0, 0.0]  # a structure the model does not know: an empty mask
 
     seg = segmenter_from_config(config, device="cpu")
-    assert isinstance(seg, LabelVolumeSegmenter)
+    assert seg.predictor.kind == "auto"
     case = find_cases(shared_data / "totalseg_ct")[0]
     loaded = load_case(case)
     mask = seg.segment(case.image, [[1, 2, 3]], [], None, "liver")

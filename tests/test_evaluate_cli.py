@@ -124,7 +124,7 @@ def ball_server(tmp_path_factory):
 @pytest.mark.slow  # ~35 s on 2 quiet cores (server start-up, two CLI runs), more under load
 def test_server_mode_measures_what_the_library_gives(shared_data, ball_server, tmp_path):
     from sam3d.data.cases import find_cases
-    from sam3d.evaluation import EngineSegmenter, EvalConfig, load_model_config, run_evaluation
+    from sam3d.evaluation import EvalConfig, PredictorSegmenter, load_model_config, run_evaluation
 
     url, ball, server_tmp = ball_server
     common = ["--data", shared_data / "totalseg_mr", "--labels", "1", "5", "--clicks", 2, "--no-baseline"]
@@ -136,7 +136,7 @@ def test_server_mode_measures_what_the_library_gives(shared_data, ball_server, t
     assert {r["method"] for r in server_rows} == {"server:sam3d_point"} and len(server_rows) == 4
 
     # the library with the same model config, in this process, gives the same numbers
-    segmenter = EngineSegmenter.from_config(load_model_config(str(ball), REPO / "configs"), device="cpu")
+    segmenter = PredictorSegmenter.from_config(load_model_config(str(ball), REPO / "configs"), device="cpu")
     library_rows = run_evaluation(find_cases(shared_data / "totalseg_mr"), [segmenter],
                                   EvalConfig(clicks=2, labels=["1", "5"]), progress=False)
     for s, lib in zip(server_rows, library_rows, strict=True):

@@ -12,10 +12,11 @@ from sam3d.engine import EngineConfig, load_model
 from sam3d.engine.text_search import TextEngine, zoom_out_layout
 from sam3d.models import RefSam3D
 from sam3d.training import load_recipe
-from sam3d.training.text_step import ZoomOutDataset, case_names, trained_vocabulary
+from sam3d.training.names import case_names
+from sam3d.training.text_step import ZoomOutDataset, trained_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "configs" / "train" / "refsam3d_smoke.yaml"
+SMOKE = REPO / "tests" / "recipes" / "refsam3d_smoke.yaml"
 
 
 def test_case_names_with_a_builtin_table(shared_data):

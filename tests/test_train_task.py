@@ -302,7 +302,7 @@ def test_scheduled_retraining_and_the_cron_script(tmp_path):
         client.save_label(ids[0], str(label))  # the same image changed again: still one
         with pytest.raises(MONAILabelClientException):
             client.train_status()  # 404: no training yet
-        client.save_label(ids[1], str(label))
+        client.save_label(ids[1], str(write_label(volume(1)[1], tmp_path / "l1.nii.gz")))  # on its own grid
         task = client.train_status()
         assert task["request"]["model"] == "sam3d"
         assert _wait("the scheduled run", lambda: _finished(client, task["id"]))["status"] == "DONE", log_tail(log)

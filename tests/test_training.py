@@ -2,6 +2,7 @@
 crash-and-resume, and 2 gloo processes against 1 with the same global batch."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,32 @@ def test_recipe_base_and_overrides(tmp_path):
     assert r["optim"]["lr"] == 0.5 and r["data"]["cases"] == ["a", "b"] and r["seed"] == 1 and r["name"] == "child"
     for name in ("sam3d_default", "sam3d_default_cpu", "sam_med3d_finetune", "smoke"):
         assert load_recipe(REPO / "configs" / "train" / f"{name}.yaml")["train"]["steps"] > 0
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs" / "train").glob("*.yaml")) +
+                         sorted((REPO / "tests" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_uses_only_known_keys(recipe):
+    assert load_recipe(recipe)["name"] == recipe.stem
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=3", "unknown recipe key train.'stpes'; did you mean 'steps'?"),
+    ("sampling.min_voxel=3", "sampling.'min_voxel'; did you mean 'min_voxels'?"),
+    ("optimm.lr=1", "unknown recipe key 'optimm'; did you mean 'optim'?"),
+    ("validation.data.dirr=x", "validation.data.'dirr'"),
+    ("train=3", "section 'train' must be a mapping"),
+])
+def test_a_misspelt_recipe_key_is_an_error_that_names_it(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_recipe(SMOKE, [override])
+
+
+def test_a_section_for_another_kind_of_model_is_refused(tmp_path, tiny_cases):
+    from sam3d.training import train
+
+    recipe = load_recipe(SMOKE, [f"output={tmp_path}", f"data.dir={tiny_cases}", "text.refine_rounds=1"])
+    with pytest.raises(ValueError, match="`text` section trains a text model"):
+        train(0, recipe, REPO)
 
 
 def test_lr_schedule():

@@ -16,7 +16,8 @@ Conventions:
   `mask_input` (a 0/1 mask on the image's grid) starts a new click sequence from that mask instead. `reset()`
   forgets the previous masks.
 - Each model kind answers its own prompts: point models clicks and boxes, text models a name (`text`) and then
-  clicks, auto models `segment_all()`. Anything else is refused with the reason (`ValueError`).
+  clicks (or clicks alone, as a point model), auto models `segment_all()`. Anything else is refused with the
+  reason (`ValueError`).
 """
 
 import tempfile
@@ -75,8 +76,13 @@ class Sam3DPredictor:
             cfg = _config_for_checkpoint(path, configs_dir)
         else:
             cfg = load_model_config(str(name_or_path), configs_dir)
-        kind = model_kind(configured_preset(cfg))
-        return cls(_engine(kind, cfg, device), kind, cfg)
+        return cls.from_config(cfg, device)
+
+    @classmethod
+    def from_config(cls, model_config: dict, device: str = "cpu") -> "Sam3DPredictor":
+        """A model config already read (`sam3d.engine.model_config.load_model_config`)."""
+        kind = model_kind(configured_preset(model_config))
+        return cls(_engine(kind, model_config, device), kind, model_config)
 
     # ---- the image --------------------------------------------------------------------------------------------
 
@@ -129,15 +135,13 @@ class Sam3DPredictor:
         if self.kind == "auto":
             raise ValueError("this is an automatic model: it takes no prompt; call segment_all()")
         fg, bg = self._split_points(points, point_labels)
-        if self.kind == "text":
+        if text is not None:
+            if self.kind != "text":
+                raise ValueError("this click model does not read text; load a text model (e.g. refsam3d)")
             if box is not None or mask_input is not None:
                 raise ValueError("a text model takes a name and clicks, not a box or a mask")
-            if not text:
-                raise ValueError("a text model needs the structure's name: predict(text='liver')")
             res = self.engine.segment_text(image, text, fg, bg)
             return res.mask, np.array([res.info.get("score", 0.0)], dtype=np.float32)
-        if text is not None:
-            raise ValueError("this click model does not read text; load a text model (e.g. refsam3d)")
         roi = None
         if box is not None:
             b = np.asarray(box, dtype=np.float64).reshape(-1)

@@ -4,17 +4,15 @@ Nothing here depends on MONAI Label except `ServerSegmenter`, which imports its 
 """
 
 from .baseline import RandomWalkerConfig, RandomWalkerSegmenter, random_walker_segment
-from .metrics import NOC_THRESHOLDS, noc, segmentation_metrics
+from ..metrics import NOC_THRESHOLDS, noc, segmentation_metrics
 from .report import write_report
 from .runner import COLUMNS, EvalConfig, run_evaluation, run_target
 from ..engine.model_config import load_model_config
 from .segmenters import (
     ClicksOnlySegmenter,
-    EngineSegmenter,
-    LabelVolumeSegmenter,
+    PredictorSegmenter,
     Segmenter,
     ServerSegmenter,
-    TextEngineSegmenter,
     segmenter_from_config,
 )
 
@@ -22,13 +20,11 @@ __all__ = [
     "COLUMNS",
     "ClicksOnlySegmenter",
     "NOC_THRESHOLDS",
-    "EngineSegmenter",
+    "PredictorSegmenter",
     "EvalConfig",
     "RandomWalkerConfig",
     "RandomWalkerSegmenter",
     "Segmenter",
-    "TextEngineSegmenter",
-    "LabelVolumeSegmenter",
     "segmenter_from_config",
     "ServerSegmenter",
     "load_model_config",

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..data.cases import find_cases
 from ..engine.model_config import load_model_config
-from ..training.config import load_recipe
+from ..training.config import load_layered_yaml
 from .report import plot_dice_per_structure, plot_dice_vs_clicks
 from .runner import COLUMNS, EvalConfig, run_evaluation
 
@@ -38,7 +38,7 @@ KNOWN = {"runs", "sets", "protocols", "clicks", "report_clicks", "plots", "basel
 
 
 def load_spec(path, overrides=()) -> dict:
-    spec = load_recipe(path, overrides)
+    spec = load_layered_yaml(path, overrides)
     unknown = set(spec) - KNOWN
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(KNOWN)}")

@@ -73,10 +73,10 @@ def _score_now(url: str) -> None:
 
 def measure(cfg: CurveConfig, checkpoint: Path) -> dict[str, float]:
     """Mean Dice after the first and the last click over every held-out target."""
-    from .segmenters import EngineSegmenter
+    from .segmenters import PredictorSegmenter
 
     model_cfg = load_model_config(cfg.model, cfg.configs_dir, str(checkpoint))
-    seg = EngineSegmenter.from_config(model_cfg, device=cfg.device)
+    seg = PredictorSegmenter.from_config(model_cfg, device=cfg.device)
     rows = []
     for h in cfg.heldout:
         rows += run_evaluation(h.cases, [seg], EvalConfig(protocol="center", clicks=cfg.clicks,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import NOC_THRESHOLDS, noc
+from ..metrics import NOC_THRESHOLDS, noc
 from .runner import COLUMNS
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data.cases import Case, load_case
 from ..data.clicks import ClickSimulator, Prompt, derive_seed
-from .metrics import METRICS, segmentation_metrics
+from ..metrics import METRICS, segmentation_metrics
 
 logger = logging.getLogger(__name__)
 

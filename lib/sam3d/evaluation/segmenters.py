@@ -3,7 +3,7 @@
 Every call carries all prompts so far (as MONAI Label clients resend every click), and the answer is a 0/1 mask
 on the image's own grid (the array `monai.transforms.LoadImage` returns). Three implementations:
 
-- `EngineSegmenter`: the library, `sam3d.engine.InteractiveEngine` (continues from its previous mask);
+- `PredictorSegmenter`: the library, `sam3d.Sam3DPredictor` (point, text and automatic models);
 - `RandomWalkerSegmenter` (baseline.py): no learned weights;
 - `ServerSegmenter`: a running sam3d MONAI Label server through `monailabel.client.MONAILabelClient`, so that
   what users get through the server is what is measured. Only this class imports MONAI Label, and only when
@@ -33,99 +33,63 @@ class Segmenter(Protocol):
         """What to print about it in the summary (model, checkpoint, parameters)."""
 
 
-# ---- the library ---------------------------------------------------------------------------------------------
+# ---- the library ----------------------------------------------------------------------------------------------
 
 
-class EngineSegmenter:
-    """The sam3d library: one `InteractiveEngine` over a model config's network and weights."""
+class PredictorSegmenter:
+    """The sam3d library through `sam3d.Sam3DPredictor`, as a Python user calls it: clicks and a box for point
+    models (each call continues from the previous mask when its clicks extend the last call's); for text models
+    in the `text` protocol the structure's name first (the case's label name, e.g. `kidney_left`, which the engine
+    turns into "left kidney"), then clicks; for automatic models the class named like the structure (prompts are
+    not used: every iteration gives the same answer, the engine caches it per image)."""
 
-    def __init__(self, engine, name: str | None = None, model_config: dict | None = None) -> None:
-        self.engine = engine
-        self.name = name or engine.model_name
-        self.model_config = model_config or {}
+    def __init__(self, predictor, name: str | None = None, read_text: bool = False) -> None:
+        self.predictor, self.read_text = predictor, read_text
+        self.name = name or predictor.engine.model_name
+        self._image: str | None = None
 
     @classmethod
-    def from_config(cls, model_config: dict, device: str = "cpu", name: str | None = None) -> "EngineSegmenter":
+    def from_config(cls, model_config: dict, device: str = "cpu", name: str | None = None,
+                    protocol: str = "center") -> "PredictorSegmenter":
         """Raises `sam3d.engine.WeightsMissingError` when the checkpoint is not set or not there."""
-        from ..engine import EngineConfig, InteractiveEngine, load_model
+        from ..predictor import Sam3DPredictor
 
-        loaded = load_model(model_config)
-        engine = InteractiveEngine(loaded, EngineConfig.from_dict(model_config), device=device)
-        return cls(engine, name or str(model_config.get("name") or loaded.name), model_config)
+        predictor = Sam3DPredictor.from_config(model_config, device=device)
+        return cls(predictor, name or model_config.get("name"), read_text=protocol == "text" and predictor.kind == "text")
 
-    def describe(self) -> dict:
-        e = self.engine
-        return {
-            "method": f"sam3d engine, network {e.model_name}",
-            "checkpoint": e.checkpoint,
-            "checkpoint sha256": e.model_id if e.checkpoint else None,
-            "device": str(e.device),
-        }
-
-    def segment(self, image_path, foreground, background, roi, label) -> np.ndarray:
-        return self.engine.segment(str(image_path), foreground, background, roi, label).mask
-
-
-# ---- text prompts (protocol `text`) ---------------------------------------------------------------------------
-
-
-class TextEngineSegmenter(EngineSegmenter):
-    """A RefSAM3D checkpoint through `sam3d.engine.text_search.TextEngine`: the target's name is the text (the
-    case's label name, e.g. `kidney_left`, which the engine turns into "left kidney"), clicks refine its answer."""
-
-    @classmethod
-    def from_config(cls, model_config: dict, device: str = "cpu", name: str | None = None) -> "TextEngineSegmenter":
-        from ..engine.text_search import text_engine_from_config
-
-        engine = text_engine_from_config(model_config, device=device)
-        return cls(engine, name or str(model_config.get("name") or engine.model_name), model_config)
+    @property
+    def engine(self):
+        return self.predictor.engine
 
     def describe(self) -> dict:
-        return {**super().describe(), "method": f"sam3d text engine, network {self.engine.model_name}",
-                "text model": self.engine.text_encoder.name}
+        e, kind = self.engine, self.predictor.kind
+        out = {"method": f"sam3d {kind} model through Sam3DPredictor, network {e.model_name}", "checkpoint": e.checkpoint,
+               "checkpoint sha256": e.model_id if e.checkpoint else None, "device": str(e.device)}
+        if self.read_text:
+            out["text model"] = e.text_encoder.name
+        if kind == "auto":
+            out.update({"order": e.order, "classes": ", ".join(e.class_names)})
+        return out
 
     def segment(self, image_path, foreground, background, roi, label) -> np.ndarray:
-        return self.engine.segment_text(str(image_path), label, foreground, background).mask
-
-
-# ---- models that label a whole volume without prompts (3D-SAutoMed) -------------------------------------------
-
-
-class LabelVolumeSegmenter:
-    """An `AutoEngine` (sam3d_auto): the target's mask is the voxels of the class named like the case's label;
-    prompts are not used, so every iteration gives the same answer (the engine caches it per image)."""
-
-    def __init__(self, engine, name: str | None = None) -> None:
-        self.engine, self.name = engine, name or engine.model_name
-
-    @classmethod
-    def from_config(cls, model_config: dict, device: str = "cpu", name: str | None = None) -> "LabelVolumeSegmenter":
-        from ..engine.auto import auto_engine_from_config
-
-        engine = auto_engine_from_config(model_config, device)
-        return cls(engine, name or str(model_config.get("name") or engine.model_name))
-
-    def describe(self) -> dict:
-        e = self.engine
-        return {"method": f"sam3d auto engine (no prompts), network {e.model_name}, order {e.order}",
-                "classes": ", ".join(e.class_names), "checkpoint": e.checkpoint,
-                "checkpoint sha256": e.model_id if e.checkpoint else None, "device": str(e.device)}
-
-    def segment(self, image_path, foreground, background, roi, label) -> np.ndarray:
-        value = self.engine.label_names.get(label)
-        mask = self.engine.segment(str(image_path)).mask
-        return (mask == value).astype(np.uint8) if value else np.zeros_like(mask, dtype=np.uint8)
+        p = self.predictor
+        if self._image != str(image_path):
+            p.set_image(str(image_path))
+            self._image = str(image_path)
+        if p.kind == "auto":
+            volume, classes = p.segment_all()
+            value = classes.get(label)
+            return (volume == value).astype(np.uint8) if value else np.zeros_like(volume, dtype=np.uint8)
+        points = [*foreground, *background]
+        box = None if roi is None else [roi[0], roi[1], roi[4], roi[2], roi[3], roi[5]]  # MONAI Label's roi order
+        mask, _ = p.predict(points=points, point_labels=[1] * len(foreground) + [0] * len(background), box=box,
+                            text=label if self.read_text else None, label=label)
+        return mask
 
 
 def segmenter_from_config(model_config: dict, device: str = "cpu", name: str | None = None, protocol: str = "center"):
-    """The harness's view of a model config: label-volume models by their network, text models under `text`."""
-    from ..engine.checkpoint import configured_preset
-    from ..models import model_kind
-
-    if model_kind(configured_preset(model_config)) == "auto":
-        return LabelVolumeSegmenter.from_config(model_config, device, name)
-    kind = TextEngineSegmenter if protocol == "text" else EngineSegmenter
-    return kind.from_config(model_config, device=device, name=name)
+    """The harness's view of a model config (see `PredictorSegmenter`)."""
+    return PredictorSegmenter.from_config(model_config, device=device, name=name, protocol=protocol)
 
 
 class ClicksOnlySegmenter:

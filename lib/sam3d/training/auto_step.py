@@ -4,7 +4,7 @@ Samples (`AutoSliceDataset`): nine neighbouring axial slices t-4..t+4 of a volum
 and padded/resized exactly as `sam3d.engine.auto` prepares slices, with their class-index maps (the recipe's
 class names looked up in each case's label names; other structures are background).
 
-Step (`AutoLoss`): per batch a chain length n (1-3, `auto.max_previous`) and per sample a direction (towards
+Step (`AutoStep`): per batch a chain length n (1-3, `auto.max_previous`) and per sample a direction (towards
 t from below or from above) drawn from the sample's seed. The n previous slices run first, each reading its
 spatial neighbours, the history of the one before and its boxes (at the chain's first slice: the initial
 history and the default anchors, as at the middle slice of a volume); the previous boxes are the ground truth's
@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
+from .. import metrics
 from ..data.clicks import derive_seed
 from ..data.training import Volume, _plain
 from ..engine.auto import SliceGeometry
@@ -44,7 +45,8 @@ from ..engine.interactive import EngineConfig, normalize_window
 from ..models.autosam3d.boxes import label_boxes
 from ..models.lora import is_lora_parameter
 from ..models.autosam3d.slice_encoder import adapt_sam_state_dict
-from .text_step import case_names
+from .names import case_names
+from .step import TrainingStep
 
 logger = logging.getLogger("sam3d.training")
 
@@ -133,24 +135,17 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) ->
 
 def _dice(pred: torch.Tensor, target: torch.Tensor, k: int) -> float:
     """Mean hard Dice over the classes present in the target or the prediction (1 when neither has any)."""
-    scores = []
-    for c in range(1, k + 1):
-        p, g = pred == c, target == c
-        denom = int(p.sum() + g.sum())
-        if denom:
-            scores.append(2.0 * int((p & g).sum()) / denom)
-    return float(np.mean(scores)) if scores else 1.0
+    present = [c for c in range(1, k + 1) if bool((pred == c).any() or (target == c).any())]
+    return float(np.mean([metrics.dice(pred == c, target == c) for c in present])) if present else 1.0
 
 
-class AutoLoss(nn.Module):
-    """The network and the chain step as one module (DDP sees one forward). -> (loss, [Dice first, Dice t])."""
-
-    batch_keys = ()
+class AutoStep(TrainingStep):
+    """The network and the chain step. `forward(images, labels, seeds)` -> (loss, [Dice first, Dice t])."""
 
     def __init__(self, model: nn.Module, recipe: dict, autocast, root=".") -> None:
         super().__init__()
         a = recipe.get("auto") or {}
-        self.model, self.autocast = model, autocast
+        self.model, self.autocast, self.recipe, self.root = model, autocast, recipe, root
         self.max_previous = int(a.get("max_previous", 3))
         if not 1 <= self.max_previous <= HALF - 1:
             raise ValueError(f"auto.max_previous must be 1..{HALF - 1}")
@@ -160,6 +155,13 @@ class AutoLoss(nn.Module):
         if a.get("sam_checkpoint"):
             p = Path(str(a["sam_checkpoint"])).expanduser()
             load_sam_encoder(model, p if p.is_absolute() else Path(root) / p)
+
+    @classmethod
+    def from_recipe(cls, model, recipe, root, sidecar, engine_cfg, autocast) -> "AutoStep":
+        return cls(model, recipe, autocast, root)
+
+    def dataset(self, volumes, engine_cfg, sampling, seed: int) -> "AutoSliceDataset":
+        return auto_dataset(volumes, engine_cfg, self.model, self.recipe, self.root, seed)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, seeds) -> tuple[torch.Tensor, torch.Tensor]:
         m, k = self.model, self.model.num_classes

@@ -1,4 +1,4 @@
-"""One interactive training step, as SAM-Med3D trains: a first prompt, then corrective clicks on the errors.
+"""The click loop of interactive training, as SAM-Med3D trains: a first prompt, then corrective clicks on the errors.
 
 Per sample (one target in one window): the image is encoded once; round 1 gives a first click (or, with
 `box_prob` and a model with box embeddings, a jittered box) and a zero low-res mask, as the engine does on a
@@ -9,15 +9,14 @@ rounds of the segmentation loss of the upsampled logits, plus `iou_loss_weight` 
 Clicks are float voxel indices of the window along tensor axes 2, 3, 4, exactly what the engine sends.
 """
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..data.clicks import ClickSimulator
+from ..metrics import batch_dice
 
 
 @dataclass
@@ -50,32 +49,9 @@ class InteractiveConfig:
         return cls(**d)
 
 
-class InteractiveLoss(nn.Module):
-    """The network and its click loop as one module, so that DistributedDataParallel sees a forward pass.
-
-    `forward(images, labels, seeds)` -> (mean loss over the micro-batch, Dice per round averaged over it).
-    """
-
-    def __init__(self, sam: nn.Module, cfg: InteractiveConfig, loss_fn: nn.Module, autocast=None) -> None:
-        super().__init__()
-        self.sam, self.cfg, self.loss_fn = sam, cfg, loss_fn
-        self.autocast = autocast or nullcontext
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, seeds) -> tuple[torch.Tensor, torch.Tensor]:
-        core, cfg = self.sam, self.cfg
-        with self.autocast():
-            emb = core.encode_image(images)
-        if cfg.grad_rounds == "last":
-            return _batch_last_round(core, emb, labels, seeds, cfg, self.loss_fn, self.autocast)
-        total = images.new_zeros((), dtype=torch.float32)
-        dice_rounds = np.zeros(cfg.rounds)
-        for b in range(images.shape[0]):
-            loss_b, dice_b = _sample_rounds(core, emb[b : b + 1], labels[b : b + 1], int(seeds[b]), cfg,
-                                            self.loss_fn, self.autocast, core.img_size)
-            total = total + loss_b
-            dice_rounds += dice_b
-        n = images.shape[0]
-        return total / n, torch.as_tensor(dice_rounds / n, dtype=torch.float32)
+def click_config(recipe: dict, engine_cfg) -> InteractiveConfig:
+    """The recipe's `interactive` section; clicks are simulated at the model's voxel spacing."""
+    return InteractiveConfig.from_dict({"spacing_mm": float(engine_cfg.spacing[0]), **(recipe.get("interactive") or {})})
 
 
 def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=None):
@@ -127,7 +103,7 @@ def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=N
             inter = (hard & (gt > 0.5)).sum().float()
             union = (hard | (gt > 0.5)).sum().float()
             iou = inter / union.clamp_min(1)
-            dice[r - 1] = float(2 * inter / (hard.sum() + (gt > 0.5).sum()).clamp_min(1))
+            dice[r - 1] = float(batch_dice(hard, gt)[0])
         loss_total = loss_total + seg_loss + cfg.iou_loss_weight * F.mse_loss(iou_pred[:, 0], iou.reshape(1))
         pred = hard[0, 0].cpu().numpy()
         if on_round is not None:
@@ -170,9 +146,7 @@ def _batch_last_round(core, emb, gt, seeds, cfg, loss_fn, autocast):
             logits, _ = core.decode(emb, points=(coords, labels), boxes=boxes, mask_input=low)
         logits = logits.float()
         hard = logits.detach() > 0
-        target = gt > 0.5
-        dice[r - 1] = float((2 * (hard & target).flatten(1).sum(1) / (hard.flatten(1).sum(1) + target.flatten(1).sum(1))
-                             .clamp_min(1)).mean())
+        dice[r - 1] = float(batch_dice(hard, gt).mean())
         preds = list(hard[:, 0].cpu().numpy())
         low = logits.detach()
     dice[last:] = dice[last - 1]

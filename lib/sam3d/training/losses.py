@@ -40,3 +40,9 @@ def build_loss(name: str = "dice_ce", balanced: bool = False, **kwargs) -> nn.Mo
             raise ValueError("balanced applies to dice_ce; dice_focal weights the hard voxels itself")
         return DiceFocalLoss(sigmoid=True, squared_pred=True, reduction="mean", **kwargs)
     raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+
+
+def loss_from_recipe(recipe: dict) -> nn.Module:
+    """The recipe's `loss` section (`name` and the loss's settings); Dice + CE when it has none."""
+    settings = dict(recipe.get("loss") or {})
+    return build_loss(settings.pop("name", "dice_ce"), **settings)

@@ -27,33 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.cases import find_cases
+from .. import metrics
 from ..data.clicks import derive_seed
-from ..data.training import thin_slab
+from ..data.training import WindowDataset, thin_slab
 from ..engine.text_search import TextBound, zoom_out, zoom_out_window
 from ..text import name_to_words, random_prompt
 from ..text.encoder import load_text_encoder_for, stack_embeddings
-from ..text.variants import NAME_TABLES
-from .interactive import _sample_rounds
+from .interactive import _sample_rounds, click_config
+from .losses import loss_from_recipe
+from .names import case_names
+from .step import TrainingStep
+from .validation import validate
 
 logger = logging.getLogger("sam3d.training")
-
-
-def case_names(recipe: dict, root: Path) -> dict[str, dict[int, str]]:
-    """case -> {label value: name} for the recipe's case folder, with `text.names` filling in or overriding."""
-    data, overrides = recipe.get("data") or {}, (recipe.get("text") or {}).get("names") or {}
-    out = {}
-    if data.get("dir"):
-        folder = Path(str(data["dir"])).expanduser()
-        for case in find_cases(folder if folder.is_absolute() else root / folder):
-            out[case.name] = dict(case.names)
-    for case, table in overrides.items():
-        if isinstance(table, str):
-            if table not in NAME_TABLES:
-                raise ValueError(f"text.names.{case}: unknown table {table!r}; known: {sorted(NAME_TABLES)}")
-            table = NAME_TABLES[table]
-        out[case] = {int(k): str(v) for k, v in table.items()}
-    return out
 
 
 def trained_vocabulary(names: dict[str, dict[int, str]], recipe: dict) -> list[str]:
@@ -65,8 +51,8 @@ def trained_vocabulary(names: dict[str, dict[int, str]], recipe: dict) -> list[s
                    for v, n in table.items() if c not in targets or v in targets[c]})
 
 
-class TextLoss(nn.Module):
-    """The network, the frozen text tower and the text-then-clicks loop as one module (DDP sees one forward).
+class TextStep(TrainingStep):
+    """The network, the frozen text tower and the text-then-clicks loop.
 
     `forward(images, labels, seeds, cases, targets)` -> (mean loss, Dice per round: [text, click 1, ...]).
     Records the names it trains on in the network config (`vocabulary`, the engine's unknown-text gate), in
@@ -91,6 +77,17 @@ class TextLoss(nn.Module):
         sidecar["network"] = {**sidecar.get("network", {}), "vocabulary": list(self.vocabulary)}
         device = next(sam.parameters()).device
         self.encoder = load_text_encoder_for(sam.config, t.get("model"), device=str(device))
+        self.cfg = cfg  # the click validation's
+        self.zoom_out_prob = float(t.get("zoom_out_prob", 0.25))
+
+    @classmethod
+    def from_recipe(cls, model, recipe, root, sidecar, engine_cfg, autocast) -> "TextStep":
+        return cls(model, click_config(recipe, engine_cfg), loss_from_recipe(recipe), autocast, recipe, root, sidecar)
+
+    def dataset(self, volumes, engine_cfg, sampling, seed: int):
+        """Windows around structures, and with `text.zoom_out_prob` whole volumes (the search's coarse pass)."""
+        windows = WindowDataset(volumes, engine_cfg, sampling, seed=seed)
+        return ZoomOutDataset(windows, self.zoom_out_prob) if self.zoom_out_prob else windows
 
     def target_names(self, case: str, target: str) -> list[str] | None:
         table = self.names.get(case) or {}
@@ -123,7 +120,7 @@ class TextLoss(nn.Module):
         with torch.no_grad():
             hard, ref = logits > 0, gt > 0.5
             inter, union = (hard & ref).sum().float(), (hard | ref).sum().float()
-            dice_text = float(2 * inter / (hard.sum() + ref.sum()).clamp_min(1))
+            dice_text = metrics.dice(hard, ref)
         loss = self.loss_fn(logits, gt) + self.iou_loss_weight * F.mse_loss(iou_pred[:, 0], (inter / union.clamp_min(1)).reshape(1))
         if not self.refine_rounds:
             return loss, np.array([dice_text])
@@ -133,14 +130,13 @@ class TextLoss(nn.Module):
         return (loss + r * refine_loss) / (1 + r), np.concatenate([[dice_text], refine_dice])
 
     @torch.no_grad()
-    def validate(self, model, dataset, samples: int, clicks: int, icfg, loss_fn, autocast, device) -> dict:
-        """The trainer's click validation plus `dice_text`: the text alone ("the <name>") on the same fixed windows
-        (targets without a name are left out of it)."""
-        from .trainer import validate
-
+    def validate(self, dataset, samples: int, clicks: int, device) -> dict:
+        """The click validation plus `dice_text`: the text alone ("the <name>") on the same fixed windows (targets
+        without a name are left out of it)."""
+        model, autocast = self.sam, self.autocast
         was_training = model.training
         model.eval()
-        dice = []
+        scores = []
         for i in range(samples):
             item = dataset[i]
             names = self.target_names(item["case"], item["target"])
@@ -150,11 +146,10 @@ class TextLoss(nn.Module):
                                       device=device)
             with autocast():
                 logits, _ = model.decode(model.encode_image(item["image"][None].to(device)), text=prompt)
-            pred, ref = logits.float()[0, 0] > 0, item["label"][0].to(device) > 0.5
-            dice.append(float(2 * (pred & ref).sum() / max(int(pred.sum() + ref.sum()), 1)))
+            scores.append(metrics.dice(logits.float()[0, 0] > 0, item["label"][0].to(device) > 0.5))
         model.train(was_training)
-        row = {"dice_text": float(np.mean(dice)) if dice else float("nan")}
-        return {**row, **validate(model, dataset, samples, clicks, icfg, loss_fn, autocast, device)}
+        row = {"dice_text": float(np.mean(scores)) if scores else float("nan")}
+        return {**row, **validate(model, dataset, samples, clicks, self.cfg, self.loss_fn, autocast, device)}
 
 
 class ZoomOutDataset(Dataset):
@@ -195,10 +190,3 @@ class ZoomOutDataset(Dataset):
             "target": str(value),
             "synthetic": False,
         }
-
-
-def with_zoom_out(dataset, text_cfg: dict | None):
-    """The dataset with zoom-out samples when the recipe trains text (`text.zoom_out_prob`), else unchanged."""
-    if not text_cfg or not float(text_cfg.get("zoom_out_prob", 0.25)):
-        return dataset
-    return ZoomOutDataset(dataset, float(text_cfg.get("zoom_out_prob", 0.25)))

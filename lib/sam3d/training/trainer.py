@@ -36,14 +36,17 @@ from torch.utils.data import DataLoader, Sampler
 from ..data.training import SamplingConfig, WindowDataset, load_volumes
 from ..engine.checkpoint import atomic_write, read_state_dict, save_checkpoint
 from ..engine.interactive import EngineConfig
-from ..models import build_network
+from ..models import build_network, model_kind
 from ..models.lora import add_lora, is_lora_parameter
-from .interactive import InteractiveConfig, InteractiveLoss, _sample_rounds
-from .losses import build_loss
-from .auto_step import AutoLoss, auto_dataset
-from .text_step import TextLoss, with_zoom_out
+from .auto_step import AutoStep
+from .point_step import PointStep
+from .step import TrainingStep
+from .text_step import TextStep
 
 logger = logging.getLogger("sam3d.training")
+
+# the step of each kind of network (sam3d.models.model_kind); the recipe sections `text` and `auto` configure theirs
+STEPS: dict[str, type[TrainingStep]] = {"point": PointStep, "text": TextStep, "auto": AutoStep}
 
 
 class StepBatchSampler(Sampler):
@@ -144,10 +147,13 @@ def _autocast(amp, device: torch.device):
 
 
 def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
-    """Run (or resume) the recipe; meant to run under `ignite.distributed.Parallel`. Returns a summary."""
+    """Run (or resume) the recipe; meant to run under `ignite.distributed.Parallel`. Returns a summary.
+
+    The outline: model, optimizer, resume, step, data, then an ignite engine with its handlers in this order:
+    time budget, logging, validation, checkpoint (a run killed after a checkpoint has logged every step it saved).
+    """
     root = Path(root)
-    rank, world = idist.get_rank(), idist.get_world_size()
-    device = idist.device()
+    rank, world, device = idist.get_rank(), idist.get_world_size(), idist.device()
     tcfg = recipe.get("train", {})
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
@@ -165,14 +171,76 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     model, sidecar, engine_cfg = build_model(recipe, root)
     sidecar = {**sidecar, "recipe": recipe.get("name")}
     optim = recipe.get("optim", {})
-    if optim.get("lora"):  # low-rank updates of frozen layers, folded into the weights at every checkpoint
-        lo = optim["lora"]
-        r = int(lo.get("rank", 4))
-        added = add_lora(model, list(lo.get("modules", ["image_encoder"])), list(lo.get("layers", ["qkv"])), r,
-                         float(lo.get("alpha", r)))
-        if rank == 0:
-            logger.info(f"LoRA rank {r} on {len(added)} layers ({added[0]}, ...)")
+    _add_lora(model, optim, rank)
     model.to(device)
+    optimizer, scheduler = _optimizer(model, optim, steps)
+    start = _resume(out, recipe, root, model, optimizer, scheduler, rank)
+
+    autocast = _autocast(tcfg.get("amp", "auto"), device)
+    step_module = _training_step(model, recipe, root, sidecar, engine_cfg, autocast)
+    ddp = world > 1
+    net = idist.auto_model(step_module, find_unused_parameters=True) if ddp else step_module
+
+    sampling = replace(SamplingConfig.from_dict(recipe.get("sampling")), size=model.img_size)
+    volumes = load_volumes(_resolve_data(recipe.get("data", {}), root), engine_cfg.spacing, seed)
+    loader = DataLoader(step_module.dataset(volumes, engine_cfg, sampling, seed),
+                        batch_sampler=StepBatchSampler(start, steps, global_batch, rank, world),
+                        num_workers=int(tcfg.get("num_workers", 0)), collate_fn=_collate, persistent_workers=False)
+
+    trainer = Engine(_optimizer_step(net, step_module, model, optimizer, scheduler, device, global_batch // world //
+                                     accumulate, accumulate, optim.get("grad_clip", 1.0), ddp))
+    if start:
+        trainer.load_state_dict({"iteration": start, "epoch_length": steps, "max_epochs": 1})
+    _attach_budget(trainer, tcfg.get("max_minutes"), rank, ddp, device)
+    exit_at = (recipe.get("debug") or {}).get("exit_at_step")
+    if exit_at is not None:  # tests: die like a killed process right after a step
+        trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                                  lambda e: os._exit(3) if e.state.iteration >= int(exit_at) else None)
+    logs = _attach_logging(trainer, out, recipe, start) if rank == 0 else None
+    val_rows = _attach_validation(trainer, step_module, recipe, root, volumes, engine_cfg, sampling, seed, out, logs,
+                                  device) if rank == 0 else []
+    _attach_checkpoint(trainer, model, optimizer, scheduler, out, sidecar, recipe.get("checkpoint", {}), rank)
+
+    if start >= steps:
+        if rank == 0:
+            logger.info(f"nothing to do: {out / 'state.pt'} is at step {start} of {steps}")
+        return {"output": str(out), "step": start}
+    t_start = time.time()
+    trainer.run(loader, max_epochs=1, epoch_length=steps)
+    summary = {"output": str(out), "step": trainer.state.iteration, "seconds": time.time() - t_start,
+               "loss": trainer.state.output["loss"] if trainer.state.output else None,
+               "validation": val_rows[-1] if val_rows else None}
+    if rank == 0:
+        logs.close()
+        # the run ended (its steps, or its time budget): a killed run never writes this for its last step
+        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, default=str, indent=1)))
+    return summary
+
+
+def _training_step(model, recipe: dict, root: Path, sidecar: dict, engine_cfg, autocast) -> TrainingStep:
+    """The step of the network's kind; a section that configures another kind's step is an error."""
+    kind = model_kind(sidecar["preset"])
+    for section in ("text", "auto"):
+        if recipe.get(section) and section != kind:
+            raise ValueError(f"the recipe's `{section}` section trains a {section} model, and {sidecar['preset']!r} is "
+                             f"a {kind} model: set model.preset to a {section} preset or remove the section")
+    return STEPS[kind].from_recipe(model, recipe, root, sidecar, engine_cfg, autocast)
+
+
+def _add_lora(model, optim: dict, rank: int) -> None:
+    """Low-rank updates of frozen layers (`optim.lora`), folded into the weights at every checkpoint."""
+    if not optim.get("lora"):
+        return
+    lo = optim["lora"]
+    r = int(lo.get("rank", 4))
+    added = add_lora(model, list(lo.get("modules", ["image_encoder"])), list(lo.get("layers", ["qkv"])), r,
+                     float(lo.get("alpha", r)))
+    if rank == 0:
+        logger.info(f"LoRA rank {r} on {len(added)} layers ({added[0]}, ...)")
+
+
+def _optimizer(model, optim: dict, steps: int):
+    """AdamW over the parameter groups, and the warm-up + cosine schedule over the run's `steps`."""
     groups = _param_groups(model, optim)
     base_lr = float(optim.get("lr", 3e-4))
     for g in groups:
@@ -181,51 +249,34 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
                                   eps=float(optim.get("eps", 1e-8)))
     warmup, min_ratio = int(optim.get("warmup_steps", 0)), float(optim.get("min_lr_ratio", 0.05))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, min_ratio))
+    return optimizer, scheduler
 
-    start = 0
+
+def _resume(out: Path, recipe: dict, root: Path, model, optimizer, scheduler, rank: int) -> int:
+    """The step to start from: the output's state.pt, or for a new output folder `resume_from` (the committed
+    state of a run trained in legs), or 0."""
     state_path = out / "state.pt"
-    resume = recipe.get("resume", True)
     if rank == 0:  # temporary files of writes that a killed run left behind (the real files are whole)
         for stale in out.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    # a new output folder continues from `resume_from` when given (the committed state of a run trained in legs)
     source = state_path if state_path.is_file() else (_resolve(recipe["resume_from"], root)
                                                       if recipe.get("resume_from") else None)
-    if source is not None and source.is_file():
-        if not resume:
-            raise FileExistsError(f"{source} exists and resume is off: choose another output folder")
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["step"])
-        if rank == 0:
-            logger.info(f"resuming from {source} at step {start}")
+    if source is None or not source.is_file():
+        return 0
+    if not recipe.get("resume", True):
+        raise FileExistsError(f"{source} exists and resume is off: choose another output folder")
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if rank == 0:
+        logger.info(f"resuming from {source} at step {int(state['step'])}")
+    return int(state["step"])
 
-    icfg = InteractiveConfig.from_dict({"spacing_mm": float(engine_cfg.spacing[0]), **(recipe.get("interactive") or {})})
-    loss_cfg = dict(recipe.get("loss") or {})
-    loss_fn = build_loss(loss_cfg.pop("name", "dice_ce"), **loss_cfg)
-    autocast = _autocast(tcfg.get("amp", "auto"), device)
-    wrapped = InteractiveLoss(model, icfg, loss_fn, autocast)
-    if recipe.get("text"):  # RefSAM3D: the target's name as a text prompt, then clicks (sam3d.training.text_step)
-        wrapped = TextLoss(model, icfg, loss_fn, autocast, recipe, root, sidecar)
-    if recipe.get("auto"):  # 3D-SAutoMed: chains of slices, history and generated boxes (sam3d.training.auto_step)
-        wrapped = AutoLoss(model, recipe, autocast, root)
-    ddp = world > 1
-    net = idist.auto_model(wrapped, find_unused_parameters=True) if ddp else wrapped
 
-    sampling = SamplingConfig.from_dict(recipe.get("sampling"))
-    sampling = replace(sampling, size=model.img_size)
-    volumes = load_volumes(_resolve_data(recipe.get("data", {}), root), engine_cfg.spacing, seed)
-    dataset = (auto_dataset(volumes, engine_cfg, model, recipe, root, seed) if recipe.get("auto")
-               else with_zoom_out(WindowDataset(volumes, engine_cfg, sampling, seed=seed), recipe.get("text")))
-    loader = DataLoader(dataset, batch_sampler=StepBatchSampler(start, steps, global_batch, rank, world),
-                        num_workers=int(tcfg.get("num_workers", 0)), collate_fn=_collate,
-                        persistent_workers=False)
-
-    micro = global_batch // world // accumulate
-    grad_clip = optim.get("grad_clip", 1.0)
-    exit_at = (recipe.get("debug") or {}).get("exit_at_step")
+def _optimizer_step(net, step_module, model, optimizer, scheduler, device, micro: int, accumulate: int, grad_clip,
+                    ddp: bool):
+    """The engine's process function: one optimizer step over the global batch, in `accumulate` micro-batches."""
 
     def step(engine, batch):
         net.train()
@@ -236,7 +287,7 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
             images, labels = batch["image"][sl].to(device), batch["label"][sl].to(device)
             sync = nullcontext() if (not ddp or i == accumulate - 1) else net.no_sync()
             with sync:
-                loss, dice = net(images, labels, batch["seed"][sl], *(batch[k][sl] for k in getattr(wrapped, "batch_keys", ())))
+                loss, dice = net(images, labels, batch["seed"][sl], *(batch[k][sl] for k in step_module.batch_keys))
                 (loss / accumulate).backward()
             losses.append(loss.detach())
             dices.append(dice)
@@ -247,16 +298,120 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
         stats = torch.cat([torch.stack(losses).mean().reshape(1).cpu(), torch.stack(dices).mean(0),
                            torch.tensor([float(np.mean(batch["synthetic"]))])])
         if ddp:
-            stats = idist.all_reduce(stats.to(device)).cpu() / world
+            stats = idist.all_reduce(stats.to(device)).cpu() / idist.get_world_size()
         return {"loss": float(stats[0]), "dice_first": float(stats[1]), "dice_last": float(stats[-2]),
                 "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
                 "synthetic": float(stats[-1])}
 
-    trainer = Engine(step)
-    if start:
-        trainer.load_state_dict({"iteration": start, "epoch_length": steps, "max_epochs": 1})
+    return step
 
-    ck = recipe.get("checkpoint", {})
+
+def _attach_budget(trainer: Engine, max_minutes, rank: int, ddp: bool, device) -> None:
+    """`train.max_minutes`: a wall-clock budget; the run stops cleanly (the COMPLETED handlers checkpoint and
+    validate), every process at the same step."""
+    if not max_minutes:
+        return
+    t_budget = time.time()
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _budget(engine):
+        flag = torch.tensor([float(time.time() - t_budget > 60 * float(max_minutes))])
+        if ddp:
+            flag = idist.all_reduce(flag.to(device)).cpu()
+        if flag.item() > 0:
+            if rank == 0:
+                logger.warning(f"train.max_minutes={max_minutes} reached at step {engine.state.iteration}")
+            engine.terminate()
+
+
+class _Logs:
+    """metrics.csv (appended across legs), TensorBoard when enabled, and the resolved recipe.yaml."""
+
+    def __init__(self, out: Path, recipe: dict, start: int) -> None:
+        log_cfg = recipe.get("log", {})
+        path = out / "metrics.csv"
+        fresh = not path.exists()
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+        if fresh:
+            self.writer.writerow(["step", "loss", "dice_first", "dice_last", "lr", "synthetic", "seconds"])
+        self.tb = None
+        if log_cfg.get("tensorboard", True):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"), purge_step=start or None)
+            except Exception as e:  # tensorboard missing: CSV only
+                logger.warning(f"no TensorBoard logs: {e}")
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        self.t0 = time.time()
+
+    def step(self, iteration: int, o: dict) -> None:
+        self.writer.writerow([iteration, f"{o['loss']:.5f}", f"{o['dice_first']:.4f}", f"{o['dice_last']:.4f}",
+                              f"{o['lr']:.3e}", o["synthetic"], f"{time.time() - self.t0:.1f}"])
+        self.file.flush()
+        self.scalars("train", o, iteration)
+
+    def scalars(self, group: str, values: dict, iteration: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{group}/{k}", v, iteration)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _attach_logging(trainer: Engine, out: Path, recipe: dict, start: int) -> _Logs:
+    log_cfg = recipe.get("log", {})
+    logs = _Logs(out, recipe, start)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=int(log_cfg.get("every", 1))),
+                              lambda e: logs.step(e.state.iteration, e.state.output))
+    if log_cfg.get("progress", True):
+        from ignite.contrib.handlers import ProgressBar
+
+        ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"], "dice": o["dice_last"]})
+    return logs
+
+
+def _attach_validation(trainer: Engine, step_module: TrainingStep, recipe: dict, root: Path, volumes, engine_cfg,
+                       sampling, seed: int, out: Path, logs: _Logs, device) -> list[dict]:
+    """Every `validation.every` steps and at the end: `step_module.validate` on fixed windows of the held-out
+    volumes the recipe names (`validation.data`, as `data`), else of the training ones; rows in val.csv."""
+    val_cfg = recipe.get("validation") or {}
+    rows: list[dict] = []
+    if not val_cfg.get("every"):
+        return rows
+    held_out = val_cfg.get("data")
+    if held_out:
+        volumes = load_volumes(_resolve_data(held_out, root), engine_cfg.spacing, seed)
+    val_sampling = replace(sampling, case_weights=None) if held_out else sampling
+    val_set = WindowDataset(volumes, engine_cfg, val_sampling, seed=seed + 7919, augment=False)
+    every = int(val_cfg["every"])
+
+    def run(engine):
+        row = step_module.validate(val_set, int(val_cfg.get("samples", 8)), int(val_cfg.get("clicks", 5)), device)
+        row = {"step": engine.state.iteration, **row}
+        rows.append(row)
+        path = out / "val.csv"
+        fresh = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if fresh:
+                w.writeheader()
+            w.writerow(row)
+        logs.scalars("val", {k: v for k, v in row.items() if k != "step"}, engine.state.iteration)
+        logger.info(f"validation at step {row['step']}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "step"))
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), run)
+    trainer.add_event_handler(Events.COMPLETED, lambda e: run(e) if e.state.iteration % every else None)
+    return rows
+
+
+def _attach_checkpoint(trainer: Engine, model, optimizer, scheduler, out: Path, sidecar: dict, ck: dict,
+                       rank: int) -> None:
+    """Every `checkpoint.every` steps and at the end: state.pt (to resume), then the served checkpoint."""
     every = int(ck.get("every", 100))
 
     def save(engine=None):
@@ -264,152 +419,10 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
         if rank == 0:
             state = {"step": s, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict()}
-            atomic_write(state_path, lambda tmp: torch.save(state, tmp))  # resume state first, then the model
+            atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))  # resume state first, then the model
             save_checkpoint(model, out / "model.safetensors", {**sidecar, "step": s}, half=bool(ck.get("half", False)))
             logger.info(f"step {s}: checkpoint {out / 'model.safetensors'}")
         idist.barrier()
 
-    max_minutes = tcfg.get("max_minutes")
-    if max_minutes:  # a wall-clock budget: stop cleanly (the COMPLETED handlers checkpoint and validate)
-        t_budget = time.time()
-
-        @trainer.on(Events.ITERATION_COMPLETED)
-        def _budget(engine):
-            flag = torch.tensor([float(time.time() - t_budget > 60 * float(max_minutes))])
-            if ddp:
-                flag = idist.all_reduce(flag.to(device)).cpu()  # every process stops at the same step
-            if flag.item() > 0:
-                if rank == 0:
-                    logger.warning(f"train.max_minutes={max_minutes} reached at step {engine.state.iteration}")
-                engine.terminate()
-
-    if exit_at is not None:  # tests: die like a killed process right after a step
-        @trainer.on(Events.ITERATION_COMPLETED)
-        def _die(engine):
-            if engine.state.iteration >= int(exit_at):
-                os._exit(3)
-
-    val_cfg = recipe.get("validation") or {}
-    val_rows = []
-    if rank == 0:
-        log_cfg = recipe.get("log", {})
-        csv_path = out / "metrics.csv"
-        new_csv = not csv_path.exists()
-        csv_file = open(csv_path, "a", newline="")
-        writer = csv.writer(csv_file)
-        if new_csv:
-            writer.writerow(["step", "loss", "dice_first", "dice_last", "lr", "synthetic", "seconds"])
-        tb = None
-        if log_cfg.get("tensorboard", True):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                tb = SummaryWriter(str(out / "tb"), purge_step=start or None)
-            except Exception as e:  # tensorboard missing: CSV only
-                logger.warning(f"no TensorBoard logs: {e}")
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        t0 = time.time()
-
-        @trainer.on(Events.ITERATION_COMPLETED(every=int(log_cfg.get("every", 1))))
-        def _log(engine):
-            o = engine.state.output
-            writer.writerow([engine.state.iteration, f"{o['loss']:.5f}", f"{o['dice_first']:.4f}",
-                             f"{o['dice_last']:.4f}", f"{o['lr']:.3e}", o["synthetic"], f"{time.time() - t0:.1f}"])
-            csv_file.flush()
-            if tb is not None:
-                for k, v in o.items():
-                    tb.add_scalar(f"train/{k}", v, engine.state.iteration)
-
-        if log_cfg.get("progress", True):
-            from ignite.contrib.handlers import ProgressBar
-
-            ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"], "dice": o["dice_last"]})
-
-        if val_cfg.get("every"):
-            # held-out volumes when the recipe names them (`validation.data`, as `data`), else the training ones
-            held_out = val_cfg.get("data")
-            val_volumes = load_volumes(_resolve_data(held_out, root), engine_cfg.spacing, seed) if held_out else volumes
-            val_sampling = replace(sampling, case_weights=None) if held_out else sampling
-            val_set = WindowDataset(val_volumes, engine_cfg, val_sampling, seed=seed + 7919, augment=False)
-
-            def _validate(engine):
-                row = getattr(wrapped, "validate", validate)(model, val_set, int(val_cfg.get("samples", 8)),
-                                                             int(val_cfg.get("clicks", 5)), icfg, loss_fn, autocast, device)
-                row = {"step": engine.state.iteration, **row}
-                val_rows.append(row)
-                vpath = out / "val.csv"
-                fresh = not vpath.exists()
-                with open(vpath, "a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(row))
-                    if fresh:
-                        w.writeheader()
-                    w.writerow(row)
-                if tb is not None:
-                    for k, v in row.items():
-                        if k != "step":
-                            tb.add_scalar(f"val/{k}", v, engine.state.iteration)
-                logger.info(f"validation at step {row['step']}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "step"))
-
-            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=int(val_cfg["every"])), _validate)
-            trainer.add_event_handler(Events.COMPLETED, lambda e: _validate(e) if e.state.iteration % int(val_cfg["every"]) else None)
-
-    # after the step's log row: a run killed after its checkpoint has logged every step it saved
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), save)
     trainer.add_event_handler(Events.COMPLETED, lambda e: save() if e.state.iteration % every else None)
-
-    if start >= steps:
-        if rank == 0:
-            logger.info(f"nothing to do: {state_path} is at step {start} of {steps}")
-        return {"output": str(out), "step": start}
-    t_start = time.time()
-    trainer.run(loader, max_epochs=1, epoch_length=steps)
-    summary = {"output": str(out), "step": trainer.state.iteration, "seconds": time.time() - t_start,
-               "loss": trainer.state.output["loss"] if trainer.state.output else None,
-               "validation": val_rows[-1] if val_rows else None}
-    if rank == 0:
-        csv_file.close()
-        if tb is not None:
-            tb.close()
-        # the run ended (its steps, or its time budget): a killed run never writes this for its last step
-        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, default=str, indent=1)))
-    return summary
-
-
-@torch.no_grad()
-def validate(model, dataset: WindowDataset, samples: int, clicks: int, icfg: InteractiveConfig, loss_fn, autocast,
-             device) -> dict:
-    """`center` clicks on fixed, unaugmented windows; Dice (and at the last click HD95, NSD) from the harness."""
-    from ..evaluation.metrics import segmentation_metrics
-
-    was_training = model.training
-    model.eval()
-    cfg = replace(icfg, rounds=clicks, mask_only_rounds=0, protocols=("center",), protocol_probs=(1.0,), box_prob=0.0)
-    dice = np.zeros(clicks)
-    last = {"hd95": [], "nsd": []}
-    spacing = (cfg.spacing_mm,) * 3
-    for i in range(samples):
-        item = dataset[i]
-        img, lab = item["image"][None].to(device), item["label"][None].to(device)
-        gt = item["label"][0].numpy() > 0.5
-        with autocast():
-            emb = model.encode_image(img)
-
-        def on_round(r, pred):
-            m = segmentation_metrics(pred, gt, spacing) if r == clicks else {"dice": _dice(pred, gt)}
-            dice[r - 1] += m["dice"]
-            if r == clicks:
-                last["hd95"].append(m["hd95"])
-                last["nsd"].append(m["nsd"])
-
-        _sample_rounds(model, emb, lab, item["seed"], cfg, loss_fn, autocast, model.img_size, on_round)
-    model.train(was_training)
-    row = {f"dice_{k + 1}": float(d / samples) for k, d in enumerate(dice)}
-    finite = [h for h in last["hd95"] if np.isfinite(h)]
-    row["hd95_last"] = float(np.mean(finite)) if finite else float("inf")
-    row["nsd_last"] = float(np.mean(last["nsd"]))
-    return row
-
-
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    s = pred.sum() + gt.sum()
-    return 1.0 if s == 0 else float(2 * (pred & gt).sum() / s)

@@ -1,4 +1,5 @@
-"""Field-standard segmentation metrics of one binary prediction against its reference, in mm.
+"""Field-standard segmentation metrics of one binary prediction against its reference, in mm; and the one hard
+Dice that training, validation and the engines use.
 
 Dice, IoU, HD95, average symmetric surface distance and normalised surface Dice come from MONAI's
 implementations (`monai.metrics.compute_*`, the functions behind `DiceMetric`, `MeanIoU`,
@@ -25,6 +26,22 @@ import torch
 NSD_TOLERANCE_MM = 2.0
 NOC_THRESHOLDS = (0.80, 0.85, 0.90)
 METRICS = ("dice", "iou", "hd95", "assd", "nsd", "volume_error")
+
+
+def dice(pred, target) -> float:
+    """Hard Dice of two binary masks (numpy or torch, any shape); 1 when both are empty."""
+    def as_tensor(x):
+        return x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
+
+    return float(batch_dice(as_tensor(pred)[None], as_tensor(target)[None])[0])
+
+
+def batch_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) hard Dice per sample of two (B, ...) binary masks (bool, or > 0.5); 1 where both are empty."""
+    p, t = (pred > 0.5).flatten(1), (target > 0.5).flatten(1)
+    total = (p.sum(1) + t.sum(1)).float()
+    overlap = 2 * (p & t).sum(1).float()
+    return torch.where(total > 0, overlap / total.clamp_min(1), torch.ones_like(total))
 
 
 def _crop_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
