@@ -166,7 +166,9 @@ class ServerSegmenter:
                 return
             if self.upload == "never":
                 raise ValueError(f"image {image_id!r} is not in the server's datastore (upload='never')")
-        if path.is_dir():  # a DICOM series: the LoadImage array as NIfTI, the same indices on the server
+        if path.is_dir() or not path.name.endswith((".nii.gz", ".nii")):
+            # a DICOM series or another format (the datastore takes NIfTI only): the LoadImage array as NIfTI,
+            # the same indices on the server
             import nibabel as nib
 
             arr, affine = load_array(path)
