@@ -46,8 +46,8 @@ def ct(shared_data):
 class StubEngine:
     """Records requests; raises what it is told to."""
 
-    def __init__(self, raise_on_segment=None, raise_on_write=None):
-        self.calls, self.raise_on_segment, self.raise_on_write = [], raise_on_segment, raise_on_write
+    def __init__(self, raise_on_segment=None):
+        self.calls, self.raise_on_segment = [], raise_on_segment
 
     def segment(self, image_path, foreground, background, roi=None, label="structure"):
         self.calls.append((image_path, foreground, background, roi, label))
@@ -58,12 +58,6 @@ class StubEngine:
         timings = {"load": 0.0, "encode": 0.0, "decode": 0.0, "total": 0.0}
         info = {"windows": [], "embedding_cached": True, "model": "Stub", "checkpoint": None}
         return SegmentResult(np.zeros((4, 4, 4), np.uint8), np.eye(4), timings, info)
-
-    def write_label(self, res, path):
-        Path(path).write_bytes(b"partial")
-        if self.raise_on_write:
-            raise self.raise_on_write
-        nib.save(nib.Nifti1Image(res.mask, res.affine), path)
 
 
 def stub_task(engine, **kw) -> Sam3DPointInfer:
@@ -214,10 +208,16 @@ def test_engine_input_errors_are_422_and_leave_no_file(ct, tmpdir_for_results):
     assert list(tmpdir_for_results.iterdir()) == []
 
 
-def test_a_failed_write_leaves_no_file(ct, tmpdir_for_results):
-    engine = StubEngine(raise_on_write=OSError("disk full"))
+def test_a_failed_write_leaves_no_file(ct, tmpdir_for_results, monkeypatch):
+    import monailabel.transform.writer
+
+    def half_written(data, filename, **kw):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(monailabel.transform.writer, "write_nifti", half_written)
     with pytest.raises(OSError):
-        stub_task(engine)({"image": ct, "foreground": [[1, 2, 3]]})
+        stub_task(StubEngine())({"image": ct, "foreground": [[1, 2, 3]]})
     assert list(tmpdir_for_results.iterdir()) == []
 
 

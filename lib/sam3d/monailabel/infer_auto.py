@@ -18,6 +18,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from .app_config import TaskSpec
+from .result_format import ResultFormat
 from .infer_point import (
     EngineFactory,
     Sam3DPointInfer,
@@ -95,11 +96,12 @@ class Sam3DAutoInfer(Sam3DPointInfer):
 
     def __call__(self, request) -> tuple[str | None, dict]:
         t0 = time.perf_counter()
+        fmt = ResultFormat.from_request(request)
         req = self.parse_request(request)
         engine = self.engine()
         res = self.labelled(req["image"], req["order"])
         t_write = time.perf_counter()
-        out = write_label_file(engine, res, self.name)
+        out = write_label_file(res, self.name, fmt)
         now = time.perf_counter()
         timings = {**res.timings, "write": now - t_write, "request": now - t0}
         result = {**res.info, "task": self.name, "model": self.model_name, "network": res.info.get("model"),

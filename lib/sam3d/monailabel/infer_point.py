@@ -5,8 +5,9 @@ A request (what Slicer's and OHIF's MONAI Label clients send for a `deepgrow` mo
     {"image": <path>, "foreground": [[i, j, k], ...], "background": [...], "roi": [i0, j0, i1, j1, k0, k1],
      "label": "liver"}
 
-Indices address the array `monai.transforms.LoadImage` returns for the image. The answer is a 0/1 NIfTI on the
-image's grid (a temporary file MONAI Label deletes once sent) and JSON with the timings, the windows, the model
+Indices address the array `monai.transforms.LoadImage` returns for the image. The answer is a 0/1 volume on the
+image's grid (NIfTI .nii.gz, or the format the request asks for with `result_extension`, `result_dtype`,
+`result_compress`: see `result_format`; a temporary file MONAI Label deletes once sent) and JSON with the timings, the windows, the model
 and the checkpoint. With `"prior": "<automatic task>"` the clicks refine the class `label` of that task's answer
 (its mask is the previous one) and the answer is that task's label volume with the class replaced.
 
@@ -21,7 +22,6 @@ on disk (a training run replaced it), the next request loads the new weights.
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +33,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from .app_config import DEFAULT_LABEL, TaskSpec
+from .result_format import ResultFormat
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +58,10 @@ def request_image(request: dict) -> str:
     return image
 
 
-def write_label_file(engine, result, task_name: str) -> str:
-    """The answer as a temporary NIfTI (MONAI Label sends it, then deletes it); nothing is left if writing fails."""
-    fd, out = tempfile.mkstemp(prefix=f"{task_name}_", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        engine.write_label(result, out)
-    except BaseException:
-        Path(out).unlink(missing_ok=True)
-        raise
-    return out
+def write_label_file(result, task_name: str, fmt: ResultFormat | None = None) -> str:
+    """The answer as a temporary file in the format the client asked for (`fmt`, default NIfTI .nii.gz); MONAI
+    Label sends it, then deletes it; nothing is left if writing fails. Every task answers through here."""
+    return (fmt or ResultFormat()).write(result.mask, result.affine, prefix=f"{task_name}_")
 
 
 def resolve_device(device: str | None) -> tuple[str, str | None]:
@@ -330,6 +325,7 @@ class Sam3DPointInfer(InferTask):
 
     def __call__(self, request) -> tuple[str | None, dict]:
         t0 = time.perf_counter()
+        fmt = ResultFormat.from_request(request)
         prompt = self.parse_request(request)
         engine = self.engine()
         prior = prompt.get("prior")
@@ -347,7 +343,7 @@ class Sam3DPointInfer(InferTask):
             res, label_names = replace_class(auto, res, prompt["label"]), auto.info["label_names"]
 
         t_write = time.perf_counter()
-        out = write_label_file(engine, res, self.name)
+        out = write_label_file(res, self.name, fmt)
         now = time.perf_counter()
 
         timings = dict(res.timings)

@@ -6,8 +6,9 @@ A request::
     {"image": <path>, "label": "spleen"}            # no "text": the label is the text (Slicer's label list)
 
 No click is needed: the engine searches the whole image (`sam3d.engine.text_search`). Clicks that follow with the
-same text refine the last answer. The answer is the point task's: a 0/1 NIfTI on the image's grid and JSON (the
-timings, the windows, `score`, the nearest trained name and its similarity), with the segment named by the text.
+same text refine the last answer. The answer is the point task's: a 0/1 volume on the image's grid (NIfTI, or the
+format the request asks for: `result_format`) and JSON (the timings, the windows, `score`, the nearest trained name
+and its similarity), with the segment named by the text.
 Errors: 422 for an empty text, a `roi` (not used by this task), a point outside the image or an unreadable image;
 404 for a missing image; 503 while the weights are missing; a text the model does not know answers an empty mask
 with a low `score` and a `message`. The loading, hot reload and /info behaviour are `Sam3DPointInfer`'s.
