@@ -65,7 +65,8 @@ except ImportError:  # a plain checkout without `pip install -e .`
     sys.path.insert(0, str(PROJECT_ROOT / "lib"))
     import sam3d
 
-from sam3d.monailabel import Sam3DAutoInfer, Sam3DPointInfer, Sam3DTextInfer, Sam3DTrainTask, load_app_config, train_api
+from sam3d.monailabel import (Sam3DAutoInfer, Sam3DPointInfer, Sam3DTextClassPrompts, Sam3DTextInfer, Sam3DTrainTask,
+                              load_app_config, train_api)
 from sam3d.monailabel import infer_api
 from sam3d.monailabel import lifecycle, security
 from sam3d.monailabel.activelearning import (
@@ -144,6 +145,8 @@ class MyApp(MONAILabelApp):
             state, message = task.status()
             (logger.info if state in ("not_loaded", "ready") else logger.warning)(f"sam3d: task {name}: {message}")
             infers[name] = task
+        for task in [t for t in infers.values() if type(t) is Sam3DTextInfer]:  # OHIF's Class Prompts list it
+            infers.setdefault(f"{task.name}_classes", Sam3DTextClassPrompts(task))
         autos = {name: t for name, t in infers.items() if isinstance(t, Sam3DAutoInfer)}
         for task in infers.values():  # a click request may refine one class of an automatic answer (`prior`)
             if type(task) is Sam3DPointInfer:

@@ -3,8 +3,8 @@
 from .app_config import AppConfig, AppConfigError, TaskSpec, load_app_config
 from .infer_auto import Sam3DAutoInfer
 from .infer_point import Sam3DPointInfer
-from .infer_text import Sam3DTextInfer
+from .infer_text import Sam3DTextClassPrompts, Sam3DTextInfer
 from .train_task import Sam3DTrainTask, TrainRequestError
 
-__all__ = ["AppConfig", "AppConfigError", "Sam3DAutoInfer", "Sam3DPointInfer", "Sam3DTextInfer", "Sam3DTrainTask",
-           "TaskSpec", "TrainRequestError", "load_app_config"]
+__all__ = ["AppConfig", "AppConfigError", "Sam3DAutoInfer", "Sam3DPointInfer", "Sam3DTextClassPrompts",
+           "Sam3DTextInfer", "Sam3DTrainTask", "TaskSpec", "TrainRequestError", "load_app_config"]

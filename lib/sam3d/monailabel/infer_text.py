@@ -15,14 +15,34 @@ with a low `score` and a `message`. The loading, hot reload and /info behaviour 
 
 Registered as kind `text` in configs/app.yaml (apps/sam3d/main.py maps the kind to this class). MONAI Label type
 `deepgrow`, as the point task, so that Slicer's and OHIF's click tools can refine; a request without clicks (the
-API, or a client that sends the label alone) runs the text search.
+API, or a client that sends the label alone) runs the text search. Its option `text` (/info `config`) is a text box
+in Slicer's and OHIF's options: OHIF's point prompts send no label name, the typed text names the structure.
+
+OHIF's class prompts (its MONAI Label panel, model type `vista3d`)::
+
+    {"image": <id>, "label_prompt": [5, 1]}                                   # Class Prompts: liver and spleen
+    {"image": <id>, "label_prompt": [5], "points": [[i, j, k], ...], "point_labels": [1, 0, ...]}   # Point Prompts
+
+`label_prompt` holds label values of the task's labels (or their names); the answer is one label volume with each
+class at its value (what the panel maps back to its segments), at most MAX_CLASS_PROMPTS classes a request. The
+panel lists only `segmentation` and `vista3d` models under Class Prompts and Slicer only `segmentation` and
+`deepgrow`: `Sam3DTextClassPrompts` (`<task>_classes`, type `vista3d`, the same engine) shows the text task there.
 """
+
+import time
+from dataclasses import replace
+
+import numpy as np
 
 
 from fastapi import HTTPException
 
-from .app_config import TaskSpec
-from .infer_point import Sam3DPointInfer, _points, request_image
+from .app_config import DEFAULT_LABEL, TaskSpec
+from .infer_point import Sam3DPointInfer, _input_error_types, _jsonable, _points, request_image, write_label_file
+from .result_format import ResultFormat
+
+MAX_CLASS_PROMPTS = 8  # one whole-image text search each: OHIF's Auto tab would send every class at once
+VISTA3D = "vista3d"  # the OHIF panel's model type for class prompts
 
 
 class TextAsLabel:
@@ -52,6 +72,7 @@ class Sam3DTextInfer(Sam3DPointInfer):
                  engine_factory=None):
         super().__init__(spec, device=device, strict_labels=strict_labels, preload=preload,
                          engine_factory=engine_factory or text_engine_factory)
+        self._config = {"text": ""}  # a text box in Slicer's and OHIF's options, sent as the request's `text`
 
     def parse_request(self, request: dict) -> dict:
         """The request's text and clicks, checked before any model work; HTTPException (422/404) when unusable."""
@@ -63,7 +84,9 @@ class Sam3DTextInfer(Sam3DPointInfer):
         if not isinstance(text, str) or not text.strip():
             raise HTTPException(
                 status_code=422,
-                detail="no text: send 'text' with the structure's name (e.g. \"left kidney\") or a 'label' naming it",
+                detail="no text: send 'text' with the structure's name (e.g. \"left kidney\") or a 'label' naming it "
+                f"(OHIF: type it as the option `text` of {self.name}, or pick classes of {self.name}_classes under "
+                "Class Prompts)",
             )
         if typed in (None, "") and self.strict_labels and self.labels and text not in self.labels:
             raise HTTPException(
@@ -73,3 +96,87 @@ class Sam3DTextInfer(Sam3DPointInfer):
             )
         return {"image": image, "foreground": _points(request.get("foreground"), "foreground"),
                 "background": _points(request.get("background"), "background"), "roi": None, "label": text.strip()}
+
+    # ---- OHIF's class prompts ------------------------------------------------------------------------------------
+
+    def parse_class_prompt(self, request: dict) -> dict | None:
+        """OHIF's `label_prompt` (+ `points`, `point_labels`) as names and clicks; None for a request without it."""
+        prompt = request.get("label_prompt")
+        if prompt is None:
+            return None
+        image = request_image(request)
+        by_value = {v: k for k, v in self.labels.items()}
+        if isinstance(prompt, (int, str)) and not isinstance(prompt, bool):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise HTTPException(status_code=422, detail=f"label_prompt must be a list of label values, got {prompt!r}")
+        names = []
+        for v in prompt:
+            name = v if isinstance(v, str) and v in self.labels else by_value.get(v) if not isinstance(v, bool) else None
+            if name is None:
+                raise HTTPException(status_code=422, detail=f"label_prompt: {v!r} is not a label of {self.name} "
+                                    f"(GET /info lists them)")
+            if name not in names:
+                names.append(name)
+        if len(names) > MAX_CLASS_PROMPTS:
+            raise HTTPException(status_code=422, detail=f"{len(names)} classes: {self.name} searches at most "
+                                f"{MAX_CLASS_PROMPTS} at once (pick them under Class Prompts)")
+        points = _points(request.get("points"), "points")
+        point_labels = request.get("point_labels") or []
+        if not isinstance(point_labels, list) or len(point_labels) != len(points) or any(
+                p not in (0, 1) or isinstance(p, bool) for p in point_labels):
+            raise HTTPException(status_code=422, detail="point_labels must hold 1 (foreground) or 0 (background) for "
+                                "each of `points`")
+        fg = [p for p, lab in zip(points, point_labels) if lab == 1] + _points(request.get("foreground"), "foreground")
+        bg = [p for p, lab in zip(points, point_labels) if lab == 0] + _points(request.get("background"), "background")
+        if (fg or bg) and len(names) > 1:
+            raise HTTPException(status_code=422, detail="clicks refine one class: send one label_prompt with points")
+        return {"image": image, "names": names, "foreground": fg, "background": bg}
+
+    def __call__(self, request) -> tuple[str | None, dict]:
+        classes = self.parse_class_prompt(request)
+        if classes is None:
+            return super().__call__(request)
+        t0 = time.perf_counter()
+        fmt = ResultFormat.from_request(request)
+        engine = self.engine()
+        labels, res, found = None, None, {}
+        for name in classes["names"]:  # each class its own text search; a voxel keeps the first class that has it
+            try:
+                res = engine.segment(classes["image"], classes["foreground"], classes["background"], roi=None,
+                                     label=name)
+            except _input_error_types() as e:
+                raise HTTPException(status_code=422, detail=str(e)) from e
+            if labels is None:
+                labels = np.zeros(res.mask.shape, np.uint8 if max(self.labels.values()) < 256 else np.uint16)
+            labels[(res.mask > 0) & (labels == 0)] = self.labels[name]
+            found[name] = {"voxels": int((res.mask > 0).sum()), "score": res.info.get("score"),
+                           "message": res.info.get("message")}
+        t_write = time.perf_counter()
+        out = write_label_file(replace(res, mask=labels), self.name, fmt)
+        now = time.perf_counter()
+        result = {"task": self.name, "model": self.model_name, "model_id": getattr(engine, "model_id", None),
+                  "device": self.device, "label_names": {n: self.labels[n] for n in classes["names"]},
+                  "classes": found, "timings": {"write": now - t_write, "request": now - t0}}
+        return out, _jsonable(result)
+
+
+class Sam3DTextClassPrompts(Sam3DTextInfer):
+    """The text task as OHIF's panel lists it under Class Prompts (and Point Prompts): type `vista3d`, the same
+    engine and weights as `source` (nothing is loaded twice), labels without the generic `structure`."""
+
+    def __init__(self, source: Sam3DTextInfer):
+        labels = {k: v for k, v in source.labels.items() if k != DEFAULT_LABEL and v != 255}  # OHIF skips 255
+        spec = replace(source.spec, name=f"{source.name}_classes", labels=labels,
+                       description=f"{source.name} for OHIF's Class Prompts: tick structures, each is found by name")
+        super().__init__(spec, device=source.device, strict_labels=source.strict_labels,
+                         engine_factory=lambda config, device: source.engine())
+        self.source = source
+        self.type = VISTA3D
+        self._config = {}
+
+    def status(self) -> tuple[str, str]:
+        return self.source.status()
+
+    def engine(self):
+        return self.source.engine()
