@@ -9,30 +9,14 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-import torch
 from fastapi import HTTPException
 
-from sam3d.engine import save_checkpoint
-from sam3d.models import build_network
 from sam3d.monailabel import Sam3DTextClassPrompts, TaskSpec
 from sam3d.monailabel.infer_text import MAX_CLASS_PROMPTS, Sam3DTextInfer
+from test_infer_text import checkpoint, ct  # noqa: F401 - fixtures: a tiny RefSAM3D knowing liver, spleen, kidney
 
 LABELS = {"liver": 5, "spleen": 1, "kidney_left": 3, "structure": 255}
 OHIF = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "refsam3d_tiny.safetensors"
-    network = {"vocabulary": ["liver", "spleen", "kidney_left"]}
-    save_checkpoint(build_network("refsam3d_tiny", **network), path, {"preset": "refsam3d_tiny", "network": network})
-    return path
-
-
-@pytest.fixture(scope="module")
-def ct(shared_data):
-    return str(shared_data / "totalseg_ct" / "image.nii.gz")
 
 
 def new_text_task(checkpoint) -> Sam3DTextInfer:
