@@ -2,6 +2,8 @@
 # Install what is missing, then start the server or run the tests.
 #
 #   bash scripts/setup.sh server [start_server args...]  # sample datastore, http://127.0.0.1:8000
+#   bash scripts/setup.sh server --weights NAME [...]    # serve published weights (fetched first when missing)
+#   bash scripts/setup.sh fetch NAME [--dest DIR]        # download, check and install published weights
 #   bash scripts/setup.sh test [pytest args...]          # python -m pytest (slow tests deselected)
 #   bash scripts/setup.sh install                        # only install
 #
@@ -11,6 +13,8 @@
 # server: builds sample-data/brain-mr (or $SAM3D_SAMPLE_DATA) if missing, unless you pass --studies;
 # extra args go to `monailabel start_server` and win over the defaults, e.g.
 #   bash scripts/setup.sh server --port 8080 --conf model sam_med3d_turbo --conf checkpoint /path/sam_med3d_turbo.pth
+# fetch / --weights: NAME from sam3d.engine.weights_registry (sam_med3d_turbo, sam_vit_b), into --dest or
+# $SAM3D_WEIGHTS_DIR (default ~/.cache/sam3d/weights); huggingface_hub honours HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -81,6 +85,21 @@ install)
     ;;
 server)
     ensure_venv
+    # --weights NAME: published weights, fetched and checked when missing (offline: fails here, saying how to
+    # place the file by hand), then `--conf model <its model config> --conf weights NAME`
+    weights="" served=() rest=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+        --weights) [ $# -ge 2 ] || { log "--weights needs a name"; exit 2; }; weights=$2; shift 2 ;;
+        --weights=*) weights=${1#*=}; shift ;;
+        *) rest+=("$1"); shift ;;
+        esac
+    done
+    set -- ${rest[@]+"${rest[@]}"}
+    if [ -n "$weights" ]; then
+        conf=$("$VENV/bin/python" -m sam3d.engine.weights_registry server-conf "$weights") || exit 1
+        read -r -a served <<<"$conf"
+    fi
     studies=(--studies "$SAMPLE")
     for a in "$@"; do
         case "$a" in -s | --studies | --studies=*) studies=() ;; esac
@@ -90,8 +109,16 @@ server)
         "$VENV/bin/python" "$ROOT/scripts/make_sample_datastore.py" "$SAMPLE"
     fi
     export PATH=$VENV/bin:$PATH
-    log "monailabel start_server --app $ROOT/apps/sam3d ${studies[*]} --host 127.0.0.1 --port 8000 $*"
-    exec monailabel start_server --app "$ROOT/apps/sam3d" "${studies[@]}" --host 127.0.0.1 --port 8000 "$@"
+    log "monailabel start_server --app $ROOT/apps/sam3d ${studies[*]} --host 127.0.0.1 --port 8000 ${served[*]} $*"
+    exec monailabel start_server --app "$ROOT/apps/sam3d" "${studies[@]}" --host 127.0.0.1 --port 8000 \
+        "${served[@]}" "$@"
+    ;;
+fetch)
+    # only sam3d and its dependencies are needed: a full install runs only when they cannot be imported
+    "$VENV/bin/python" -c 'import importlib.util as u, sys
+sys.exit(not all(u.find_spec(m) for m in ("sam3d", "torch", "huggingface_hub", "filelock")))' 2>/dev/null ||
+        ensure_venv
+    exec "$VENV/bin/python" -m sam3d.engine.weights_registry fetch "$@"
     ;;
 test)
     ensure_venv
@@ -102,7 +129,7 @@ test)
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
 *)
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ] || [ "$cmd" = help ]
     ;;
 esac

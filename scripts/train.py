@@ -3,7 +3,8 @@
 Several processes: `torchrun --nproc-per-node N scripts/train.py --config ...` (NCCL on GPUs, gloo on CPU), or
 the same command with `--nproc-per-node N` (the processes are spawned through ignite.distributed). The global
 batch (`train.batch_size`) is the same however many processes run it. Re-running a finished or interrupted
-recipe resumes from `<output>/state.pt`.
+recipe resumes from `<output>/state.pt`. `model.init_checkpoint` and `auto.sam_checkpoint` take a path or the
+name of published weights installed by `bash scripts/setup.sh fetch NAME` (sam_med3d_turbo, sam_vit_b).
 """
 
 import argparse
@@ -27,9 +28,11 @@ def main(argv=None) -> int:
     import torch
     from ignite import distributed as idist
 
+    from sam3d.engine.weights_registry import resolve_recipe
     from sam3d.training import load_recipe, train
 
-    recipe = load_recipe(args.config, args.overrides)
+    # model.init_checkpoint / auto.sam_checkpoint may name published weights (`bash scripts/setup.sh fetch NAME`)
+    recipe = resolve_recipe(load_recipe(args.config, args.overrides))
     backend = args.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

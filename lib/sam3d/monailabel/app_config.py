@@ -4,6 +4,9 @@ MONAI Label hands the app a flat dict of strings (`--conf KEY VALUE`, repeated).
 
 - `model`, `checkpoint`: the model config and the weights of the default task `sam3d_point`
   (short for `infers.sam3d_point.model` / `infers.sam3d_point.checkpoint`);
+- `weights NAME` (short for `infers.sam3d_point.weights`): published weights of `sam3d.engine.weights_registry`
+  that `bash scripts/setup.sh fetch NAME` installed: the task's checkpoint unless one is set, named with their
+  licence in /info;
 - `device` (auto | cpu | cuda | cuda:N), `preload` (true | false), `strict_labels` (true | false);
 - `config`: another app YAML instead of `configs/app.yaml`;
 - `train.KEY` (the train task's defaults, see `train_task.DEFAULTS`), `retrain_every` (train after every N new or
@@ -29,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from ..engine import weights_registry
 from ..engine.model_config import load_model_config
 
 logger = logging.getLogger(__name__)
@@ -40,11 +44,13 @@ TASK_KINDS = ("point", "text", "auto")  # which infer task class serves the mode
 ALIASES = {
     "model": f"infers.{DEFAULT_TASK}.model",
     "checkpoint": f"infers.{DEFAULT_TASK}.checkpoint",
+    "weights": f"infers.{DEFAULT_TASK}.weights",
 }
 TOP_KEYS = {"name", "description", "device", "preload", "strict_labels", "infers", "labels", "train", "retrain_every",
             "lease_minutes", "uncertainty", "limits"}
 NOT_OURS = {"config", "server_mode"}  # `config` is read first; `server_mode` belongs to MONAI Label
-STRING_KEYS = {"model", "checkpoint", "factory", "description", "device", "name", "recipe"}  # values never YAML-parsed
+# values never YAML-parsed
+STRING_KEYS = {"model", "checkpoint", "factory", "description", "device", "name", "recipe", "weights"}
 
 
 class AppConfigError(ValueError):
@@ -229,6 +235,7 @@ def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[s
         model_config["checkpoint"] = None
     spec.model_config = model_config
     spec.model_name = model_ref
+    spec.error = weights_registry.apply_to_model_config(model_config)  # `weights NAME`: the installed file
     return spec
 
 

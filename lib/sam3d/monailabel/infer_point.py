@@ -32,6 +32,7 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from ..engine import weights_registry
 from .app_config import DEFAULT_LABEL, TaskSpec
 from .result_format import ResultFormat
 
@@ -186,6 +187,9 @@ class Sam3DPointInfer(InferTask):
 
     def _how_to_set(self) -> str:
         key = f"{self.spec.conf_prefix}checkpoint"
+        fetch = weights_registry.how_to_fetch(self.model_config)  # published weights (`--conf weights NAME`)
+        if fetch:
+            return f"{fetch} (or set `--conf {key} /path/to/weights`); the next request picks them up"
         return (
             f"set the weights with `--conf {key} /path/to/weights` (.safetensors or SAM-Med3D .pth) "
             f"or put the file at the configured path; the next request picks it up"
@@ -214,11 +218,15 @@ class Sam3DPointInfer(InferTask):
         d = super().info()
         if state in ("weights_missing", "load_failed", "config_error"):
             d["description"] = f"UNAVAILABLE - {message} -- {self.description}"
+        published = weights_registry.weights_info(self.model_config)  # `--conf weights NAME`: source, licence
+        if published:
+            d["description"] = f"{d['description']} [weights {published['name']}: {published['licence']}]"
         d["sam3d"] = {
             "model": self.model_name,
             "preset": self.model_config.get("preset"),
             "factory": self.model_config.get("factory"),
             "checkpoint": self.checkpoint,
+            "weights": published,
             "device": self.device,
             "status": state,
             "message": message,
