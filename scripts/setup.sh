@@ -68,6 +68,13 @@ ensure_venv() {
         log "installing sam3d from $ROOT (editable)"
         "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
     fi
+    # MONAI Label's launcher runs the first `python` on PATH ("No module named 'monailabel'" when started directly):
+    # make it the venv's, and pass arguments with spaces through whole
+    local launcher=$VENV/bin/monailabel
+    if [ -f "$launcher" ] && grep -q 'MONAILABEL_PYEXE:-python}' "$launcher"; then
+        sed -i -e "s|\${MONAILABEL_PYEXE:-python}|\${MONAILABEL_PYEXE:-$VENV/bin/python}|" \
+            -e 's|monailabel.main \$\*$|monailabel.main "$@"|' "$launcher"
+    fi
 }
 
 ensure_sample_sources() {
@@ -108,7 +115,9 @@ server)
         ensure_sample_sources
         "$VENV/bin/python" "$ROOT/scripts/make_sample_datastore.py" "$SAMPLE"
     fi
-    export PATH=$VENV/bin:$PATH
+    export PATH=$VENV/bin:$PATH # dcmqi's itkimage2segimage too: MONAI Label downloads it from GitHub otherwise
+    # a DICOMweb datastore lists its series once per MONAI_LABEL_DICOMWEB_CACHE_EXPIRY seconds (MONAI Label: 7200)
+    export MONAI_LABEL_DICOMWEB_CACHE_EXPIRY=${MONAI_LABEL_DICOMWEB_CACHE_EXPIRY:-60}
     log "monailabel start_server --app $ROOT/apps/sam3d ${studies[*]} --host 127.0.0.1 --port 8000 ${served[*]} $*"
     exec monailabel start_server --app "$ROOT/apps/sam3d" "${studies[@]}" --host 127.0.0.1 --port 8000 \
         "${served[@]}" "$@"

@@ -68,7 +68,7 @@ except ImportError:  # a plain checkout without `pip install -e .`
 from sam3d.monailabel import (Sam3DAutoInfer, Sam3DPointInfer, Sam3DTextClassPrompts, Sam3DTextInfer, Sam3DTrainTask,
                               load_app_config, train_api)
 from sam3d.monailabel import infer_api
-from sam3d.monailabel import lifecycle, security
+from sam3d.monailabel import lifecycle, ohif, security
 from sam3d.monailabel.activelearning import (
     RandomStrategy,
     ScoreCache,
@@ -110,6 +110,7 @@ class MyApp(MONAILabelApp):
             except security.InsecureServerError as e:
                 logger.error(f"sam3d: not starting: {e}")
                 raise
+            ohif.install(self.fastapi_app)  # the bundled viewer's nested files (MONAI Label answers index.html)
         app_conf = {k: v for k, v in conf.items() if k not in security.CONF_KEYS}
         self.app_config = load_app_config(app_conf, config_dir=PROJECT_ROOT / "configs")
         self.state_dir = state_dir(studies, app_dir)
