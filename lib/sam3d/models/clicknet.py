@@ -6,6 +6,17 @@ box (1 inside, 0 outside). A MONAI network turns them into the logits of the win
 is cached between clicks but the window itself, so the whole network runs again on every click: it is sized for
 that on a CPU.
 
+SegSAM-3D's two ideas (../shared/papers/segsam3d.txt, eq. 3-9) are options of this family, both off by default and
+both zero-initialised, so a network started from the plain weights first answers exactly as they do:
+- `feature_stages`: multi-layer feature aggregation (eq. 9). The chosen encoder stages are average-pooled to the
+  bottleneck's grid, projected to its width and summed with softmax weights; the sum is added to the bottleneck
+  before the decoder (a residual form of eq. 9: a UNet's decoder already takes the deepest stage, and its skips
+  the others at their own resolutions).
+- `semantic_prompts`: semantic point prompts (eq. 3-8). Per click, the bottleneck feature sampled at the click
+  (eq. 4) and its sinusoidal position code (eq. 3) are fused with a learnt global token by cross-attention and an
+  MLP (eq. 5-8); SP(p), plus a learnt embedding of the click's sign, modulates the bottleneck features in a
+  Gaussian ball around the click (early fusion has no click token to add it to, as the late-fusion decoder has).
+
 It speaks the same interface as the late-fusion ViT (`sam3d.models.sam3d.Sam3D`): `encode_image` (here the
 window itself), `decode(points, boxes, mask_input)`, `img_size`, `low_res_size` (= `img_size`), `supports_boxes`,
 so the engine, the training step and the evaluation serve either family unchanged.
@@ -17,6 +28,8 @@ import torch
 from monai.networks.nets import DynUNet, SegResNet
 from torch import nn
 
+from .segsam3d import LayerAggregation, SemanticPointPrompt
+
 PROMPT_CHANNELS = 4  # previous mask, positive clicks, negative clicks, box
 
 
@@ -27,6 +40,8 @@ class ClickNetConfig:
     filters: int = 8  # channels of the first stage; each deeper stage doubles them
     blocks_down: tuple[int, ...] = (1, 2, 2, 4)  # residual blocks per encoder stage (segresnet)
     click_sigma: float = 2.0  # voxels: the radius of a click's ball in the prompt maps
+    feature_stages: tuple[int, ...] = ()  # SegSAM-3D eq. 9: encoder stages (0 = shallowest) added to the bottleneck
+    semantic_prompts: bool = False  # SegSAM-3D eq. 3-8: each click modulates the bottleneck features around it
 
     @classmethod
     def from_dict(cls, values: dict) -> "ClickNetConfig":
@@ -35,8 +50,9 @@ class ClickNetConfig:
         if unknown:
             raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(known)}")
         values = dict(values)
-        if "blocks_down" in values:
-            values["blocks_down"] = tuple(values["blocks_down"])
+        for name in ("blocks_down", "feature_stages"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -45,10 +61,19 @@ class ClickNetConfig:
             raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(BACKBONES)}")
         if self.img_size % (2 ** (stages - 1)):
             raise ValueError(f"img_size {self.img_size} must be divisible by 2^{stages - 1} (the encoder's strides)")
+        if (self.feature_stages or self.semantic_prompts) and self.backbone != "segresnet":
+            raise ValueError("feature_stages and semantic_prompts need the segresnet backbone")
+        if any(not 0 <= i < stages for i in self.feature_stages):
+            raise ValueError(f"feature_stages {list(self.feature_stages)}: the encoder has stages 0..{stages - 1}")
+
+    @property
+    def bottleneck_channels(self) -> int:
+        return self.filters * 2 ** (len(self.blocks_down) - 1)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["blocks_down"] = list(self.blocks_down)
+        d["feature_stages"] = list(self.feature_stages)
         return d
 
 
@@ -69,7 +94,49 @@ BACKBONES = {"segresnet": _segresnet, "dynunet": _dynunet}
 CLICKNET_PRESETS: dict[str, ClickNetConfig] = {
     "clicknet_small": ClickNetConfig(),
     "clicknet_dynunet": ClickNetConfig(backbone="dynunet", filters=8, blocks_down=(1, 1, 1, 1, 1)),
+    # SegSAM-3D on the default click model: the same network, its weights load as they are (the additions start at 0)
+    "segsam3d_clicknet": ClickNetConfig(feature_stages=(0, 1, 2, 3), semantic_prompts=True),
 }
+
+
+class StageAggregation(nn.Module):
+    """Eq. 9 on a UNet encoder: chosen stages pooled to the bottleneck's grid, projected to its width by zero-initialised
+    1x1x1 convolutions, summed with softmax weights (`LayerAggregation`) and added to the bottleneck."""
+
+    def __init__(self, stages: tuple[int, ...], stage_channels: list[int], out_channels: int) -> None:
+        super().__init__()
+        self.stages = stages
+        self.proj = nn.ModuleList(nn.Conv3d(stage_channels[i], out_channels, kernel_size=1) for i in stages)
+        for conv in self.proj:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.mix = LayerAggregation(len(stages))
+
+    def forward(self, bottleneck: torch.Tensor, stage_outputs: list[torch.Tensor]) -> torch.Tensor:
+        grid = bottleneck.shape[-3:]
+        features = [proj(nn.functional.adaptive_avg_pool3d(stage_outputs[i], grid)) for proj, i in zip(self.proj, self.stages)]
+        return bottleneck + self.mix(features)
+
+
+class ClickModulation(nn.Module):
+    """Semantic point prompts (eq. 3-8) in an early-fusion network: SP(p) of every click, plus its sign's embedding,
+    through SegSAM-3D's zero-initialised output projection, spread over a Gaussian ball (one cell) around the click on
+    the features' grid and added there. Padding clicks (label -1) add nothing."""
+
+    def __init__(self, channels: int, img_size: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.prompt = SemanticPointPrompt(channels, img_size, num_heads=4, mlp_dim=2 * channels)
+        self.sign = nn.Embedding(2, channels)  # negative, positive
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        g = features.shape[-1]
+        sp = self.prompt.out_proj(self.prompt.refine(coords, features) + self.sign(labels.clamp_min(0)).to(features.dtype))
+        cells = (coords.float() + 0.5) * (g / self.img_size) - 0.5  # click positions on the features' grid
+        axis = torch.arange(g, dtype=torch.float32, device=features.device)
+        grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(1, 1, -1, 3)
+        balls = torch.exp(-((grid - cells[:, :, None, :]) ** 2).sum(-1) / 2) * (labels >= 0)[..., None]  # (B, N, g^3)
+        return features + torch.einsum("bnc,bnv->bcv", sp, balls.to(sp.dtype)).view_as(features)
 
 
 class ClickNet3D(nn.Module):
@@ -79,6 +146,10 @@ class ClickNet3D(nn.Module):
         super().__init__()
         self.config = config
         self.net = BACKBONES[config.backbone](config, 1 + PROMPT_CHANNELS)
+        width = config.bottleneck_channels
+        self.aggregation = (StageAggregation(config.feature_stages, [config.filters * 2**i for i in
+                                             range(len(config.blocks_down))], width) if config.feature_stages else None)
+        self.click_modulation = ClickModulation(width, config.img_size) if config.semantic_prompts else None
         s = config.img_size
         axis = torch.arange(s, dtype=torch.float32)
         self.register_buffer("_grid", torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1),
@@ -131,9 +202,19 @@ class ClickNet3D(nn.Module):
         """
         x = torch.cat([image_embedding, self.prompt_maps(image_embedding.shape[0], points, boxes, mask_input)
                        .to(image_embedding.dtype)], dim=1)
-        logits = self.net(x)
+        logits = self._run_network(x, points)
         with torch.no_grad():
             prob = torch.sigmoid(logits.float())
             fg = prob > 0.5
             score = (prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp_min(1)
         return logits, score[:, None]
+
+    def _run_network(self, x: torch.Tensor, points) -> torch.Tensor:
+        if self.aggregation is None and self.click_modulation is None:
+            return self.net(x)
+        bottleneck, stages = self.net.encode(x)  # stages: shallowest first; the last is the bottleneck
+        if self.aggregation is not None:
+            bottleneck = self.aggregation(bottleneck, stages)
+        if self.click_modulation is not None and points is not None and points[0].shape[1]:
+            bottleneck = self.click_modulation(bottleneck, *points)
+        return self.net.decode(bottleneck, stages[::-1])
