@@ -1,0 +1,104 @@
+"""The app on a real PACS, as OHIF uses it (marker `ohif`; needs Debian's orthanc and orthanc-dicomweb):
+scripts/orthanc.sh starts Orthanc on 127.0.0.1, a CT series is uploaded, the app serves its DICOMweb with dcmqi's
+itkimage2segimage taken from the venv (no download), answers OHIF's NRRD request on the series' own grid, and a
+final label saved through the API comes back to Orthanc as a DICOM SEG series."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import pytest
+from dicom_series import write_ct_series
+from monailabel_server import running_server
+
+pytestmark = pytest.mark.ohif
+REPO = Path(__file__).resolve().parents[1]
+OHIF = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False}
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if not shutil.which("Orthanc") and not Path("/usr/sbin/Orthanc").exists():
+        pytest.skip("Orthanc is not installed (Debian: orthanc, orthanc-dicomweb)")
+    from sam3d.monailabel.local_server import free_port
+
+    tmp = tmp_path_factory.mktemp("orthanc")
+    port = free_port()
+    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "orthanc.sh"), "start", "--dir", str(tmp), "--port",
+                             str(port)], stdout=open(tmp / "orthanc.log", "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(60):
+            try:
+                _get(f"{url}/system")
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp / "orthanc.log").read_text()
+                time.sleep(0.5)
+        yield url, tmp
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def pacs_server(orthanc, shared_data, tmp_path_factory, monkeypatch_module):
+    from monailabel.client import MONAILabelClient
+
+    url, _ = orthanc
+    tmp = tmp_path_factory.mktemp("pacs_app")
+    series_dir = tmp / "ct"
+    uids = write_ct_series(shared_data / "totalseg_ct" / "image.nii.gz", series_dir)
+    subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "upload", str(series_dir), "--url", url], check=True)
+    # as `setup.sh server` starts it: the venv's tools (itkimage2segimage) first on PATH, new series seen quickly
+    monkeypatch_module.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch_module.setenv("MONAI_LABEL_DICOMWEB_CACHE_EXPIRY", "5")
+    monkeypatch_module.setenv("MONAI_LABEL_DATASTORE_CACHE_PATH", str(tmp / "dicom_cache"))
+    (tmp / "client").mkdir()
+    conf = [("device", "cpu"), ("infers.sam3d_semantic_point", "null"), ("infers.sam3d_text", "null"),
+            ("infers.sam3d_auto", "null")]
+    with running_server(tmp, f"{url}/dicom-web", conf) as (server_url, proc, log):
+        yield uids, series_dir, MONAILabelClient(server_url, tmpdir=str(tmp / "client")), log
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_ohifs_nrrd_answer_lies_on_the_series_grid(pacs_server):
+    uids, series_dir, client, log = pacs_server
+    from dicom_series import read_back
+
+    volume = read_back(series_dir)
+    f, params = client.infer("sam3d_point", uids["series"], {"foreground": [[60, 50, 56]], "background": [], **OHIF})
+    data, header = nrrd.read(f)
+    assert header["encoding"] == "raw" and header["type"] == "unsigned char" and data.shape == volume.shape
+    import pydicom
+
+    first = pydicom.dcmread(str(series_dir / "0000.dcm"))
+    np.testing.assert_allclose(header["space origin"], [float(v) for v in first.ImagePositionPatient], atol=1e-3)
+    assert data[60, 50, 56] == 1 and params["label"] == "structure"
+    assert "Downloading" not in Path(log).read_text(errors="replace")  # dcmqi from the venv, not from GitHub
+
+
+def test_a_final_label_goes_to_the_pacs_as_dicom_seg(pacs_server, orthanc, tmp_path):
+    uids, series_dir, client, log = pacs_server
+    url, _ = orthanc
+    f, _ = client.infer("sam3d_point", uids["series"], {"foreground": [[60, 50, 56]], **OHIF})
+    client.save_label(uids["series"], f, tag="final", params={"label_info": [{"name": "liver", "idx": 1}]})
+    segs = _get(f"{url}/dicom-web/studies/{uids['study']}/series?Modality=SEG")
+    assert segs and len(segs) == 1, segs
