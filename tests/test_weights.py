@@ -83,7 +83,7 @@ def installed(folder: Path) -> list[str]:
 def test_registry_entries_say_where_from_licence_what_they_serve_and_how_checked():
     assert {"sam_med3d_turbo", "sam_vit_b"} <= set(REGISTRY)
     for w in REGISTRY.values():
-        assert w.publisher and w.licence and w.licence_source and w.size and w.serves and w.checked
+        assert w.publisher and w.licence and w.licence_source and w.size and w.serves and w.checks()
         assert bool(w.repo_id) != bool(w.url), "one source: a Hugging Face repository or a plain address"
         if w.model_config:
             cfg = REPO / "configs" / "models" / f"{w.model_config}.yaml"
@@ -153,6 +153,12 @@ def test_a_file_other_than_the_hub_states_is_refused_and_not_installed(hub, smal
         wr.fetch("tiny_hub", dest, registry=registry(HUB_ENTRY))
     assert "nothing was installed" in str(e.value)
     assert installed(dest) == []  # no weights, no sidecar, no part
+
+
+def test_a_hub_that_states_no_sha256_still_gets_the_other_checks_and_says_so(hub, small_ckpt, tmp_path):
+    hub.publish("tests/tiny", "tiny_hub.pth", small_ckpt, sha256="v1-not-a-digest")  # e.g. a mirror's own ETag
+    path = wr.fetch("tiny_hub", tmp_path, registry=registry(HUB_ENTRY))
+    assert json.loads(path.with_name(path.name + ".json").read_text())["checked"].startswith("no SHA-256")
 
 
 @pytest.mark.parametrize("change", ["missing key", "other shape", "not weights only"])

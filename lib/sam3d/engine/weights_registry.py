@@ -91,10 +91,11 @@ class PublishedWeights:
             return f"Hugging Face {self.repo_id} ({self.filename}, revision {self.revision})"
         return str(self.url)
 
-    @property
-    def checked(self) -> str:
+    def checks(self, source_sha256: bool = True) -> str:
+        """How a download is checked; `source_sha256`: its source stated a SHA-256 (the hub does for LFS files)."""
         sha = (f"SHA-256 {self.sha256}" if self.sha256 else f"SHA-256 starting {self.sha256_prefix} (its name)"
-               if self.sha256_prefix else "SHA-256 as the hub states it")
+               if self.sha256_prefix else "SHA-256 as the hub states it" if source_sha256
+               else "no SHA-256 (its source stated none)")
         part = f"`{self.key_prefix}*` keys" if self.key_prefix else "keys"
         return f"{sha}; torch.load(weights_only=True); {part} and shapes of preset {self.preset}, exactly"
 
@@ -359,44 +360,57 @@ def fetch(name: str, dest=None, revision: str | None = None, registry=None, log=
     source cannot be reached, WeightsCheckError when the file is not the published one (nothing is installed),
     WeightsError for other failures (an interrupted transfer keeps its part: run again to continue it).
     """
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     entry = get(name, registry)
     log = log or _log
     folder = weights_dir(dest)
     folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / f".{entry.filename}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"waiting for another fetch of {entry.name} into {folder} to end")
+        lock.acquire()
+    try:
+        return _fetch_locked(entry, folder, revision, dest, log)
+    finally:
+        lock.release()
+
+
+def _fetch_locked(entry: PublishedWeights, folder: Path, revision: str | None, dest, log) -> Path:
     final = folder / entry.filename
     part = folder / f".{entry.filename}.part"
     state_path = folder / f".{entry.filename}.part.json"
-    with FileLock(str(folder / f".{entry.filename}.lock")):
-        if final.is_file():
-            return _check_installed(entry, final, log)
-        revision = revision or entry.revision
-        remote = _remote(entry, revision, final, dest)
-        log(f"fetching {entry.name} from {remote.shown} into {final}")
-        started = time.monotonic()
-        try:
-            _transfer(remote, part, state_path, entry.filename)
-        except Exception as e:  # noqa: BLE001 - the network, the host (HTTP errors), a short read, the disk
-            raise WeightsError(_interrupted(entry, remote, part, e)) from None
-        whence = (f" (as {remote.shown} states it)" if remote.sha256 and not entry.sha256 else "")
-        try:
-            digest = check_file(entry, part, remote.sha256, whence)
-        except WeightsCheckError as e:
-            part.unlink(missing_ok=True)
-            state_path.unlink(missing_ok=True)
-            raise WeightsCheckError(f"{e}. Refused: nothing was installed at {final} and the download was deleted"
-                                    ) from None
-        _install(entry, part, final, state_path, {
-            "source": remote.shown if remote.local is None else entry.source_url(revision),
-            "revision": revision, "commit": remote.commit, "sha256": digest,
-        })
-        log(f"installed {entry.name}: {final} ({part_size(final)}, {time.monotonic() - started:.0f} s); "
-            f"checked: {entry.checked}; licence {entry.licence} ({entry.licence_source})")
-        if entry.known_sha256 and digest != entry.known_sha256:
-            log(f"note: its SHA-256 {digest} differs from the file this registry was written against "
-                f"({entry.known_sha256}); the publisher may have updated it. It passed every check.")
-        return final
+    if final.is_file():
+        return _check_installed(entry, final, log)
+    revision = revision or entry.revision
+    remote = _remote(entry, revision, final, dest)
+    log(f"fetching {entry.name} from {remote.shown} into {final}")
+    started = time.monotonic()
+    try:
+        _transfer(remote, part, state_path, entry.filename)
+    except Exception as e:  # noqa: BLE001 - the network, the host (HTTP errors), a short read, the disk
+        raise WeightsError(_interrupted(entry, remote, part, e)) from None
+    whence = (f" (as {remote.shown} states it)" if remote.sha256 and not entry.sha256 else "")
+    try:
+        digest = check_file(entry, part, remote.sha256, whence)
+    except WeightsCheckError as e:
+        part.unlink(missing_ok=True)
+        state_path.unlink(missing_ok=True)
+        raise WeightsCheckError(f"{e}. Refused: nothing was installed at {final} and the download was deleted"
+                                ) from None
+    checked = entry.checks(source_sha256=bool(remote.sha256))
+    _install(entry, part, final, state_path, {
+        "source": remote.shown if remote.local is None else entry.source_url(revision),
+        "revision": revision, "commit": remote.commit, "sha256": digest, "checked": checked,
+    })
+    log(f"installed {entry.name}: {final} ({part_size(final)}, {time.monotonic() - started:.0f} s); "
+        f"checked: {checked}; licence {entry.licence} ({entry.licence_source})")
+    if entry.known_sha256 and digest != entry.known_sha256:
+        log(f"note: its SHA-256 {digest} differs from the file this registry was written against "
+            f"({entry.known_sha256}); the publisher may have updated it. It passed every check.")
+    return final
 
 
 def part_size(path: Path) -> str:
@@ -416,8 +430,8 @@ def _write_sidecar(entry: PublishedWeights, final: Path, facts: dict) -> None:
     from .checkpoint import atomic_write
 
     sidecar = {"name": entry.name, "file": entry.filename, **facts, "licence": entry.licence,
-               "licence_source": entry.licence_source, "publisher": entry.publisher, "checked": entry.checked,
-               "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "licence_source": entry.licence_source, "publisher": entry.publisher, "checked": entry.checks(),
+               **facts, "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write(final.with_name(final.name + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1)))
 
 
@@ -440,7 +454,8 @@ def _check_installed(entry: PublishedWeights, final: Path, log) -> Path:
         raise WeightsCheckError(f"{final} is in place but fails the checks: {e}. Delete it and fetch again"
                                 ) from None
     if not sidecar:  # placed by hand: describe it, as fetch would have
-        _write_sidecar(entry, final, {"source": "placed by hand", "sha256": digest})
+        _write_sidecar(entry, final, {"source": "placed by hand", "sha256": digest,
+                                      "checked": entry.checks(source_sha256=False)})
         if entry.known_sha256 and digest != entry.known_sha256:
             log(f"note: its SHA-256 {digest} differs from the published file this registry was written against "
                 f"({entry.known_sha256}); its keys and shapes are right")
