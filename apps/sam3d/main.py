@@ -9,6 +9,8 @@ infer task per entry; no model or image code lives here (see `sam3d.monailabel` 
 
     model NAME_OR_YAML       model config of `sam3d_point`: clicknet (default) | sam3d_small | sam_med3d_turbo | a YAML
     checkpoint PATH          its weights (.safetensors, or SAM-Med3D's .pth loaded with weights_only=True)
+    weights NAME             published weights installed by `bash scripts/setup.sh fetch NAME` (sam_med3d_turbo,
+                             with `model sam_med3d_turbo`); /info names them and their licence
     device auto|cpu|cuda:N   where the models run (auto: cuda when available)
     preload true|false       load the weights in the background at start-up instead of on the first click
     strict_labels true|false the text task refuses names that configs/app.yaml does not declare (default true)
