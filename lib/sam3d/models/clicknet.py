@@ -28,6 +28,7 @@ import torch
 from monai.networks.nets import DynUNet, SegResNet
 from torch import nn
 
+from .geodesic import geodesic_click_maps
 from .segsam3d import LayerAggregation, SemanticPointPrompt
 
 PROMPT_CHANNELS = 4  # previous mask, positive clicks, negative clicks, box
@@ -42,6 +43,9 @@ class ClickNetConfig:
     click_sigma: float = 2.0  # voxels: the radius of a click's ball in the prompt maps
     feature_stages: tuple[int, ...] = ()  # SegSAM-3D eq. 9: encoder stages (0 = shallowest) added to the bottleneck
     semantic_prompts: bool = False  # SegSAM-3D eq. 3-8: each click modulates the bottleneck features around it
+    geodesic_maps: bool = False  # DeepIGeoS: +/- clicks' geodesic distance over the image as two more input maps
+    geodesic_beta: float = 30.0  # weight of intensity steps (the window is z-scored) against spatial steps
+    geodesic_scale: float = 16.0  # voxels: a map is exp(-distance / scale)
 
     @classmethod
     def from_dict(cls, values: dict) -> "ClickNetConfig":
@@ -61,8 +65,8 @@ class ClickNetConfig:
             raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(BACKBONES)}")
         if self.img_size % (2 ** (stages - 1)):
             raise ValueError(f"img_size {self.img_size} must be divisible by 2^{stages - 1} (the encoder's strides)")
-        if (self.feature_stages or self.semantic_prompts) and self.backbone != "segresnet":
-            raise ValueError("feature_stages and semantic_prompts need the segresnet backbone")
+        if (self.feature_stages or self.semantic_prompts or self.geodesic_maps) and self.backbone != "segresnet":
+            raise ValueError("feature_stages, semantic_prompts and geodesic_maps need the segresnet backbone")
         if any(not 0 <= i < stages for i in self.feature_stages):
             raise ValueError(f"feature_stages {list(self.feature_stages)}: the encoder has stages 0..{stages - 1}")
 
@@ -96,6 +100,7 @@ CLICKNET_PRESETS: dict[str, ClickNetConfig] = {
     "clicknet_dynunet": ClickNetConfig(backbone="dynunet", filters=8, blocks_down=(1, 1, 1, 1, 1)),
     # SegSAM-3D on the default click model: the same network, its weights load as they are (the additions start at 0)
     "segsam3d_clicknet": ClickNetConfig(feature_stages=(0, 1, 2, 3), semantic_prompts=True),
+    "clicknet_geodesic": ClickNetConfig(geodesic_maps=True),
 }
 
 
@@ -150,6 +155,10 @@ class ClickNet3D(nn.Module):
         self.aggregation = (StageAggregation(config.feature_stages, [config.filters * 2**i for i in
                                              range(len(config.blocks_down))], width) if config.feature_stages else None)
         self.click_modulation = ClickModulation(width, config.img_size) if config.semantic_prompts else None
+        self.geodesic_in = None
+        if config.geodesic_maps:  # added to the first convolution's output; zero-initialised, as the SegSAM-3D parts
+            self.geodesic_in = nn.Conv3d(2, config.filters, kernel_size=3, padding=1, bias=False)
+            nn.init.zeros_(self.geodesic_in.weight)
         s = config.img_size
         axis = torch.arange(s, dtype=torch.float32)
         self.register_buffer("_grid", torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1),
@@ -202,17 +211,25 @@ class ClickNet3D(nn.Module):
         """
         x = torch.cat([image_embedding, self.prompt_maps(image_embedding.shape[0], points, boxes, mask_input)
                        .to(image_embedding.dtype)], dim=1)
-        logits = self._run_network(x, points)
+        logits = self._run_network(x, points, image_embedding)
         with torch.no_grad():
             prob = torch.sigmoid(logits.float())
             fg = prob > 0.5
             score = (prob * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp_min(1)
         return logits, score[:, None]
 
-    def _run_network(self, x: torch.Tensor, points) -> torch.Tensor:
-        if self.aggregation is None and self.click_modulation is None:
+    def _run_network(self, x: torch.Tensor, points, image: torch.Tensor) -> torch.Tensor:
+        if self.aggregation is None and self.click_modulation is None and self.geodesic_in is None:
             return self.net(x)
-        bottleneck, stages = self.net.encode(x)  # stages: shallowest first; the last is the bottleneck
+        h = self.net.convInit(x)  # SegResNet.encode, with the geodesic maps joining after its first convolution
+        if self.geodesic_in is not None:
+            c = self.config
+            h = h + self.geodesic_in(geodesic_click_maps(image, points, c.geodesic_beta, c.geodesic_scale).to(h.dtype))
+        stages = []  # shallowest first; the last is the bottleneck
+        for down in self.net.down_layers:
+            h = down(h)
+            stages.append(h)
+        bottleneck = h
         if self.aggregation is not None:
             bottleneck = self.aggregation(bottleneck, stages)
         if self.click_modulation is not None and points is not None and points[0].shape[1]:
