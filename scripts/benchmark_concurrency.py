@@ -11,7 +11,8 @@ annotator then clicks on that one image). Each simulated annotator clicks `--cli
 the case's label (`center` protocol, sam3d.data.clicks: each click follows the last answer), sending every click
 so far as Slicer does, and waits `--think` seconds between clicks. A click refused with 429 is sent again after
 its Retry-After; a click's latency is the annotator's wait, from the first try until the mask is back. A prober
-asks `/info` every `--probe` seconds meanwhile.
+asks `/info` every `--probe` seconds meanwhile. A server that requires the API token gets it from
+`SAM3D_API_TOKEN` (README "Security"), the server this script starts too.
 
 Writes to `--out`: `concurrency.md` (the run's provenance and one row per number of annotators: clicks, 429s,
 errors, p50/p95 of a click and of /info), `concurrency.csv` (every sample) and `concurrency.png`.
@@ -35,6 +36,8 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from provenance import report_header  # noqa: E402
+
+from sam3d.monailabel.api_client import auth_headers  # noqa: E402
 
 TIMED_CODE = ["lib/sam3d/monailabel", "lib/sam3d/engine", "apps/sam3d", "configs", "scripts/benchmark_concurrency.py"]
 DEFAULT_LABELS = "spleen,kidney_right,kidney_left,liver,stomach,pancreas"
@@ -67,7 +70,7 @@ def click(url: str, image_id: str, params: dict, samples: Samples) -> np.ndarray
     """One click as the annotator meets it: sent again after each 429's Retry-After; the returned mask."""
     while True:
         r = requests.post(f"{url}/infer/sam3d_point", params={"image": image_id, "output": "image"},
-                          files={"params": (None, json.dumps(params))}, timeout=600)
+                          files={"params": (None, json.dumps(params))}, headers=auth_headers(), timeout=600)
         if r.status_code != 429:
             r.raise_for_status()
             return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj) > 0
@@ -99,7 +102,7 @@ def probe_info(url: str, every: float, stop: threading.Event, samples: Samples, 
     while not stop.is_set():
         t = time.perf_counter()
         try:
-            requests.get(f"{url}/info/", timeout=600).raise_for_status()
+            requests.get(f"{url}/info/", headers=auth_headers(), timeout=600).raise_for_status()
             samples.add("info", time.perf_counter() - t, n)
         except requests.RequestException as e:
             samples.add_error(f"/info: {e}")

@@ -7,6 +7,7 @@
 The server queues the request behind a running training and merges it with one already waiting, so running this
 from cron while a training goes on never starts two. Exit status: 0 when the run finished (or, without --wait,
 was accepted), 1 when it failed or was stopped, 2 when the server refused the request (the reason is printed).
+A server that requires the API token gets it from `SAM3D_API_TOKEN` (README "Security").
 """
 
 import argparse
@@ -15,8 +16,9 @@ import sys
 import time
 
 import yaml
-from monailabel.client import MONAILabelClient
-from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
+from monailabel.client.client import MONAILabelClientException
+
+from sam3d.monailabel.api_client import Sam3DClient
 
 
 def parse_param(item: str) -> tuple[str, object]:
@@ -26,11 +28,8 @@ def parse_param(item: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(value)
 
 
-def task_status(server: str, task_id: str) -> dict:
-    status, body, _, _ = MONAILabelUtils.http_method("GET", server, "/train/?all=true")
-    if status != 200:
-        raise RuntimeError(f"GET /train answered {status}: {body}")
-    return next(t for t in json.loads(body) if t["id"] == task_id)
+def task_status(client: Sam3DClient, task_id: str) -> dict:
+    return next(t for t in client.json_request("GET", "/train/?all=true") if t["id"] == task_id)
 
 
 def main(argv=None) -> int:
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     server = args.server.rstrip("/")
-    client = MONAILabelClient(server, client_id="retrain.py")
+    client = Sam3DClient(server, client_id="retrain.py")  # with the API token when SAM3D_API_TOKEN is set
     try:
         task = client.train_start(args.model, dict(args.param))
     except MONAILabelClientException as e:
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
         return 0
 
     deadline = time.monotonic() + args.timeout
-    while (task := task_status(server, task["id"]))["status"] in ("SUBMITTED", "RUNNING"):
+    while (task := task_status(client, task["id"]))["status"] in ("SUBMITTED", "RUNNING"):
         if time.monotonic() > deadline:
             print(f"still {task['status']} after {args.timeout:.0f} s; it goes on in the server", file=sys.stderr)
             return 1

@@ -4,6 +4,9 @@ The app here is a FastAPI app built as MONAI Label builds its own (a CORSMiddlew
 credentials) whose middleware stack is already built, as it is when MONAI Label creates the sam3d app.
 """
 
+import logging
+from pathlib import Path
+
 import pytest
 from fastapi import FastAPI
 from fastapi.middleware import Middleware
@@ -11,8 +14,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.testclient import TestClient
 from monailabel.config import settings
 
-from sam3d.monailabel import security
+from sam3d.monailabel import load_app_config, security
 
+REPO = Path(__file__).resolve().parents[1]
 TOKEN = "a-long-enough-test-token-0123456789"
 SERVER = "http://127.0.0.1:8000"
 
@@ -73,6 +77,21 @@ def test_beyond_loopback_needs_authentication_or_an_explicit_opt_out(tmp_path):
         policy({"auth_token_file": str(tmp_path / "absent")})
     with pytest.raises(security.InsecureServerError, match="shorter than 16"):
         policy(environ={"SAM3D_API_TOKEN": "short"})
+
+
+def test_the_documented_conf_keys_are_known_to_the_app_config(tmp_path, caplog):
+    """The server's whole --conf goes to the app config as well: the security keys are not warned about, the
+    limits are read, and a misspelt key is warned about with the keys that exist (the security ones included)."""
+    (tmp_path / "token").write_text(TOKEN)
+    conf = {"auth_token_file": str(tmp_path / "token"), "insecure_no_auth": "true", "limits.max_points": "7",
+            "limits.infer_queue": "3"}
+    with caplog.at_level(logging.WARNING, logger="sam3d.monailabel.app_config"):
+        c = load_app_config(conf, REPO / "configs")
+    assert caplog.messages == [] and (c.limits.max_points, c.limits.infer_queue) == (7, 3)
+    assert policy(conf, "0.0.0.0").token == TOKEN
+    with caplog.at_level(logging.WARNING, logger="sam3d.monailabel.app_config"):
+        load_app_config({"auth_token_fille": "x"}, REPO / "configs")
+    assert len(caplog.messages) == 1 and "'auth_token_fille'" in caplog.text and "'auth_token_file'" in caplog.text
 
 
 def test_monai_label_auth_counts_and_excludes_a_token(monkeypatch):

@@ -16,6 +16,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from tiny_datastore import write_studies, write_tiny_model
 
+from sam3d.evaluation.segmenters import ServerSegmenter
 from sam3d.monailabel.local_server import APP, STARTUP_TIMEOUT_S, free_port, log_tail
 
 pytestmark = pytest.mark.reliability
@@ -100,7 +101,7 @@ def test_a_loopback_server_gives_other_origins_nothing(tmp_path):
         assert proc.poll() is None, log_tail(log)
 
 
-def test_all_interfaces_need_a_token_and_get_one(tmp_path):
+def test_all_interfaces_need_a_token_and_get_one(tmp_path, monkeypatch):
     studies, conf = tiny_setup(tmp_path)
     refused = subprocess.run(server_command(studies.resolve(), "0.0.0.0", free_port(), conf), cwd=tmp_path,
                              env=server_env(tmp_path, None), capture_output=True, text=True, timeout=600)
@@ -120,3 +121,8 @@ def test_all_interfaces_need_a_token_and_get_one(tmp_path):
         client.update_auth(client.auth_token("annotator", TOKEN))
         assert client.auth_valid_token() and "sam3d_point" in client.info()["models"]
         assert client.next_sample("first", {})["id"] == "img1", log_tail(log)
+
+        monkeypatch.setenv("SAM3D_API_TOKEN", TOKEN)  # sam3d's scripts and evaluation take it from the environment
+        scripted = ServerSegmenter(url, tmpdir=str(tmp_path)).client  # evaluate.py --server: /info with the token
+        result, _ = scripted.infer("sam3d_point", "img0", {"foreground": [[8, 9, 10]]})
+        assert Path(result).is_file() and "sam3d_point" in scripted.info()["models"], log_tail(log)

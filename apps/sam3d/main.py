@@ -22,6 +22,8 @@ infer task per entry; no model or image code lives here (see `sam3d.monailabel` 
     retrain_every N          start training after every N new or changed final labels (0: never)
     lease_minutes M          an image handed out by /activelearning stays reserved for its client this long
     uncertainty.KEY VALUE    the uncertainty score (points, repeats, jitter_mm, threads)
+    limits.KEY VALUE         what one /infer request may ask and how many are answered at once:
+                             max_points (1000), max_request_mb (256), infer_threads (2), infer_queue (4 per CPU)
     auth_token_file PATH     a file holding the API token every request must carry (or env SAM3D_API_TOKEN)
     insecure_no_auth true    listen beyond loopback without authentication (refused otherwise)
 
@@ -104,8 +106,8 @@ def state_dir(studies: str, app_dir: str) -> Path:
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        server = sys.modules.get("monailabel.app")  # MONAI Label's FastAPI app, in the process that answers HTTP
-        self.fastapi_app = server.app if server is not None and not in_task_process() else None
+        server = sys.modules.get("monailabel.app")  # loaded (never imported here) in the process that answers HTTP
+        self.fastapi_app = server.app if server is not None and not in_task_process() else None  # MONAI Label's
         if self.fastapi_app is not None:  # first: a server that must not start stops here (HTTP not yet open)
             try:
                 security.install(self.fastapi_app, security.policy_for(conf, sys.argv))
@@ -113,8 +115,7 @@ class MyApp(MONAILabelApp):
                 logger.error(f"sam3d: not starting: {e}")
                 raise
             ohif.install(self.fastapi_app)  # the bundled viewer's nested files (MONAI Label answers index.html)
-        app_conf = {k: v for k, v in conf.items() if k not in security.CONF_KEYS}
-        self.app_config = load_app_config(app_conf, config_dir=PROJECT_ROOT / "configs")
+        self.app_config = load_app_config(conf, config_dir=PROJECT_ROOT / "configs")  # skips the security keys
         self.state_dir = state_dir(studies, app_dir)
         if self.fastapi_app is not None:
             lifecycle.register_server(self.state_dir)
@@ -154,9 +155,8 @@ class MyApp(MONAILabelApp):
         for task in infers.values():  # a click request may refine one class of an automatic answer (`prior`)
             if type(task) is Sam3DPointInfer:
                 task.prior_sources = autos
-        server = sys.modules.get("monailabel.app")  # the server process: checked, queued requests off its event loop
-        if server is not None and not in_task_process():
-            infer_api.install(server.app, self)
+        if self.fastapi_app is not None:  # the server process: checked, queued requests off its event loop
+            infer_api.install(self.fastapi_app, self)
         return infers
 
     def init_trainers(self):

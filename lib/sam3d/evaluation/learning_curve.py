@@ -9,7 +9,6 @@ not the promotion rule), and the served checkpoint is measured on held-out volum
 engine on the same file: the server's own images would otherwise join the pool). Point 0 is the starting model.
 """
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,16 +42,11 @@ class CurveConfig:
     device: str = "cpu"
 
 
-def _train_and_wait(url: str, client, params: dict, timeout: float) -> dict:
-    from monailabel.client.client import MONAILabelUtils
-
+def _train_and_wait(client, params: dict, timeout: float) -> dict:
     task = client.train_start("sam3d", params)
     deadline = time.monotonic() + timeout
     while True:
-        status, body, _, _ = MONAILabelUtils.http_method("GET", url, "/train/?all=true")
-        if status != 200:
-            raise RuntimeError(f"GET /train answered {status}: {body}")
-        task = next(t for t in json.loads(body) if t["id"] == task["id"])
+        task = next(t for t in client.json_request("GET", "/train/?all=true") if t["id"] == task["id"])
         if task["status"] not in ("SUBMITTED", "RUNNING"):
             break
         if time.monotonic() > deadline:
@@ -63,12 +57,8 @@ def _train_and_wait(url: str, client, params: dict, timeout: float) -> dict:
     return client.info().get("train_stats", {}).get("sam3d", {})
 
 
-def _score_now(url: str) -> None:
-    from monailabel.client.client import MONAILabelUtils
-
-    status, body, _, _ = MONAILabelUtils.http_method("POST", url, "/scoring/uncertainty?run_sync=true")
-    if status != 200:
-        raise RuntimeError(f"POST /scoring/uncertainty answered {status}: {body}")
+def _score_now(client) -> None:
+    client.json_request("POST", "/scoring/uncertainty?run_sync=true")
 
 
 def measure(cfg: CurveConfig, checkpoint: Path) -> dict[str, float]:
@@ -90,8 +80,7 @@ def measure(cfg: CurveConfig, checkpoint: Path) -> dict[str, float]:
 
 
 def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[dict]:
-    from monailabel.client import MONAILabelClient
-
+    from ..monailabel.api_client import Sam3DClient
     from ..monailabel.local_server import running_server
 
     workdir = Path(workdir).resolve()
@@ -111,10 +100,10 @@ def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[di
     rows = [{"order": order, "labelled": 0, "added": "", **measure(cfg, served), "model_sha256": file_sha256(served)}]
     log(f"[{order}] 0 labelled: {rows[-1]}")
     with running_server(workdir, studies, conf) as (url, _proc, _log):
-        client = MONAILabelClient(url, client_id="learning_curve", tmpdir=str(workdir / "client"))
+        client = Sam3DClient(url, client_id="learning_curve", tmpdir=str(workdir / "client"))
         for n in range(1, len(cfg.pool) + 1):
             if order == "uncertainty":
-                _score_now(url)
+                _score_now(client)
             sample = client.next_sample(order, {})
             if "id" not in sample:
                 raise RuntimeError(f"/activelearning/{order} handed out no image with {len(cfg.pool) - n + 1} "
@@ -122,7 +111,7 @@ def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[di
             image_id = sample["id"]
             client.save_label(image_id, str(labels[image_id]), tag="final")
             t0 = time.monotonic()
-            stats = _train_and_wait(url, client, dict(cfg.train_params), cfg.train_timeout_s)
+            stats = _train_and_wait(client, dict(cfg.train_params), cfg.train_timeout_s)
             row = {"order": order, "labelled": n, "added": image_id, **measure(cfg, served),
                    "model_sha256": file_sha256(served), "train_seconds": round(time.monotonic() - t0, 1),
                    "promoted": stats.get("promoted")}

@@ -5,9 +5,9 @@ on the image's own grid (the array `monai.transforms.LoadImage` returns). Three 
 
 - `PredictorSegmenter`: the library, `sam3d.Sam3DPredictor` (point, text and automatic models);
 - `RandomWalkerSegmenter` (baseline.py): no learned weights;
-- `ServerSegmenter`: a running sam3d MONAI Label server through `monailabel.client.MONAILabelClient`, so that
-  what users get through the server is what is measured. Only this class imports MONAI Label, and only when
-  it is built.
+- `ServerSegmenter`: a running sam3d MONAI Label server through MONAI Label's client (with the API token when
+  `SAM3D_API_TOKEN` is set), so that what users get through the server is what is measured. Only this class
+  imports MONAI Label, and only when it is built.
 """
 
 import logging
@@ -111,7 +111,7 @@ class ClicksOnlySegmenter:
 
 
 class ServerSegmenter:
-    """A sam3d MONAI Label server's infer task, through `MONAILabelClient`.
+    """A sam3d MONAI Label server's infer task, through `MONAILabelClient` (`Sam3DClient`: the API token too).
 
     Each case's image is used from the datastore when an image with the case's name (`image_prefix` + case)
     is already there, and uploaded under that id otherwise (`upload="missing"`, the default); `upload="always"`
@@ -123,7 +123,7 @@ class ServerSegmenter:
 
     def __init__(self, url: str, model: str = "sam3d_point", upload: str = "missing", image_prefix: str = "",
                  fallback_label: str = "structure", tmpdir: str | None = None, send_text: bool = False) -> None:
-        from monailabel.client import MONAILabelClient
+        from ..monailabel.api_client import Sam3DClient
 
         if upload not in ("missing", "always", "never"):
             raise ValueError("upload must be missing, always or never")
@@ -131,7 +131,7 @@ class ServerSegmenter:
         self.fallback_label = fallback_label
         self.send_text = send_text  # protocol `text`: the structure's name also goes as `text` (sam3d_text)
         self._tmp = tempfile.TemporaryDirectory(prefix="sam3d-eval-", dir=tmpdir)
-        self.client = MONAILabelClient(url, tmpdir=self._tmp.name)
+        self.client = Sam3DClient(url, tmpdir=self._tmp.name)  # the API token when SAM3D_API_TOKEN is set
         info = self.client.info()
         models = info.get("models", {})
         if model not in models:

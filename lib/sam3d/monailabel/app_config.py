@@ -11,7 +11,10 @@ MONAI Label hands the app a flat dict of strings (`--conf KEY VALUE`, repeated).
 - `config`: another app YAML instead of `configs/app.yaml`;
 - `train.KEY` (the train task's defaults, see `train_task.DEFAULTS`), `retrain_every` (train after every N new or
   changed final labels; 0: never), `lease_minutes` (how long an image handed out for annotation stays reserved);
-- `limits.KEY`: what one /infer request may ask and how many are answered at once (`RequestLimits`, infer_api);
+- `limits.KEY`: what one /infer request may ask and how many are answered at once (`RequestLimits`, infer_api:
+  `max_points`, `max_request_mb`, `infer_threads`, `infer_queue`); an unknown one stops the server;
+- `auth_token_file`, `insecure_no_auth`: who may talk to the server, read by `security.py` (README "Security"),
+  not part of the app config;
 - any dotted path into the app YAML, its value parsed as YAML: `infers.sam3d_point.spacing "[2, 2, 2]"`,
   `labels.tumour 200`, `infers.turbo.model sam_med3d_turbo` (a new name adds a task), `infers.sam3d_point null`
   (removes it).
@@ -48,7 +51,8 @@ ALIASES = {
 }
 TOP_KEYS = {"name", "description", "device", "preload", "strict_labels", "infers", "labels", "train", "retrain_every",
             "lease_minutes", "uncertainty", "limits"}
-NOT_OURS = {"config", "server_mode"}  # `config` is read first; `server_mode` belongs to MONAI Label
+SECURITY_KEYS = ("auth_token_file", "insecure_no_auth")  # read by security.policy_for, not app config keys
+NOT_OURS = {"config", "server_mode", *SECURITY_KEYS}  # `config` is read first; `server_mode` is MONAI Label's
 # values never YAML-parsed
 STRING_KEYS = {"model", "checkpoint", "factory", "description", "device", "name", "recipe", "weights"}
 
@@ -259,7 +263,8 @@ def load_app_config(
             continue
         dotted = ALIASES.get(key, key)
         if dotted.split(".", 1)[0] not in TOP_KEYS:
-            logger.warning(f"sam3d: ignoring unknown --conf key {key!r} (known: {sorted(TOP_KEYS | set(ALIASES))})")
+            known = sorted(TOP_KEYS | set(ALIASES) | NOT_OURS - {"server_mode"})
+            logger.warning(f"sam3d: ignoring unknown --conf key {key!r} (known: {known})")
             continue
         _set_dotted(tree, dotted, _parse_value(dotted, value, cwd))
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from monailabel.client import MONAILabelClient
+from .api_client import Sam3DClient
 
 APP = Path(__file__).resolve().parents[3] / "apps" / "sam3d"
 STARTUP_TIMEOUT_S = 120
@@ -70,7 +70,7 @@ def running_server(workdir: Path, studies: Path, conf: list[tuple[str, str]], py
             if proc.poll() is not None:
                 raise ServerStartError(f"server exited with {proc.returncode} during start-up:\n{log_tail(log)}")
             try:
-                MONAILabelClient(url, tmpdir=str(probe)).info()
+                Sam3DClient(url, tmpdir=str(probe)).info()  # with SAM3D_API_TOKEN, as the server
                 break
             except Exception:  # noqa: BLE001 - connection refused or not ready: not up yet
                 if time.monotonic() > deadline:

@@ -38,7 +38,6 @@ from starlette.responses import JSONResponse
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "SAM3D_API_TOKEN"
-CONF_KEYS = ("auth_token_file", "insecure_no_auth")  # sam3d's own --conf keys, not app config keys
 MIN_TOKEN_CHARS = 16
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]  # Host header names (IPv6 in brackets, as Starlette keeps it)
 AUTH_TAG = "Auth (sam3d API token)"  # marks our login routes, so that a second install replaces them
