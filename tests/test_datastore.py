@@ -268,6 +268,21 @@ def test_a_label_for_an_unknown_image_is_404(ds, uploads):
     assert "not in the datastore" in refused(lambda: ds.save_label("absent", str(upload), "final", {}), status=404)
 
 
+def test_lookups_and_updates_of_unknown_images_and_labels_are_404(ds, uploads):
+    ds.save_label("ct", str(nifti(uploads / "lab.nii.gz", label_array())), "final", {})
+    for call in (lambda: ds.get_image_info("absent"), lambda: ds.update_image_info("absent", {"a": 1}),
+                 lambda: ds.get_label_info("absent", "final"), lambda: ds.remove_label("absent", "final")):
+        assert "'absent' is not in the datastore" in refused(call, status=404)
+    for call in (lambda: ds.get_label_info("ct", "reviewed"), lambda: ds.update_label_info("ct", "reviewed", {}),
+                 lambda: ds.remove_label("ct", "reviewed")):
+        assert "has no label tagged 'reviewed'" in refused(call, status=404)
+    ds.update_image_info("ct", {"a": 1})
+    ds.update_label_info("ct", DefaultLabelTag.FINAL, {"b": 2})  # MONAI Label passes tags as enum members too
+    assert ds.get_image_info("ct")["a"] == 1 and ds.get_label_info("ct", "final")["b"] == 2
+    ds.remove_label("ct", "final")
+    assert ds.get_labeled_images() == []
+
+
 def test_a_label_saved_with_the_other_extension_replaces_the_first(ds, studies, uploads):
     ds.save_label("ct", str(nifti(uploads / "a.nii", label_array(1))), "final", {})
     ds.save_label("ct", str(nifti(uploads / "b.nii.gz", label_array(2))), "final", {})

@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import nibabel as nib
@@ -317,3 +318,109 @@ def test_kill_9_during_a_final_label_save_keeps_the_datastore_whole(shared_data,
         assert r.status_code == 200 and r.json()["id"] == "mr", "the unlabelled image is not back in the queue"
         assert api.put_label("mr", mr_label)[0] == 200  # and the save that was killed now goes through
         assert api.label("mr") == mr_label
+
+
+# --- ids the datastore does not know, form fields that are not JSON objects ------------------------------------
+
+def _lookups(ct_image: bytes, ct_label: bytes):
+    """(what, method, path below /datastore, query, form, status, fragment of the reason): MONAI Label answers these
+    500 or 200 {}."""
+    final = {"tag": "final"}
+    return [
+        ("image info, unknown image", "GET", "/image/info", {"image": "nope"}, None, 404, "not in the datastore"),
+        ("label info, unknown image", "GET", "/label/info", {"label": "nope", **final}, None, 404,
+         "not in the datastore"),
+        ("label info, unknown tag", "GET", "/label/info", {"label": "mr", **final}, None, 404,
+         "no label tagged 'final'"),
+        ("image info update, unknown image", "PUT", "/image/info", {"image": "nope"}, {"info": (None, "{}")}, 404,
+         "not in the datastore"),
+        ("label info update, unknown label", "PUT", "/label/info", {"label": "mr", **final}, {"info": (None, "{}")},
+         404, "no label tagged"),
+        ("old label info update, unknown image", "PUT", "/updatelabelinfo", {"label": "nope", **final},
+         {"params": (None, "{}")}, 404, "not in the datastore"),
+        ("delete the label of an unknown image", "DELETE", "/label", {"id": "nope", **final}, None, 404,
+         "not in the datastore"),
+        ("delete a label that is not there", "DELETE", "/label", {"id": "mr", **final}, None, 404, "no label tagged"),
+        ("image info update, broken JSON", "PUT", "/image/info", {"image": "ct"}, {"info": (None, "[1")}, 422,
+         "info must be a JSON object"),
+        ("image info update, a list", "PUT", "/image/info", {"image": "ct"}, {"info": (None, "[1]")}, 422, "got list"),
+        ("label info update, null", "PUT", "/label/info", {"label": "ct", **final}, {"info": (None, "null")}, 422,
+         "got NoneType"),
+        ("label save, broken params", "PUT", "/label", {"image": "ct", **final},
+         {"label": ("l.nii.gz", ct_label), "params": (None, "{bad")}, 422, "params must be a JSON object"),
+        ("image upload, params a list", "PUT", "/image", {"image": "new"},
+         {"file": ("x.nii.gz", ct_image), "params": (None, "[1]")}, 422, "got list"),
+    ]
+
+
+def test_unknown_ids_are_404_and_malformed_fields_422_and_change_nothing(server):
+    api, tmp, studies, log = server
+    ct_image = (studies / "ct.nii.gz").read_bytes()
+    ct_label = (studies / "labels" / "final" / "ct.nii.gz").read_bytes()
+    inside, listed, server_tmp = snapshot(studies), api.objects(), set(os.listdir(tmp / "server_tmp"))
+    for what, method, path, query, form, status, fragment in _lookups(ct_image, ct_label):
+        r = requests.request(method, f"{api.url}/datastore{path}", params=query, files=form, timeout=120)
+        assert r.status_code == status, f"{what}: {r.status_code} {r.text}\n{log_tail(log, 20)}"
+        assert fragment in r.json()["detail"], f"{what}: {r.text}"
+        assert api.alive(), what
+    assert snapshot(studies) == inside and api.objects() == listed
+    assert uploads_left(tmp / "server_tmp", server_tmp) == []
+    good = requests.put(f"{api.url}/datastore/image/info", params={"image": "ct"},
+                        files={"info": (None, '{"reviewer": "a"}')}, timeout=60)
+    assert good.status_code == 200, good.text
+    assert requests.get(f"{api.url}/datastore/image/info", params={"image": "ct"}, timeout=60).json()["reviewer"] == "a"
+
+
+class EmptyPacs(BaseHTTPRequestHandler):
+    """A DICOMweb server that holds no series: every QIDO-RS search finds nothing."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802 - the name http.server calls
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_dicomweb_datastore_answers_unknown_series_404_and_an_unreachable_server_502(tmp_path, monkeypatch):
+    pacs = ThreadingHTTPServer(("127.0.0.1", 0), EmptyPacs)
+    threading.Thread(target=pacs.serve_forever, daemon=True).start()
+    tools = tmp_path / "tools"  # dcmqi's converter found on PATH: MONAI Label then downloads no tools
+    tools.mkdir()
+    (tools / "itkimage2segimage").write_text("#!/bin/sh\nexit 1\n")
+    (tools / "itkimage2segimage").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "cache"))
+    studies = f"http://127.0.0.1:{pacs.server_address[1]}/dicom-web"
+    try:
+        with running_server(tmp_path / "run", studies, [("device", "cpu")], pythonpath=[TESTS]) as (url, proc, log):
+            def infer(image):
+                return requests.post(f"{url}/infer/sam3d_point", params={"image": image, "output": "json"},
+                                     files={"params": (None, '{"foreground": [[1, 1, 1]]}')}, timeout=120)
+
+            lookups = {  # what: (request, fragment of the reason)
+                "infer, unknown series": (lambda: infer("1.2.826.0.1.99"), "not on the DICOMweb server"),
+                "infer, a path": (lambda: infer("../../etc"), "not in the datastore"),
+                "image download": (lambda: requests.get(f"{url}/datastore/image", params={"image": "1.2.826.0.1.99"},
+                                                        timeout=60), "not on the DICOMweb server"),
+                "image download, a path": (lambda: requests.get(f"{url}/datastore/image", params={"image": "../.."},
+                                                                timeout=60), "must be a name"),
+                "final label download": (lambda: requests.get(f"{url}/datastore/label", params={
+                    "label": "1.2.826.0.1.99", "tag": "final"}, timeout=60), "not on the DICOMweb server"),
+            }
+            for what, (request, fragment) in lookups.items():
+                r = request()
+                assert r.status_code == 404 and fragment in r.json()["detail"], f"{what}: {r.status_code} {r.text}"
+                assert requests.get(f"{url}/info/", timeout=60).status_code == 200, what
+            pacs.shutdown()
+            pacs.server_close()
+            r = infer("1.2.826.0.1.98")
+            assert r.status_code == 502 and "cannot reach the DICOMweb server" in r.json()["detail"], r.text
+            assert proc.poll() is None, log_tail(log)
+    finally:
+        pacs.shutdown()  # both idempotent
+        pacs.server_close()

@@ -101,6 +101,7 @@ INFER_CATALOGUE = {  # case: (params, query overrides, status, fragment in the d
     "shared_data_path": (CLICK, {"image": "SHARED_CT"}, 404, "not a path"),
     "own_studies_path": (CLICK, {"image": "STUDIES_CT"}, 404, "not a path"),
     "file_in_working_dir": (CLICK, {"image": "server.log"}, 404, "not in the datastore"),
+    "unknown_image_id": (CLICK, {"image": "no_such_image"}, 404, "not in the datastore"),
     "unknown_model": (CLICK, {"model": "nope"}, 404, "no model 'nope'"),
     "escaping_session": (CLICK, {"session_id": "../../studies"}, 404, "unknown or has expired"),
     "unknown_output": (CLICK, {"output": "pdf"}, 422, "output"),

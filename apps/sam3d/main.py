@@ -57,6 +57,7 @@ from pathlib import Path
 
 from fastapi import HTTPException
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelError, MONAILabelException
@@ -71,7 +72,7 @@ except ImportError:  # a plain checkout without `pip install -e .`
 
 from sam3d.monailabel import (Sam3DAutoInfer, Sam3DPointInfer, Sam3DTextClassPrompts, Sam3DTextInfer, Sam3DTrainTask,
                               load_app_config, train_api)
-from sam3d.monailabel import infer_api
+from sam3d.monailabel import datastore_api, infer_api
 from sam3d.monailabel import lifecycle, ohif, security
 from sam3d.monailabel.activelearning import (
     RandomStrategy,
@@ -81,7 +82,7 @@ from sam3d.monailabel.activelearning import (
     start_scoring_once,
     why_unscorable,
 )
-from sam3d.monailabel.datastore import Sam3DDatastore, max_voxels_setting
+from sam3d.monailabel.datastore import Sam3DDatastore, guard_dicomweb_lookups, max_voxels_setting
 from sam3d.monailabel.leases import LeasedStrategy, LeaseStore
 from sam3d.monailabel.retrain import RetrainPolicy
 
@@ -200,10 +201,12 @@ class MyApp(MONAILabelApp):
 
     def init_datastore(self):
         """The app's local datastore (`sam3d.monailabel.datastore`: checked uploads, names inside the studies folder,
-        durable writes; a DICOMweb URL keeps MONAI Label's), telling the app when a final label is saved
-        (on_save_label has no tag)."""
+        durable writes; a DICOMweb URL keeps MONAI Label's, its lookups of unknown ids 404), telling the app when a
+        final label is saved (on_save_label has no tag)."""
         if self.studies.startswith(("http://", "https://")):
             ds = super().init_datastore()
+            if isinstance(ds, DICOMWebDatastore):
+                guard_dicomweb_lookups(ds)
         else:
             ds = Sam3DDatastore(
                 self.studies,
@@ -222,6 +225,8 @@ class MyApp(MONAILabelApp):
             return label_id
 
         ds.save_label = save_and_notify
+        if self.fastapi_app is not None:  # the server process: uploads and info updates checked before they run
+            datastore_api.install(self.fastapi_app)
         return ds
 
     def on_final_label(self, image_id):

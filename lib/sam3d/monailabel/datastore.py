@@ -19,9 +19,14 @@ What MONAI Label's own `LocalDatastore` does not guarantee, and this one does:
   extension).
 - An image id that exists keeps its image: uploading other content under it is refused (409); the same bytes again
   are accepted as they are.
+
+A DICOMweb studies URL keeps MONAI Label's datastore, whose lookups by id fetch the series into a cache folder
+named by the id; `guard_dicomweb_lookups` makes an id that is not a plain name, or not a series of the server, a
+404 and an unreachable or failing server a 502, where MONAI Label would answer 500 (or read another folder).
 """
 
 import filecmp
+import functools
 import json
 import logging
 import math
@@ -34,6 +39,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import requests
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
@@ -83,6 +89,35 @@ def name_problem(name) -> str | None:
     if len(name.encode()) > MAX_NAME_BYTES:
         return f"is longer than {MAX_NAME_BYTES} bytes"
     return None
+
+
+def guard_dicomweb_lookups(ds) -> None:
+    """Wraps the image and label lookups of MONAI Label's `DICOMWebDatastore` `ds` (see the module docstring)."""
+    for method in ("get_image_uri", "get_label_uri"):
+        setattr(ds, method, _series_lookup(getattr(ds, method)))
+
+
+def _series_lookup(lookup):
+    @functools.wraps(lookup)
+    def guarded(series_id, *args, **kwargs):
+        problem = name_problem(series_id)
+        if problem:
+            raise Refused(f"series {series_id!r} {problem}", status_code=404)
+        try:
+            return lookup(series_id, *args, **kwargs)
+        except IndexError:  # MONAI Label's download indexes the server's answer to a search for the series
+            raise Refused(f"series {series_id!r} is not on the DICOMweb server", status_code=404) from None
+        except requests.HTTPError as e:
+            status = getattr(e.response, "status_code", None)
+            if status in (400, 404):
+                detail, code = f"series {series_id!r} is not on the DICOMweb server ({status})", 404
+            else:
+                detail, code = f"the DICOMweb server answered {status} for series {series_id!r}", 502
+            raise Refused(detail, status_code=code) from None
+        except requests.RequestException as e:
+            raise Refused(f"cannot reach the DICOMweb server: {e}", status_code=502) from None
+
+    return guarded
 
 
 def checked_name(what: str, name) -> str:
@@ -299,13 +334,39 @@ class Sam3DDatastore(LocalDatastore):
         super().remove_image(image_id)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
-        super().remove_label(checked_name("image id", label_id), checked_name("label tag", label_tag))
+        self._label(label_id, label_tag)
+        super().remove_label(label_id, label_tag)
+
+    def update_image_info(self, image_id: str, info: dict) -> None:
+        self._registered(checked_name("image id", image_id))
+        super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
+        self._label(label_id, label_tag)
+        super().update_label_info(label_id, label_tag, info)
+
+    # --- lookups: an id or tag the datastore does not hold is 404 (MONAI Label answers {} or 500) ----------------
+
+    def get_image_info(self, image_id: str) -> dict:
+        self._registered(checked_name("image id", image_id))
+        return super().get_image_info(image_id)
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict:
+        self._label(label_id, label_tag)
+        return super().get_label_info(label_id, label_tag)
 
     def _registered(self, image_id: str) -> ImageLabelModel:
         obj = self._datastore.objects.get(image_id)
         if obj is None:
             raise Refused(f"image {image_id!r} is not in the datastore", status_code=404)
         return obj
+
+    def _label(self, image_id: str, tag) -> DataModel:
+        tag = checked_name("label tag", tag)
+        label = self._registered(checked_name("image id", image_id)).labels.get(tag)
+        if label is None:
+            raise Refused(f"image {image_id!r} has no label tagged {tag!r}", status_code=404)
+        return label
 
     def _existing_image(self, image_id: str) -> str | None:
         """The file of `image_id`, registered or only on disk (not scanned yet)."""

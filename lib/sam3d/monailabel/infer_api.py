@@ -69,17 +69,25 @@ def check_image_id(image, datastore) -> None:
                             "(GET /datastore/ lists them), not a path")
 
 
-def parse_params(params: str, max_points: int) -> dict:
-    """The form field `params` as a dict; HTTPException 422 with the reason when it is not a usable request."""
+def json_object(field: str, text: str | None) -> dict:
+    """A JSON form field (`params`, `info`) as a dict, empty when not given; HTTPException 422 with the reason when
+    it is not a JSON object (broken, nested too deep, NaN or Infinity, a list, null), where MONAI Label's routes
+    would answer 500."""
     def no_constant(name):
         raise ValueError(f"{name} is not a number in JSON")
 
     try:
-        parsed = json.loads(params or "{}", parse_constant=no_constant)
+        parsed = json.loads(text or "{}", parse_constant=no_constant)
     except (ValueError, RecursionError) as e:
-        raise HTTPException(status_code=422, detail=f"params must be a JSON object: {e}") from None
+        raise HTTPException(status_code=422, detail=f"{field} must be a JSON object: {e}") from None
     if not isinstance(parsed, dict):
-        raise HTTPException(status_code=422, detail=f"params must be a JSON object, got {type(parsed).__name__}")
+        raise HTTPException(status_code=422, detail=f"{field} must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def parse_params(params: str, max_points: int) -> dict:
+    """The form field `params` as a dict; HTTPException 422 with the reason when it is not a usable request."""
+    parsed = json_object("params", params)
     overriding = [k for k in SERVER_SET_KEYS if k in parsed]
     if overriding:
         raise HTTPException(status_code=422, detail=f"params may not set {', '.join(overriding)}: the image is the "
@@ -128,6 +136,14 @@ def _check_session(app, session_id: str) -> None:
     sessions = app.sessions()
     if sessions is None or not _plain_name(session_id) or sessions.get_session(session_id) is None:
         raise HTTPException(status_code=404, detail=f"session {session_id!r} is unknown or has expired")
+
+
+def put_in_front(fastapi_app, router: APIRouter, module: str) -> None:
+    """`router`'s routes before MONAI Label's (the first matching route serves), in place of those that the routes
+    of `module` put there before (POST /reload re-creates the app)."""
+    routes = fastapi_app.router.routes
+    earlier = [r for r in routes if getattr(getattr(r, "endpoint", None), "__module__", "") == module]
+    routes[:] = router.routes + [r for r in routes if r not in earlier]
 
 
 def install(fastapi_app, app) -> None:
@@ -181,8 +197,6 @@ def install(fastapi_app, app) -> None:
                                 f"{', '.join(app._strategies)}")
         return activelearning.sample(strategy, params, user.username)
 
-    routes = fastapi_app.router.routes  # POST /reload re-creates the app: its routes replace the last ones
-    earlier = [r for r in routes if getattr(getattr(r, "endpoint", None), "__module__", "") == __name__]
-    routes[:] = router.routes + [r for r in routes if r not in earlier]
+    put_in_front(fastapi_app, router, __name__)
     logger.info(f"sam3d: /infer/{{model}} checked and queued ({limits.infer_threads} threads, {limits.infer_queue} "
                 f"waiting, at most {limits.max_points} points, {limits.max_request_mb:g} MB); /activelearning checked")

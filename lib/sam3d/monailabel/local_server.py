@@ -35,11 +35,13 @@ def log_tail(log: Path, n: int = 60) -> str:
 
 
 @contextlib.contextmanager
-def running_server(workdir: Path, studies: Path, conf: list[tuple[str, str]], pythonpath: list[str] = ()):
-    """Yields (url, process, log path). The server's temp files and sessions stay inside `workdir`;
-    `pythonpath` is prepended to the server's (e.g. a folder with model factories named in a model config)."""
+def running_server(workdir: Path, studies: Path | str, conf: list[tuple[str, str]], pythonpath: list[str] = ()):
+    """Yields (url, process, log path). `studies`: a folder or a DICOMweb URL. The server's temp files and sessions
+    stay inside `workdir`; `pythonpath` is prepended to the server's (e.g. a folder with model factories named in a
+    model config)."""
     # absolute: the server runs in `workdir`, where a relative studies path would name another (empty) folder
-    workdir, studies = Path(workdir).resolve(), Path(studies).resolve()
+    workdir = Path(workdir).resolve()
+    studies = studies if str(studies).startswith(("http://", "https://")) else Path(studies).resolve()
     server_tmp = workdir / "server_tmp"  # the server's TMPDIR: result and upload files land here
     server_tmp.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
