@@ -181,10 +181,8 @@ def tasks(image):
     img = nib.load(image)
     point = Sam3DPointInfer(_spec("sam3d_point", "point"), device="cpu",
                             engine_factory=lambda c, d: StubEngine(img.shape, img.affine))
-    from sam3d.monailabel.infer_text import TextAsLabel
-
     text = Sam3DTextInfer(_spec("sam3d_text", "text"), device="cpu",
-                          engine_factory=lambda c, d: TextAsLabel(StubEngine(img.shape, img.affine)))
+                          engine_factory=lambda c, d: StubEngine(img.shape, img.affine))
     auto = Sam3DAutoInfer(_spec("sam3d_auto", "auto"), device="cpu",
                           engine_factory=lambda c, d: StubAutoEngine(img.shape, img.affine))
     return {"point": point, "text": text, "auto": auto}

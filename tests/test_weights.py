@@ -479,8 +479,8 @@ def test_setup_server_fetches_and_serves_turbo_and_answers_clicks_as_the_engine(
     import requests
 
     from sam3d.monailabel.app_config import load_app_config
-    from sam3d.monailabel.infer_point import default_engine_factory
     from sam3d.monailabel.local_server import free_port, log_tail
+    from sam3d.predictor import load_engine
     from monailabel.client import MONAILabelClient
 
     studies = tmp_path / "studies"
@@ -530,7 +530,7 @@ def test_setup_server_fetches_and_serves_turbo_and_answers_clicks_as_the_engine(
     monkeypatch.setenv("SAM3D_WEIGHTS_DIR", str(weights))
     spec = load_app_config({"model": "sam_med3d_turbo", "weights": "sam_med3d_turbo"}, REPO / "configs"
                            ).infers["sam3d_point"]
-    engine = default_engine_factory(spec.model_config, "cpu")
+    engine = load_engine(spec.model_config, "cpu", "point")
     ours = engine.segment(str(studies / "ct.nii.gz"), foreground=click["foreground"], label="liver")
     assert served.shape == ours.mask.shape and served.any()
     assert np.array_equal(served > 0, np.asarray(ours.mask) > 0)

@@ -70,8 +70,7 @@ except ImportError:  # a plain checkout without `pip install -e .`
     sys.path.insert(0, str(PROJECT_ROOT / "lib"))
     import sam3d
 
-from sam3d.monailabel import (Sam3DAutoInfer, Sam3DPointInfer, Sam3DTextClassPrompts, Sam3DTextInfer, Sam3DTrainTask,
-                              load_app_config, train_api)
+from sam3d.monailabel import Sam3DTrainTask, build_infer_tasks, load_app_config, train_api
 from sam3d.monailabel import datastore_api, infer_api
 from sam3d.monailabel import lifecycle, ohif, security
 from sam3d.monailabel.activelearning import (
@@ -87,10 +86,6 @@ from sam3d.monailabel.leases import LeasedStrategy, LeaseStore
 from sam3d.monailabel.retrain import RetrainPolicy
 
 logger = logging.getLogger(__name__)
-
-# infer task class per task `kind` (configs/app.yaml)
-TASK_CLASSES = {"point": Sam3DPointInfer, "text": Sam3DTextInfer, "auto": Sam3DAutoInfer}
-
 
 def in_task_process() -> bool:
     """True in the process MONAI Label starts for a train/scoring request (it re-creates the app there)."""
@@ -141,21 +136,9 @@ class MyApp(MONAILabelApp):
             self._auto_update_scoring = False
 
     def init_infers(self):
-        c = self.app_config
-        infers = {}
-        preload = c.preload and not in_task_process()  # a training process never infers: keep its start-up lean
-        for name, spec in c.infers.items():
-            task_class = TASK_CLASSES.get(spec.kind, Sam3DPointInfer)  # an unknown kind is in spec.error already
-            task = task_class(spec, device=c.device, strict_labels=c.strict_labels, preload=preload)
-            state, message = task.status()
-            (logger.info if state in ("not_loaded", "ready") else logger.warning)(f"sam3d: task {name}: {message}")
-            infers[name] = task
-        for task in [t for t in infers.values() if type(t) is Sam3DTextInfer]:  # OHIF's Class Prompts list it
-            infers.setdefault(f"{task.name}_classes", Sam3DTextClassPrompts(task))
-        autos = {name: t for name, t in infers.items() if isinstance(t, Sam3DAutoInfer)}
-        for task in infers.values():  # a click request may refine one class of an automatic answer (`prior`)
-            if type(task) is Sam3DPointInfer:
-                task.prior_sources = autos
+        """One task per configured model (`sam3d.monailabel.TASKS`: its class by the task's kind), with companions."""
+        preload = self.app_config.preload and not in_task_process()  # a training process never infers
+        infers = build_infer_tasks(self.app_config, preload)
         if self.fastapi_app is not None:  # the server process: checked, queued requests off its event loop
             infer_api.install(self.fastapi_app, self)
         return infers

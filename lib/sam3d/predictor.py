@@ -34,16 +34,31 @@ from .models import model_kind
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the project's configs (an editable install)
 
 
-def _engine(kind: str, model_config: dict, device: str):
-    if kind == "auto":
-        from .engine.auto import auto_engine_from_config
-
-        return auto_engine_from_config(model_config, device)
-    if kind == "text":
-        from .engine.text_search import text_engine_from_config
-
-        return text_engine_from_config(model_config, device)
+def _point_engine(model_config: dict, device: str):
     return InteractiveEngine(load_model(model_config), EngineConfig.from_dict(model_config), device=device)
+
+
+def _text_engine(model_config: dict, device: str):
+    from .engine.text_search import text_engine_from_config  # the text tower's imports only when asked for
+
+    return text_engine_from_config(model_config, device)
+
+
+def _auto_engine(model_config: dict, device: str):
+    from .engine.auto import auto_engine_from_config
+
+    return auto_engine_from_config(model_config, device)
+
+
+ENGINES = {"point": _point_engine, "text": _text_engine, "auto": _auto_engine}  # the engine of each model kind
+
+
+def load_engine(model_config: dict, device: str = "cpu", kind: str | None = None):
+    """The engine that serves a model config's network and weights: an `InteractiveEngine` (point), `TextEngine`
+    (text) or `AutoEngine` (auto), by `kind` or else the kind its checkpoint or preset declares. What
+    `Sam3DPredictor` and the MONAI Label tasks load; raises `WeightsMissingError` without weights."""
+    kind = kind or model_kind(configured_preset(model_config))
+    return ENGINES[kind](model_config, device)
 
 
 def _config_for_checkpoint(path: Path, configs_dir: Path) -> dict:
@@ -82,7 +97,7 @@ class Sam3DPredictor:
     def from_config(cls, model_config: dict, device: str = "cpu") -> "Sam3DPredictor":
         """A model config already read (`sam3d.engine.model_config.load_model_config`)."""
         kind = model_kind(configured_preset(model_config))
-        return cls(_engine(kind, model_config, device), kind, model_config)
+        return cls(load_engine(model_config, device, kind), kind, model_config)
 
     # ---- the image --------------------------------------------------------------------------------------------
 

@@ -2,9 +2,12 @@
 
 from .app_config import AppConfig, AppConfigError, TaskSpec, load_app_config
 from .infer_auto import Sam3DAutoInfer
+from .infer_base import Sam3DInferTask
 from .infer_point import Sam3DPointInfer
+from .infer_tasks import TASKS, build_infer_tasks
 from .infer_text import Sam3DTextClassPrompts, Sam3DTextInfer
 from .train_task import Sam3DTrainTask, TrainRequestError
 
-__all__ = ["AppConfig", "AppConfigError", "Sam3DAutoInfer", "Sam3DPointInfer", "Sam3DTextClassPrompts",
-           "Sam3DTextInfer", "Sam3DTrainTask", "TaskSpec", "TrainRequestError", "load_app_config"]
+__all__ = ["TASKS", "AppConfig", "AppConfigError", "Sam3DAutoInfer", "Sam3DInferTask", "Sam3DPointInfer",
+           "Sam3DTextClassPrompts", "Sam3DTextInfer", "Sam3DTrainTask", "TaskSpec", "TrainRequestError",
+           "build_infer_tasks", "load_app_config"]

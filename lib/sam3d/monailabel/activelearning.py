@@ -31,7 +31,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from ..engine.checkpoint import atomic_write
 from .app_config import TaskSpec
-from .infer_point import default_engine_factory, resolve_device
+from .devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,13 @@ def score_image(engine, image_path: str, settings: dict, seed: int) -> float:
     return float(np.mean(per_point))
 
 
+def _click_engine(model_config: dict, device: str):
+    """The scored model as a click model (the engine `Sam3DPredictor` wraps): scores are clicks' disagreement."""
+    from sam3d.predictor import load_engine
+
+    return load_engine(model_config, device, "point")
+
+
 def _seed(image_id: str) -> int:
     import hashlib
 
@@ -167,7 +174,7 @@ class UncertaintyScoring(ScoringMethod):
         self.spec, self.cache = spec, cache
         self.settings = {**DEFAULTS, **(settings or {})}
         self.device = resolve_device(device)[0]
-        self.engine_factory = engine_factory or default_engine_factory
+        self.engine_factory = engine_factory or _click_engine
 
     def __call__(self, request, datastore):
         import torch

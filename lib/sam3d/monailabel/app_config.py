@@ -9,7 +9,7 @@ MONAI Label hands the app a flat dict of strings (`--conf KEY VALUE`, repeated).
   licence in /info;
 - `device` (auto | cpu | cuda | cuda:N), `preload` (true | false), `strict_labels` (true | false);
 - `config`: another app YAML instead of `configs/app.yaml`;
-- `train.KEY` (the train task's defaults, see `train_task.DEFAULTS`), `retrain_every` (train after every N new or
+- `train.KEY` (the train task's defaults, see `train_params.DEFAULTS`), `retrain_every` (train after every N new or
   changed final labels; 0: never), `lease_minutes` (how long an image handed out for annotation stays reserved);
 - `limits.KEY`: what one /infer request may ask and how many are answered at once (`RequestLimits`, infer_api:
   `max_points`, `max_request_mb`, `infer_threads`, `infer_queue`); an unknown one stops the server;
@@ -107,7 +107,7 @@ class AppConfig:
     strict_labels: bool
     labels: dict[str, int]
     infers: dict[str, TaskSpec] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)  # the train task's defaults (train_task.DEFAULTS)
+    train: dict[str, Any] = field(default_factory=dict)  # the train task's defaults (train_params.DEFAULTS)
     retrain_every: int = 0  # start training after this many new or changed final labels; 0: never
     lease_minutes: float = 30.0  # an image handed to one annotator is not handed to another for this long
     uncertainty: dict[str, Any] = field(default_factory=dict)  # the uncertainty strategy's settings

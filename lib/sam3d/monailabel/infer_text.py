@@ -11,7 +11,7 @@ format the request asks for: `result_format`) and JSON (the timings, the windows
 and its similarity), with the segment named by the text.
 Errors: 422 for an empty text, a `roi` (not used by this task), a point outside the image or an unreadable image;
 404 for a missing image; 503 while the weights are missing; a text the model does not know answers an empty mask
-with a low `score` and a `message`. The loading, hot reload and /info behaviour are `Sam3DPointInfer`'s.
+with a low `score` and a `message`. The loading, hot reload and /info behaviour are the base task's (`infer_base.Sam3DInferTask`).
 
 Registered as kind `text` in configs/app.yaml (apps/sam3d/main.py maps the kind to this class). MONAI Label type
 `deepgrow`, as the point task, so that Slicer's and OHIF's click tools can refine; a request without clicks (the
@@ -31,51 +31,36 @@ panel lists only `segmentation` and `vista3d` models under Class Prompts and Sli
 
 import time
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
-
-
 from fastapi import HTTPException
 
-from .app_config import DEFAULT_LABEL, TaskSpec
-from .infer_point import Sam3DPointInfer, _input_error_types, _jsonable, _points, request_image, write_label_file
-from .result_format import ResultFormat
+from .app_config import DEFAULT_LABEL
+from .infer_base import Sam3DInferTask, click_summary, clicked_fields, request_image, request_points
 
 MAX_CLASS_PROMPTS = 8  # one whole-image text search each: OHIF's Auto tab would send every class at once
 VISTA3D = "vista3d"  # the OHIF panel's model type for class prompts
 
 
-class TextAsLabel:
-    """The text engine behind the point task's request flow: `segment`'s `label` carries the text."""
+class Sam3DTextInfer(Sam3DInferTask):
+    """A name (`text`, else `label`) and optional clicks -> one structure, as a 0/1 label volume on the image's grid;
+    OHIF's class prompts (`label_prompt`) -> one label volume with each class at its value."""
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    KIND = "text"  # MONAI Label type deepgrow, as the point task: Slicer's and OHIF's click tools can refine
 
-    def segment(self, image_path, foreground, background, roi=None, label=""):
-        return self.engine.segment_text(image_path, label, foreground, background)
+    def options(self) -> dict[str, Any]:
+        return {"text": ""}  # a text box in Slicer's and OHIF's options, sent as the request's `text`
 
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-
-def text_engine_factory(model_config: dict, device: str):
-    """The model config's RefSAM3D network and weights, with its text tower, behind `TextAsLabel`."""
-    from sam3d.engine.text_search import text_engine_from_config
-
-    return TextAsLabel(text_engine_from_config(model_config, device=device))
-
-
-class Sam3DTextInfer(Sam3DPointInfer):
-    """A name (`text`, else `label`) and optional clicks -> one structure, as a 0/1 label volume on the image's grid."""
-
-    def __init__(self, spec: TaskSpec, device: str = "auto", strict_labels: bool = True, preload: bool = False,
-                 engine_factory=None):
-        super().__init__(spec, device=device, strict_labels=strict_labels, preload=preload,
-                         engine_factory=engine_factory or text_engine_factory)
-        self._config = {"text": ""}  # a text box in Slicer's and OHIF's options, sent as the request's `text`
+    def companions(self) -> list[Sam3DInferTask]:
+        return [Sam3DTextClassPrompts(self)]  # OHIF's Class Prompts tab lists only vista3d models
 
     def parse_request(self, request: dict) -> dict:
-        """The request's text and clicks, checked before any model work; HTTPException (422/404) when unusable."""
+        """The request's text and clicks, or its class prompts, checked before any model work; HTTPException
+        (422/404) when unusable."""
+        classes = self.parse_class_prompt(request)
+        if classes is not None:
+            return classes
         image = request_image(request)
         if request.get("roi"):
             raise HTTPException(status_code=422, detail=f"{self.name} does not take a box (roi): send text and clicks")
@@ -94,8 +79,21 @@ class Sam3DTextInfer(Sam3DPointInfer):
                 detail=f"unknown label {text!r}: {self.name} knows {', '.join(self.labels)} "
                 f"(or type any structure's name as 'text')",
             )
-        return {"image": image, "foreground": _points(request.get("foreground"), "foreground"),
-                "background": _points(request.get("background"), "background"), "roi": None, "label": text.strip()}
+        return {"image": image, "foreground": request_points(request.get("foreground"), "foreground"),
+                "background": request_points(request.get("background"), "background"), "roi": None,
+                "label": text.strip()}
+
+    def answer(self, engine, prompt: dict) -> tuple[Any, dict]:
+        if "names" in prompt:
+            return self.answer_classes(engine, prompt)
+        res = self.run_engine(engine.segment_text, prompt["image"], prompt["label"], prompt["foreground"],
+                              prompt["background"])
+        return res, clicked_fields(res, prompt, self.checkpoint, {prompt["label"]: 1})
+
+    def summary(self, prompt: dict, result: dict) -> str:
+        if "names" in prompt:
+            return f"classes {', '.join(prompt['names'])} total={result['timings']['request']:.3f}s"
+        return click_summary(prompt, result)
 
     # ---- OHIF's class prompts ------------------------------------------------------------------------------------
 
@@ -121,59 +119,54 @@ class Sam3DTextInfer(Sam3DPointInfer):
         if len(names) > MAX_CLASS_PROMPTS:
             raise HTTPException(status_code=422, detail=f"{len(names)} classes: {self.name} searches at most "
                                 f"{MAX_CLASS_PROMPTS} at once (pick them under Class Prompts)")
-        points = _points(request.get("points"), "points")
+        points = request_points(request.get("points"), "points")
         point_labels = request.get("point_labels") or []
         if not isinstance(point_labels, list) or len(point_labels) != len(points) or any(
                 p not in (0, 1) or isinstance(p, bool) for p in point_labels):
             raise HTTPException(status_code=422, detail="point_labels must hold 1 (foreground) or 0 (background) for "
                                 "each of `points`")
-        fg = [p for p, lab in zip(points, point_labels) if lab == 1] + _points(request.get("foreground"), "foreground")
-        bg = [p for p, lab in zip(points, point_labels) if lab == 0] + _points(request.get("background"), "background")
+        fg = [p for p, lab in zip(points, point_labels) if lab == 1]
+        bg = [p for p, lab in zip(points, point_labels) if lab == 0]
+        fg += request_points(request.get("foreground"), "foreground")
+        bg += request_points(request.get("background"), "background")
         if (fg or bg) and len(names) > 1:
             raise HTTPException(status_code=422, detail="clicks refine one class: send one label_prompt with points")
         return {"image": image, "names": names, "foreground": fg, "background": bg}
 
-    def __call__(self, request) -> tuple[str | None, dict]:
-        classes = self.parse_class_prompt(request)
-        if classes is None:
-            return super().__call__(request)
+    def answer_classes(self, engine, classes: dict) -> tuple[Any, dict]:
+        """Each class its own text search, at its label value; a voxel keeps the first class that has it."""
         t0 = time.perf_counter()
-        fmt = ResultFormat.from_request(request)
-        engine = self.engine()
         labels, res, found = None, None, {}
-        for name in classes["names"]:  # each class its own text search; a voxel keeps the first class that has it
-            try:
-                res = engine.segment(classes["image"], classes["foreground"], classes["background"], roi=None,
-                                     label=name)
-            except _input_error_types() as e:
-                raise HTTPException(status_code=422, detail=str(e)) from e
+        for name in classes["names"]:
+            res = self.run_engine(engine.segment_text, classes["image"], name, classes["foreground"],
+                                  classes["background"])
             if labels is None:
                 labels = np.zeros(res.mask.shape, np.uint8 if max(self.labels.values()) < 256 else np.uint16)
             labels[(res.mask > 0) & (labels == 0)] = self.labels[name]
             found[name] = {"voxels": int((res.mask > 0).sum()), "score": res.info.get("score"),
                            "message": res.info.get("message")}
-        t_write = time.perf_counter()
-        out = write_label_file(replace(res, mask=labels), self.name, fmt)
-        now = time.perf_counter()
-        result = {"task": self.name, "model": self.model_name, "model_id": getattr(engine, "model_id", None),
-                  "device": self.device, "label_names": {n: self.labels[n] for n in classes["names"]},
-                  "classes": found, "timings": {"write": now - t_write, "request": now - t0}}
-        return out, _jsonable(result)
+        res = replace(res, mask=labels, timings={"search": time.perf_counter() - t0})
+        return res, {"label_names": {n: self.labels[n] for n in classes["names"]}, "classes": found}
 
 
 class Sam3DTextClassPrompts(Sam3DTextInfer):
     """The text task as OHIF's panel lists it under Class Prompts (and Point Prompts): type `vista3d`, the same
     engine and weights as `source` (nothing is loaded twice), labels without the generic `structure`."""
 
+    TYPE = VISTA3D
+
     def __init__(self, source: Sam3DTextInfer):
         labels = {k: v for k, v in source.labels.items() if k != DEFAULT_LABEL and v != 255}  # OHIF skips 255
         spec = replace(source.spec, name=f"{source.name}_classes", labels=labels,
                        description=f"{source.name} for OHIF's Class Prompts: tick structures, each is found by name")
-        super().__init__(spec, device=source.device, strict_labels=source.strict_labels,
-                         engine_factory=lambda config, device: source.engine())
         self.source = source
-        self.type = VISTA3D
-        self._config = {}
+        super().__init__(spec, device=source.device, strict_labels=source.strict_labels)
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def companions(self) -> list[Sam3DInferTask]:
+        return []
 
     def status(self) -> tuple[str, str]:
         return self.source.status()

@@ -1,7 +1,7 @@
 """Putting a fine-tuned checkpoint in the served checkpoint's place, keeping the previous one for rollback.
 
 The served file is replaced with one `os.replace` (`sam3d.engine.checkpoint.atomic_write`), so the infer task,
-which reloads a checkpoint whose file changed (`Sam3DPointInfer.engine`), sees the old weights or the new ones,
+which reloads a checkpoint whose file changed (`Sam3DInferTask.engine`), sees the old weights or the new ones,
 never half a file. Before that, the served file is copied to `<stem>.prev<suffix>` (and its `<stem>.yaml` to
 `<stem>.prev.yaml`); rolling back is moving those back. A run killed at any point leaves the served file whole:
 the copy to `.prev` happens first and the replace last.
