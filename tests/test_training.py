@@ -154,6 +154,24 @@ def test_sampling_targets_restrict_a_case_to_some_labels(tiny_cases):
         WindowDataset(vols, EngineConfig(), SamplingConfig(size=32, targets={"case1": [1, 9]}))
 
 
+def test_size_power_makes_a_large_structure_a_frequent_target():
+    from sam3d.data.training import Volume
+
+    label = torch.zeros(1, 40, 40, 40, dtype=torch.int32)
+    label[0, 2:38, 2:38, 2:20] = 1  # 23,328 voxels
+    label[0, 30:35, 30:35, 30:35] = 2  # 125 voxels
+    vol = Volume("two", None, label)
+
+    def share_of_large(power):
+        cfg = SamplingConfig(size=32, min_voxels=8, random_window_prob=0.0, deform_prob=0.0, merge_prob=0.0,
+                             size_power=power)
+        ds = WindowDataset([vol], EngineConfig(), cfg, seed=0)
+        return np.mean([ds[i]["target"] == "1" for i in range(40)])
+
+    assert 0.3 < share_of_large(0.0) < 0.7  # every label alike
+    assert share_of_large(1.0) > 0.9  # ~ voxels: the large one 187 times as often
+
+
 def test_smoke_recipe_trains_and_serves(tmp_path, tiny_cases):
     out = _train(_smoke(tmp_path, tiny_cases))
     assert out["step"] == 4 and np.isfinite(out["loss"])

@@ -73,6 +73,10 @@ class Volume:
         flat = self._flat[lo + int(rng.integers(hi - lo))]
         return np.array(np.unravel_index(flat, self.label.shape[1:]), dtype=np.float64)
 
+    def voxels(self, values: np.ndarray) -> np.ndarray:
+        """Voxel count of each label value."""
+        return np.array([self._bounds[int(v)][1] - self._bounds[int(v)][0] for v in values], dtype=np.float64)
+
     def foreground_box(self) -> tuple[np.ndarray, np.ndarray]:
         """Inclusive index box of the labelled voxels."""
         return self._box
@@ -167,6 +171,7 @@ class SamplingConfig:
     thin_prob: float = 0.0  # samples cut to a slab of 1..thin_slices slices (last axis): scans of a few slices
     thin_slices: int = 4
     targets: dict | None = None  # {case: [label values]}: that case's only targets and merge partners (else all)
+    size_power: float = 0.0  # a structure is chosen with probability ~ voxels^size_power (0: every label alike)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingConfig":
@@ -270,7 +275,11 @@ class WindowDataset(Dataset):
         shape = vol.label.shape[1:]
         wanted = None
         if len(vol.values) and rng.random() >= c.random_window_prob:
-            wanted = int(rng.choice(vol.values))
+            if c.size_power:  # most labels of a scan are small: without this a large organ is a rare target
+                weights = vol.voxels(vol.values) ** c.size_power
+                wanted = int(rng.choice(vol.values, p=weights / weights.sum()))
+            else:
+                wanted = int(rng.choice(vol.values))
             center = vol.random_voxel(wanted, rng) + rng.uniform(-c.jitter, c.jitter, 3) * size
         else:
             lo, hi = vol.foreground_box()
