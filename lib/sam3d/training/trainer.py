@@ -386,7 +386,8 @@ def _attach_validation(trainer: Engine, step_module: TrainingStep, recipe: dict,
     held_out = val_cfg.get("data")
     if held_out:
         volumes = load_volumes(_resolve_data(held_out, root), engine_cfg.spacing, seed)
-    val_sampling = replace(sampling, case_weights=None) if held_out else sampling
+    # the same fixed windows whatever the recipe's target weighting, so that validations of different legs compare
+    val_sampling = replace(sampling, case_weights=None if held_out else sampling.case_weights, size_power=0.0)
     val_set = WindowDataset(volumes, engine_cfg, val_sampling, seed=seed + 7919, augment=False)
     every = int(val_cfg["every"])
 
