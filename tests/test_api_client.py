@@ -3,7 +3,7 @@ server that answers as a sam3d server would: scripts/retrain.py through MONAI La
 scripts/benchmark_concurrency.py's click and /info probe through `requests`."""
 
 import gzip
-import importlib.util
+import importlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,10 +22,8 @@ MASK[1:3, 1:3, 1:3] = 1
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command `scripts/<name>.py` runs (its code is in sam3d.cli)."""
+    return importlib.import_module(f"sam3d.cli.{name}")
 
 
 class Recorder(BaseHTTPRequestHandler):

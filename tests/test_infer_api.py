@@ -10,7 +10,6 @@ import gzip
 import importlib.util
 import io
 import json
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -30,7 +29,6 @@ from sam3d.monailabel.infer_api import check_image_id, install, parse_params
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-sys.path.insert(0, str(TESTS))  # `fakes` for the model factory, `tiny_datastore` for the volumes
 
 from tiny_datastore import write_studies  # noqa: E402
 

@@ -3,7 +3,6 @@
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ CONFIGS = REPO / "configs"
 BALL = {"factory": "fakes:build_ball_model", "ball_radius": 3, "spacing": [1.5, 1.5, 1.5]}
 LABELS = {"liver": 5, "spleen": 1, "structure": 255}
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `fakes` for the factory
 
 
 def spec(model_config=None, labels=None, error=None, name="sam3d_point") -> TaskSpec:

@@ -1,8 +1,7 @@
 """scripts/make_sample_datastore.py builds a MONAI Label datastore whose labels lie on their images' grids."""
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -10,10 +9,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("make_sample_datastore", REPO / "scripts" / "make_sample_datastore.py")
-msd = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = msd
-spec.loader.exec_module(msd)
+msd = importlib.import_module("sam3d.cli.make_sample_datastore")  # what scripts/make_sample_datastore.py runs
 
 HAVE_MRICRON = (msd.MRICRON_DIR / "aal.nii.gz").is_file()
 HAVE_NILEARN = msd.nilearn_data_dir() is not None

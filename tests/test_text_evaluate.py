@@ -74,11 +74,10 @@ def test_evaluate_cli_text_protocol(tmp_path, shared_data, tiny_refsam3d):
 
 def test_server_segmenter_sends_the_name_as_text(monkeypatch, tmp_path):
     """Protocol `text` through a server: the name goes as `text` (any name), the label only when declared."""
-    import monailabel.client
-
     import nibabel as nib
 
     from sam3d.evaluation import ServerSegmenter
+    from sam3d.monailabel import api_client
 
     sent = []
 
@@ -98,7 +97,7 @@ def test_server_segmenter_sends_the_name_as_text(monkeypatch, tmp_path):
             nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)), str(out))
             return str(out), {}
 
-    monkeypatch.setattr(monailabel.client, "MONAILabelClient", FakeClient)
+    monkeypatch.setattr(api_client, "Sam3DClient", FakeClient)  # ServerSegmenter's client (MONAI Label's + token)
     seg = ServerSegmenter("http://fake", "sam3d_text", send_text=True)
     seg._ids["ct.nii.gz"] = "ct"
     seg.segment("ct.nii.gz", [], [], None, "kidney_left")

@@ -353,7 +353,7 @@ def test_recipes_take_a_registry_name_where_they_take_a_checkpoint(tmp_path):
 
 
 def test_the_train_script_resolves_registry_names():
-    assert "resolve_recipe(load_recipe(" in (REPO / "scripts" / "train.py").read_text()
+    assert "resolve_recipe(load_recipe(" in (REPO / "lib" / "sam3d" / "cli" / "train.py").read_text()
 
 
 def test_conf_weights_serves_the_installed_file_and_info_names_it_with_its_licence(monkeypatch, tmp_path):

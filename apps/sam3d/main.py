@@ -63,13 +63,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelError, MONAILabelException
 from monailabel.tasks.activelearning.first import First
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-try:
-    import sam3d
-except ImportError:  # a plain checkout without `pip install -e .`
-    sys.path.insert(0, str(PROJECT_ROOT / "lib"))
-    import sam3d
-
+import sam3d  # installed by `pip install -e .` (scripts/setup.sh)
 from sam3d.monailabel import Sam3DTrainTask, build_infer_tasks, load_app_config, train_api
 from sam3d.monailabel import datastore_api, infer_api
 from sam3d.monailabel import lifecycle, ohif, security
@@ -86,6 +80,9 @@ from sam3d.monailabel.leases import LeasedStrategy, LeaseStore
 from sam3d.monailabel.retrain import RetrainPolicy
 
 logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # configs/ of this checkout
+
 
 def in_task_process() -> bool:
     """True in the process MONAI Label starts for a train/scoring request (it re-creates the app there)."""
