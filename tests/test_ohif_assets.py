@@ -28,8 +28,20 @@ def test_the_viewers_pages_are_index_html_and_top_level_files_still_served(clien
     for page in ("/ohif/", "/ohif/viewer?StudyInstanceUIDs=1.2.3", "/ohif/segmentation"):
         r = client.get(page)
         assert r.status_code == 200 and r.content == index, page
+    r = client.get("/ohif/manifest.json")
+    assert r.status_code == 200 and r.content == (ohif.bundle_dir() / "manifest.json").read_bytes()
+
+
+def test_app_config_is_the_projects_the_monai_label_mode_with_the_segmentation_panel(client):
+    """The bundle's data source as it is, and the mode wrapped to show the panel whose Export DICOM SEG saves."""
     r = client.get("/ohif/app-config.js")
-    assert r.status_code == 200 and r.content == (ohif.bundle_dir() / "app-config.js").read_bytes()
+    assert r.status_code == 200 and r.content == ohif.APP_CONFIG.read_bytes()
+    text = r.text
+    assert "'@ohif/mode-monai-label'" in text and "panelModule.panelSegmentation'" in text
+    bundled = (ohif.bundle_dir() / "app-config.js").read_text()
+    for setting in ("wadoRoot: '/proxy/dicom/wado'", "qidoRoot: '/proxy/dicom/qido'", "routerBasename: '/ohif/'",
+                    "defaultDataSourceName: 'dicomweb'"):
+        assert setting in bundled and setting in text, setting
 
 
 @pytest.mark.parametrize("path", ["assets/no-such-icon.png", "../../config.py", "..%2F..%2Fconfig.py",

@@ -15,6 +15,7 @@ from pathlib import Path
 import nrrd
 import numpy as np
 import pytest
+
 from dicom_series import write_ct_series
 from monailabel_server import running_server
 
@@ -102,3 +103,64 @@ def test_a_final_label_goes_to_the_pacs_as_dicom_seg(pacs_server, orthanc, tmp_p
     client.save_label(uids["series"], f, tag="final", params={"label_info": [{"name": "liver", "idx": 1}]})
     segs = _get(f"{url}/dicom-web/studies/{uids['study']}/series?Modality=SEG")
     assert segs and len(segs) == 1, segs
+
+
+def _write_seg(series_dir: Path, label_file: Path, label_info: list[dict]) -> Path:
+    """A DICOM SEG of `label_file` (on the series' grid) referencing the series, as a PACS holds one (dcmqi)."""
+    from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+
+    return Path(nifti_to_dicom_seg(str(series_dir), str(label_file), label_info))
+
+
+def _pacs_datastore(url: str, cache: Path):
+    """The app's DICOMweb datastore as main.py builds it (MONAI Label's, with sam3d's lookups)."""
+    from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+
+    from sam3d.monailabel.datastore import guard_dicomweb_lookups
+
+    ds = DICOMWebDatastore(DICOMwebClientX(f"{url}/dicom-web"), {"Modality": "CT"}, cache_path=str(cache))
+    guard_dicomweb_lookups(ds)
+    return ds
+
+
+def test_a_seg_stored_on_the_pacs_is_the_final_label_that_training_reads(pacs_server, orthanc, shared_data, tmp_path):
+    """OHIF's "Export DICOM SEG" stores a SEG on the PACS, not through the app: the newest SEG that references a
+    series is its final label, on the image's grid, in the train task's sources; deleted from the PACS, it goes."""
+    import nibabel as nib
+
+    from sam3d.monailabel.train_task import Sam3DTrainTask
+
+    uids, series_dir, client, log = pacs_server
+    url, _ = orthanc
+    truth = nib.load(str(shared_data / "totalseg_ct" / "label.nii.gz"))
+    values = np.asarray(truth.dataobj).astype(np.uint8)
+    seg_ids = []
+    for n, (value, name) in enumerate([(5, "liver"), (1, "spleen")]):
+        label = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image((values == value).astype(np.uint8), truth.affine), str(label))
+        seg = _write_seg(series_dir, label, [{"name": name, "idx": 1}])
+        subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "upload", str(seg), "--url", url], check=True)
+        seg_ids.append(str(__import__("pydicom").dcmread(str(seg)).SeriesInstanceUID))
+        if n == 0:
+            time.sleep(1.1)  # the newer SEG has a later SeriesTime (whole seconds)
+
+        ds = _pacs_datastore(url, tmp_path / "cache")
+        sources = Sam3DTrainTask.sources(None, ds)
+        assert [s[0] for s in sources] == [uids["series"]], sources
+        image_id, image, label_file = sources[0]
+        assert ds.get_label_info(image_id, "final")["SeriesInstanceUID"] == seg_ids[-1]
+        got, image_nii = nib.load(label_file), nib.load(image)
+        assert got.shape == image_nii.shape and np.allclose(got.affine, image_nii.affine, atol=1e-3)
+        mask = np.asarray(got.dataobj) > 0
+        expected = values == value
+        dice = 2 * (mask & expected).sum() / (mask.sum() + expected.sum())
+        assert dice > 0.99, (name, dice)
+
+    # the newest SEG deleted on the PACS: the older one is the final label again
+    found = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/tools/lookup", data=seg_ids[-1].encode(), method="POST"), timeout=10).read())
+    urllib.request.urlopen(urllib.request.Request(f"{url}/series/{found[0]['ID']}", method="DELETE"), timeout=10)
+    ds = _pacs_datastore(url, tmp_path / "cache")
+    image_id, _, label_file = Sam3DTrainTask.sources(None, ds)[0]
+    assert ds.get_label_info(image_id, "final")["SeriesInstanceUID"] == seg_ids[0]
+    assert (np.asarray(nib.load(label_file).dataobj) > 0).sum() == (values == 5).sum()

@@ -23,6 +23,12 @@ What MONAI Label's own `LocalDatastore` does not guarantee, and this one does:
 A DICOMweb studies URL keeps MONAI Label's datastore, whose lookups by id fetch the series into a cache folder
 named by the id; `guard_dicomweb_lookups` makes an id that is not a plain name, or not a series of the server, a
 404 and an unreachable or failing server a 502, where MONAI Label would answer 500 (or read another folder).
+It also makes the PACS the source of final labels (`follow_pacs_labels`): the newest DICOM SEG series on the server
+that references an image series (ReferencedSeriesSequence; stored by OHIF's "Export DICOM SEG" or by a final
+`PUT /datastore/label`) is that image's final label, converted once into the cache as NIfTI on the image's own grid
+(voxel values = segment numbers), which the train task reads. MONAI Label lists such images as labelled, but its
+lookup of the label (`get_label_uri(image id, "final")`) downloads the image series as if it were the SEG, and its
+conversion writes a `.seg.nrrd` cropped to the segmented slices, which training cannot use.
 """
 
 import filecmp
@@ -95,6 +101,110 @@ def guard_dicomweb_lookups(ds) -> None:
     """Wraps the image and label lookups of MONAI Label's `DICOMWebDatastore` `ds` (see the module docstring)."""
     for method in ("get_image_uri", "get_label_uri"):
         setattr(ds, method, _series_lookup(getattr(ds, method)))
+    follow_pacs_labels(ds)
+
+
+FINAL = DefaultLabelTag.FINAL.value
+
+
+def follow_pacs_labels(ds) -> None:
+    """The newest SEG on the PACS that references an image is its final label (see the module docstring)."""
+    remote_label_uri = ds.get_label_uri
+
+    def get_label_by_image_id(image_id: str, tag: str) -> str:
+        if str(getattr(tag, "value", tag)) == FINAL:
+            try:
+                sync_pacs_label(ds, image_id)
+            except Exception as e:  # noqa: BLE001 - the PACS or the conversion failed: keep what the cache holds
+                logger.warning(f"sam3d datastore: the final label of {image_id} on the PACS not read ({e}); "
+                               "using the cached one, if any")
+        return LocalDatastore.get_label_by_image_id(ds, image_id, tag)
+
+    def get_label_uri(label_id: str, label_tag: str, image_id: str = "") -> str:
+        tag = str(getattr(label_tag, "value", label_tag))
+        if tag == FINAL and ds._datastore.label(label_id, FINAL):  # a label id of the cache: the image's id
+            return LocalDatastore.get_label_uri(ds, label_id, FINAL)
+        return remote_label_uri(label_id, label_tag, image_id) if image_id else remote_label_uri(label_id, label_tag)
+
+    labeled_images = ds.get_labeled_images
+
+    def get_labeled_images(label_tag=None, labels=None) -> list[str]:  # MONAI Label's: an image once per SEG
+        return list(dict.fromkeys(labeled_images(label_tag, labels)))
+
+    ds.get_label_by_image_id = get_label_by_image_id
+    ds.get_label_uri = get_label_uri
+    ds.get_labeled_images = get_labeled_images
+
+
+def pacs_segs(ds, image_id: str) -> list[dict]:
+    """The SEG series on the PACS that reference series `image_id`, newest first (series date and time)."""
+    from pydicom.dataset import Dataset
+
+    client = ds._client
+    found = client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
+    if not found:
+        return []
+    study = str(Dataset.from_json(found[0]).StudyInstanceUID)
+    segs = []
+    for meta in client.search_for_series(study, search_filters={"Modality": "SEG"}):
+        seg = str(Dataset.from_json(meta).SeriesInstanceUID)
+        first = Dataset.from_json(client.retrieve_series_metadata(study, seg)[0])
+        refs = first.get("ReferencedSeriesSequence") or []
+        if any(str(r.get("SeriesInstanceUID", "")) == image_id for r in refs):
+            when = tuple(str(first.get(k, "")) for k in ("SeriesDate", "SeriesTime", "ContentDate", "ContentTime"))
+            segs.append({"study": study, "series": seg, "when": when,
+                         "description": str(first.get("SeriesDescription", ""))})
+    return sorted(segs, key=lambda s: (s["when"], s["series"]), reverse=True)
+
+
+def sync_pacs_label(ds, image_id: str) -> None:
+    """Makes the cache's final label of `image_id` the newest SEG on the PACS that references it (a no-op when it
+    already is, or when the cached label was saved through the app: its SEG then is that one); drops a cached
+    label whose SEG is gone from the PACS."""
+    segs = pacs_segs(ds, image_id)
+    label_id = LocalDatastore.get_label_by_image_id(ds, image_id, FINAL)
+    cached = LocalDatastore.get_label_info(ds, label_id, FINAL) if label_id else {}
+    cached_file = LocalDatastore.get_label_uri(ds, label_id, FINAL) if label_id else ""
+    if not segs:
+        if label_id and cached.get("SeriesInstanceUID") and cached.get("Modality") == "SEG":
+            logger.info(f"sam3d datastore: SEG {cached['SeriesInstanceUID']} of {image_id} is gone from the PACS")
+            LocalDatastore.remove_label(ds, label_id, FINAL)
+        return
+    newest = segs[0]
+    if cached.get("SeriesInstanceUID") == newest["series"] and volume_extension(os.path.basename(cached_file)):
+        return
+    image_file = ds.get_image_uri(image_id)
+    label_file = seg_to_nifti(ds, newest, image_file)
+    try:
+        LocalDatastore.save_label(ds, image_id, label_file, FINAL, {
+            "SeriesInstanceUID": newest["series"], "Modality": "SEG", "StudyInstanceUID": newest["study"],
+            "SeriesDescription": newest["description"], "source": "pacs"})
+    finally:
+        os.unlink(label_file)
+    logger.info(f"sam3d datastore: final label of {image_id} is SEG {newest['series']} ({newest['description']!r})")
+
+
+def seg_to_nifti(ds, seg: dict, image_file: str) -> str:
+    """A temporary .nii.gz: the SEG series `seg` (pacs_segs' entry) on the grid of the NIfTI `image_file`, each
+    voxel the number of its segment (0: none)."""
+    import tempfile
+
+    import pydicom
+    import pydicom_seg
+    import SimpleITK as sitk
+    from monailabel.datastore.utils.dicom import dicom_web_download_series
+
+    with tempfile.TemporaryDirectory(prefix="sam3d-seg-") as folder:
+        dicom_web_download_series(seg["study"], seg["series"], folder, ds._client)
+        files = sorted(Path(folder).rglob("*.dcm")) or sorted(p for p in Path(folder).rglob("*") if p.is_file())
+        if not files:
+            raise ValueError(f"SEG series {seg['series']} has no instance")
+        result = pydicom_seg.MultiClassReader().read(pydicom.dcmread(str(files[0])))
+    image = sitk.ReadImage(image_file)
+    label = sitk.Resample(result.image, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+    out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+    sitk.WriteImage(label, out, True)
+    return out
 
 
 def _series_lookup(lookup):

@@ -7,7 +7,10 @@ put in front of MONAI Label's (same path, same user role), serves:
 
 - a file of the bundle at its path, nested or not (never a file outside the bundle's folder);
 - index.html for the viewer's own pages (`/ohif/`, `/ohif/viewer?StudyInstanceUIDs=...`: no file extension);
-- 404 for a missing file that has an extension (MONAI Label would answer index.html).
+- 404 for a missing file that has an extension (MONAI Label would answer index.html);
+- `app-config.js` from this package (`ohif_app_config.js`) instead of the bundle's: the same settings, and the
+  "MONAI Label" mode with OHIF's Segmentation panel beside its own, whose "Export DICOM SEG" stores the label on
+  the PACS, where the DICOMweb datastore takes it as the image's final label (README, "OHIF").
 """
 
 import logging
@@ -29,8 +32,13 @@ def bundle_dir() -> Path:
     return Path(monailabel.endpoints.__file__).resolve().parent / "static" / "ohif"
 
 
+APP_CONFIG = Path(__file__).resolve().parent / "ohif_app_config.js"
+
+
 def resolve(path: str, root: Path | None = None) -> Path:
     """The file that answers `GET /ohif/{path}`; HTTPException 404 when there is none."""
+    if root is None and path.strip("/") == "app-config.js":
+        return APP_CONFIG
     root = (root or bundle_dir()).resolve()
     index = root / "index.html"
     if path and "\0" not in path:
