@@ -1,4 +1,4 @@
-"""`python scripts/ablation.py ARGS` = `sam3d-ablation ARGS`: the command lives in lib/sam3d/cli/ablation.py (`--help`)."""
+"""The command `sam3d-ablation` (its code: lib/sam3d/cli/ablation.py)."""
 from sam3d.cli.ablation import main
 
 if __name__ == "__main__":

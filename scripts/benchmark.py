@@ -1,4 +1,4 @@
-"""`python scripts/benchmark.py ARGS` = `sam3d-benchmark ARGS`: the command lives in lib/sam3d/cli/benchmark.py (`--help`)."""
+"""The command `sam3d-benchmark` (its code: lib/sam3d/cli/benchmark.py)."""
 from sam3d.cli.benchmark import main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python scripts/benchmark_auto.py ARGS` = `sam3d-benchmark-auto ARGS`: the command lives in lib/sam3d/cli/benchmark_auto.py (`--help`)."""
+"""The command `sam3d-benchmark-auto` (its code: lib/sam3d/cli/benchmark_auto.py)."""
 from sam3d.cli.benchmark_auto import main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python scripts/benchmark_clicks.py ARGS` = `sam3d-benchmark-clicks ARGS`: the command lives in lib/sam3d/cli/benchmark_clicks.py (`--help`)."""
+"""The command `sam3d-benchmark-clicks` (its code: lib/sam3d/cli/benchmark_clicks.py)."""
 from sam3d.cli.benchmark_clicks import main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python scripts/benchmark_concurrency.py ARGS` = `sam3d-benchmark-concurrency ARGS`: the command lives in lib/sam3d/cli/benchmark_concurrency.py (`--help`)."""
+"""The command `sam3d-benchmark-concurrency` (its code: lib/sam3d/cli/benchmark_concurrency.py)."""
 from sam3d.cli.benchmark_concurrency import main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python scripts/evaluate.py ARGS` = `sam3d-evaluate ARGS`: the command lives in lib/sam3d/cli/evaluate.py (`--help`)."""
+"""The command `sam3d-evaluate` (its code: lib/sam3d/cli/evaluate.py)."""
 from sam3d.cli.evaluate import main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python scripts/export_weights.py ARGS` = `sam3d-export-weights ARGS`: the command lives in lib/sam3d/cli/export_weights.py (`--help`)."""
+"""The command `sam3d-export-weights` (its code: lib/sam3d/cli/export_weights.py)."""
 from sam3d.cli.export_weights import main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python scripts/learning_curve.py ARGS` = `sam3d-learning-curve ARGS`: the command lives in lib/sam3d/cli/learning_curve.py (`--help`)."""
+"""The command `sam3d-learning-curve` (its code: lib/sam3d/cli/learning_curve.py)."""
 from sam3d.cli.learning_curve import main
 
 if __name__ == "__main__":

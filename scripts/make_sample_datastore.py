@@ -1,4 +1,4 @@
-"""`python scripts/make_sample_datastore.py ARGS` = `sam3d-make-sample-datastore ARGS`: the command lives in lib/sam3d/cli/make_sample_datastore.py (`--help`)."""
+"""The command `sam3d-make-sample-datastore` (its code: lib/sam3d/cli/make_sample_datastore.py)."""
 from sam3d.cli.make_sample_datastore import main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python scripts/plot_training.py ARGS` = `sam3d-plot-training ARGS`: the command lives in lib/sam3d/cli/plot_training.py (`--help`)."""
+"""The command `sam3d-plot-training` (its code: lib/sam3d/cli/plot_training.py)."""
 from sam3d.cli.plot_training import main
 
 if __name__ == "__main__":

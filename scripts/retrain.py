@@ -1,4 +1,4 @@
-"""`python scripts/retrain.py ARGS` = `sam3d-retrain ARGS`: the command lives in lib/sam3d/cli/retrain.py (`--help`)."""
+"""The command `sam3d-retrain` (its code: lib/sam3d/cli/retrain.py)."""
 from sam3d.cli.retrain import main
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python scripts/text_phrasings.py ARGS` = `sam3d-text-phrasings ARGS`: the command lives in lib/sam3d/cli/text_phrasings.py (`--help`)."""
+"""The command `sam3d-text-phrasings` (its code: lib/sam3d/cli/text_phrasings.py)."""
 from sam3d.cli.text_phrasings import main
 
 if __name__ == "__main__":

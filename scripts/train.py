@@ -1,4 +1,4 @@
-"""`python scripts/train.py ARGS` = `sam3d-train ARGS`: the command lives in lib/sam3d/cli/train.py (`--help`)."""
+"""The command `sam3d-train` (its code: lib/sam3d/cli/train.py)."""
 from sam3d.cli.train import main
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def test_table_per_structure_and_the_auto_spec(tmp_path):
     from sam3d.evaluation.ablation import ablation_table, checkpoint_of, load_spec, train_command
 
     rows = [{"set": "mr", "protocol": "center", "method": "full", "label_name": name, "case": "c", "label": v,
-             "click": 1, "dice": d, "hd95": h} for v, (name, d, h) in enumerate([("liver", 0.5, 4.0), ("spleen", 0.7, 6.0)])]
+             "click": 1, "dice": d, "hd95": h}
+            for v, (name, d, h) in enumerate([("liver", 0.5, 4.0), ("spleen", 0.7, 6.0)])]
     assert "| mr | center | `full` | 2 | 0.600 | 5.0 |" in ablation_table(rows, [1])
     per = ablation_table(rows, [1], per_class=True)
     assert "| mr | center | `full` | liver | 1 | 0.500 | 4.0 |" in per and "| spleen | 1 | 0.700 | 6.0 |" in per
@@ -101,6 +102,7 @@ def test_refsam3d_spec_gives_text_to_the_variants_that_read_it(tmp_path):
                         {"preset": "refsam3d_tiny", "network": {}})
     segs = {s.name: s for s in build_variant_segmenters(spec, REPO, "cpu", "text")}
     assert all(isinstance(segs[v], PredictorSegmenter) and segs[v].read_text for v in ("full", "last_stage_only"))
-    assert isinstance(segs["without_text"], ClicksOnlySegmenter) and isinstance(segs["random_walker"], ClicksOnlySegmenter)
+    assert isinstance(segs["without_text"], ClicksOnlySegmenter)
+    assert isinstance(segs["random_walker"], ClicksOnlySegmenter)
     plain = {s.name: s for s in build_variant_segmenters(spec, REPO, "cpu", "center")}
     assert not any(getattr(s, "read_text", False) or isinstance(s, ClicksOnlySegmenter) for s in plain.values())

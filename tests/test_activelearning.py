@@ -12,7 +12,6 @@ import yaml
 from monailabel.client import MONAILabelClient
 from monailabel.datastore.local import LocalDatastore
 from monailabel.tasks.activelearning.first import First
-from tiny_datastore import volume, write_label, write_studies, write_tiny_model
 
 from sam3d.monailabel import load_app_config
 from sam3d.monailabel.activelearning import (
@@ -25,6 +24,7 @@ from sam3d.monailabel.activelearning import (
     propose_points,
 )
 from sam3d.monailabel.leases import LeasedStrategy, LeaseStore
+from tiny_datastore import volume, write_label, write_studies, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

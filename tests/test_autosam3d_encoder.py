@@ -5,8 +5,8 @@ from functools import partial
 import pytest
 import torch
 
-from sam3d.models.lora import LoRALinear, freeze_all_but_lora, is_lora_parameter
 from sam3d.models.autosam3d.slice_encoder import SliceEncoderViT, adapt_sam_state_dict
+from sam3d.models.lora import LoRALinear, freeze_all_but_lora, is_lora_parameter
 
 segment_anything = pytest.importorskip("segment_anything")
 from segment_anything.modeling.image_encoder import ImageEncoderViT  # noqa: E402

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+
 from monailabel_server import running_server
 from tiny_datastore import write_tiny_model
 

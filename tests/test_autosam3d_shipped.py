@@ -4,12 +4,12 @@ model trains on (dcmqi's 3-slice CT, a DICOM series, with its hand-drawn liver m
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import nrrd
+import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
-from monailabel_server import running_server
 
+from monailabel_server import running_server
 from sam3d.data.cases import load_array
 from sam3d.engine.checkpoint import saved_config
 

@@ -13,7 +13,7 @@ from sam3d.engine.auto import AutoEngine
 from sam3d.models import AutoSam3D, build_network
 from sam3d.models.lora import is_lora_parameter
 from sam3d.training import load_recipe
-from sam3d.training.auto_step import HALF, AutoStep, AutoSliceDataset, box_loss
+from sam3d.training.auto_step import HALF, AutoSliceDataset, AutoStep, box_loss
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tests" / "recipes" / "autosam3d_smoke.yaml"

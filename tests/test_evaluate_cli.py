@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from monailabel_server import running_server
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_datastore import write_tiny_model
 
 from sam3d.engine import load_model, save_checkpoint
 from sam3d.engine.checkpoint import read_state_dict
 from sam3d.models import build_network
+from tiny_datastore import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

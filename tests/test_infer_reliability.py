@@ -16,6 +16,7 @@ import time
 import pytest
 import requests
 import yaml
+
 from fakes import BallModel
 from monailabel_server import log_tail, running_server
 

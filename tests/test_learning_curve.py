@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
+
 from tiny_datastore import AFFINE, volume, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,13 +19,13 @@ import psutil
 import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.datastore.local import LocalDatastore
-from test_train_task import QUICK, _finished, _rows, _wait
-from tiny_datastore import write_studies, write_tiny_model
 
 from sam3d.engine.checkpoint import file_sha256, load_model
 from sam3d.monailabel import Sam3DTrainTask, lifecycle, load_app_config
 from sam3d.monailabel.activelearning import ScoreCache, UncertaintyScoring, UncertaintyStrategy, checkpoint_stamp
 from sam3d.monailabel.promotion import previous_path
+from test_train_task import QUICK, _finished, _rows, _wait
+from tiny_datastore import write_studies, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 LIB = str(REPO / "lib")

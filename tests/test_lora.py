@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from tiny_datastore import tiny_network
-
 from sam3d.models import build_network
 from sam3d.models.lora import LoRALinear, add_lora, merged_state_dict
+from tiny_datastore import tiny_network
 
 
 def _tiny():
@@ -20,7 +19,8 @@ def test_added_lora_starts_exact_and_its_update_folds_into_the_same_keys():
     x = torch.randn(1, 1, 32, 32, 32)
     before = model.encode_image(x)
     added = add_lora(model, ["image_encoder"], ["qkv"], rank=2, alpha=4.0)
-    assert added == [n for n, m in model.named_modules() if isinstance(m, LoRALinear)] and len(added) == len(model.image_encoder.blocks)
+    assert added == [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert len(added) == len(model.image_encoder.blocks)
     assert torch.equal(model.encode_image(x), before)  # B = 0: the pretrained projection exactly
     with torch.no_grad():
         for name in added:

@@ -67,7 +67,8 @@ def test_point_prompts_of_a_vista3d_model_refine_one_class(checkpoint, ct, tmp_p
     companion = Sam3DTextClassPrompts(new_text_task(checkpoint))
     req = {"image": ct, "label_prompt": [5], "points": [[60, 50, 56], [20, 20, 20]], "point_labels": [1, 0], **OHIF}
     out, res = companion(req)
-    same = new_text_task(checkpoint)({"image": ct, "label": "liver", "foreground": [[60, 50, 56]], "background": [[20, 20, 20]]})[0]
+    same = new_text_task(checkpoint)({"image": ct, "label": "liver", "foreground": [[60, 50, 56]],
+                                      "background": [[20, 20, 20]]})[0]
     data, _ = nrrd.read(out)
     np.testing.assert_array_equal(data == 5, np.asarray(nib.load(same).dataobj) > 0)
     assert res["label_names"] == {"liver": 5}
@@ -110,6 +111,7 @@ def test_a_point_prompt_without_text_says_where_to_type_it(text_task, ct):
 @pytest.fixture(scope="module")
 def server(shared_data, checkpoint, tmp_path_factory):
     from monailabel.client import MONAILabelClient
+
     from monailabel_server import running_server
     from tiny_datastore import write_tiny_model
 

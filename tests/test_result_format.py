@@ -227,6 +227,7 @@ def test_a_bad_format_is_refused_before_any_model_work(mr, results_dir):
 @pytest.fixture(scope="module")
 def server(shared_data, tmp_path_factory):
     from monailabel.client import MONAILabelClient
+
     from monailabel_server import running_server
 
     tmp = tmp_path_factory.mktemp("sam3d_format_server")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
-from tiny_datastore import write_studies, write_tiny_model
 
 from sam3d.evaluation.segmenters import ServerSegmenter
 from sam3d.monailabel.local_server import APP, STARTUP_TIMEOUT_S, free_port, log_tail
+from tiny_datastore import write_studies, write_tiny_model
 
 pytestmark = pytest.mark.reliability
 

@@ -118,7 +118,8 @@ def test_feature_stages_are_validated():
 
 def test_segsam3d_turbo_starts_from_turbo_weights():
     """The turbo layout keeps every key of the published model; only SegSAM-3D's own modules are new."""
-    turbo_keys = set(build_sam3d("sam_med3d_turbo", **{**TINY, "encoder_depth": 4, "encoder_global_attn_indexes": (1, 3)}).state_dict())
+    turbo = build_sam3d("sam_med3d_turbo", **{**TINY, "encoder_depth": 4, "encoder_global_attn_indexes": (1, 3)})
+    turbo_keys = set(turbo.state_dict())
     seg = build_sam3d("segsam3d_turbo", **{**TINY, "encoder_depth": 4, "encoder_global_attn_indexes": (1, 3),
                                           "feature_stages": (1, 3)})
     new = set(seg.state_dict()) - turbo_keys

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+
 from monailabel_server import log_tail, running_server
 
 REPO = Path(__file__).resolve().parents[1]

@@ -108,12 +108,11 @@ def test_server_segmenter_sends_the_name_as_text(monkeypatch, tmp_path):
 
 
 def test_text_phrasings_scores_every_phrasing_and_gates_unknown_text(tmp_path, shared_data):
+    import nibabel as nib
     import torch
 
     from sam3d.engine import save_checkpoint
     from sam3d.models import build_network
-
-    import nibabel as nib
 
     case = tmp_path / "cases" / "ct_crop"  # the CT around its liver: a small real case
     case.mkdir(parents=True)
@@ -132,7 +131,8 @@ def test_text_phrasings_scores_every_phrasing_and_gates_unknown_text(tmp_path, s
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "phrasings.csv") as f:
         rows = {r["text"]: r for r in csv.DictReader(f)}
-    assert {"liver", "the liver", "Liver", "hepatic parenchyma", "A computed tomography of the liver.", "femur"} <= set(rows)
+    phrasings = {"liver", "the liver", "Liver", "hepatic parenchyma", "A computed tomography of the liver.", "femur"}
+    assert phrasings <= set(rows)
     assert rows["the liver"]["closest_name"] == "liver" and float(rows["the liver"]["similarity"]) > 0.8
     assert rows["hepatic parenchyma"]["closest_name"] == "hepatic parenchyma"  # a known synonym of a trained name
     assert float(rows["femur"]["dice"]) == 0.0 and float(rows["femur"]["similarity"]) < 0.4  # gated: empty mask

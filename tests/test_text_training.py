@@ -90,7 +90,8 @@ def test_smoke_recipe_trains_and_the_checkpoint_serves_text(tmp_path, shared_dat
     torch.manual_seed(recipe["seed"])
     init = RefSam3D(loaded.model.config).state_dict()
     key = "image_encoder.blocks.0.attn.qkv.weight"
-    assert torch.equal(state[key], init[key]) and not torch.equal(init["adapters.0.up.weight"], state["adapters.0.up.weight"])
+    assert torch.equal(state[key], init[key])
+    assert not torch.equal(init["adapters.0.up.weight"], state["adapters.0.up.weight"])
     engine = TextEngine(loaded, EngineConfig(spacing=(3.0, 3.0, 3.0)))
     res = engine.segment_text(str(shared_data / "totalseg_ct" / "image.nii.gz"), "the liver")
     assert res.mask.shape == (122, 101, 112) and res.info["closest_name"] == "liver"
@@ -103,7 +104,8 @@ def test_gpu_recipe_builds_refsam3d_from_the_model_config():
     recipe = load_recipe(REPO / "configs" / "train" / "refsam3d.yaml", ["model.init_required=false", small])
     model, sidecar, engine_cfg = build_model(recipe, REPO)
     assert isinstance(model, RefSam3D) and sidecar["preset"] == "refsam3d_turbo"
-    assert recipe["data"]["cases"] == ["totalseg_ct", "voxelmorph_aseg"] and recipe["optim"]["freeze"] == ["image_encoder"]
+    assert recipe["data"]["cases"] == ["totalseg_ct", "voxelmorph_aseg"]
+    assert recipe["optim"]["freeze"] == ["image_encoder"]
     assert engine_cfg.spacing == (1.5, 1.5, 1.5)
     with pytest.raises(ValueError, match="init_checkpoint"):
         build_model(load_recipe(REPO / "configs" / "train" / "refsam3d.yaml", [small]), REPO)
@@ -125,7 +127,8 @@ def test_training_teaches_the_text_to_pick_the_structure(tmp_path, no_network): 
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
     for n in range(2):
         label = np.zeros(shape, np.int16)
-        for value, (c, r) in enumerate([((9, 9, 10), (5, 4, 6)), ((20, 18, 12), (4, 6, 5)), ((12, 20, 20), (4, 4, 4))], 1):
+        blobs = [((9, 9, 10), (5, 4, 6)), ((20, 18, 12), (4, 6, 5)), ((12, 20, 20), (4, 4, 4))]  # (centre, radii)
+        for value, (c, r) in enumerate(blobs, 1):
             label[(((grid - np.add(c, n)) / r) ** 2).sum(-1) <= 1] = value
         image = 100 + 150 * (label > 0) + rng.normal(0, 10, shape)
         folder = tmp_path / "cases" / f"case{n}"

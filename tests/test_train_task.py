@@ -18,8 +18,6 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from monailabel.datastore.local import LocalDatastore
 from safetensors.torch import load_file
-from test_server import HttpError
-from tiny_datastore import volume, write_label, write_studies, write_tiny_model
 
 from sam3d.engine.checkpoint import file_sha256, load_model, read_state_dict
 from sam3d.monailabel import Sam3DTrainTask, TrainRequestError, load_app_config
@@ -27,6 +25,8 @@ from sam3d.monailabel.promotion import previous_path, promote, should_promote
 from sam3d.monailabel.retrain import RetrainPolicy
 from sam3d.monailabel.train_params import DEFAULTS, parse_train_params
 from sam3d.monailabel.train_runs import split_ids
+from test_server import HttpError
+from tiny_datastore import volume, write_label, write_studies, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"train.val_samples": "2", "train.val_clicks": "2"}  # held-out validation of a few windows

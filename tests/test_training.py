@@ -32,7 +32,8 @@ def tiny_cases(tmp_path_factory) -> Path:
     for n, shape in enumerate([(28, 26, 24), (24, 28, 26)]):
         grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
         label = np.zeros(shape, np.int16)
-        for value, (c, r) in enumerate([((8, 9, 10), (5, 4, 6)), ((18, 16, 12), (4, 6, 5)), ((12, 18, 16), (3, 3, 3))], 1):
+        blobs = [((8, 9, 10), (5, 4, 6)), ((18, 16, 12), (4, 6, 5)), ((12, 18, 16), (3, 3, 3))]  # (centre, radii)
+        for value, (c, r) in enumerate(blobs, 1):
             inside = (((grid - np.add(c, n)) / r) ** 2).sum(-1) <= 1
             label[inside] = value
         image = 100 + 200 * label + rng.normal(0, 10, shape)
@@ -107,7 +108,8 @@ def test_deform_and_synthesis_are_seeded():
     out = plain(d)
     assert out["image"].shape == (1, 32, 32, 32) and out["label"].dtype == torch.int32
     assert torch.allclose(out["image"][0, 4:, :, :], vol[0, :28, 4:36, 4:36], atol=1e-4)  # a plain crop...
-    assert torch.allclose(out["image"][0, :4], vol.min().expand(4, 32, 32), atol=1e-4)  # ...padded with the minimum, as the engine pads
+    # ...padded with the minimum, as the engine pads
+    assert torch.allclose(out["image"][0, :4], vol.min().expand(4, 32, 32), atol=1e-4)
     assert torch.equal(out["label"][0, 4:], lab[0, :28, 4:36, 4:36])
     warp = RandWindowDeformd(size=32, prob=1.0)
     a, b = warp.set_random_state(5)(d), warp.set_random_state(5)(d)
@@ -215,10 +217,12 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, tiny_cases):
 
 
 def test_accumulation_matches_one_big_batch(tmp_path, tiny_cases):
-    common = ["train.steps=2", "train.batch_size=2", "validation.every=0", "log.tensorboard=false", "checkpoint.every=2"]
+    common = ["train.steps=2", "train.batch_size=2", "validation.every=0", "log.tensorboard=false",
+              "checkpoint.every=2"]
     _train(_smoke(tmp_path / "one", tiny_cases, *common, "train.accumulate=1"))
     _train(_smoke(tmp_path / "acc", tiny_cases, *common, "train.accumulate=2"))
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "acc" / "model.safetensors"))
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "acc" / "model.safetensors"))
     # Adam divides by sqrt(v): where a gradient is ~0, the rounding difference between one summed batch and two
     # accumulated halves moves a weight by a small fraction of lr (1e-3)
     for k in a:
@@ -241,7 +245,8 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path, tiny_cases):
            f"data.dir={tiny_cases}", "data.cases=null", *common]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
     # The same samples and clicks; only the order of float additions differs (each rank averages its half of
     # the batch, then gloo averages the two). Adam divides by sqrt(v): a parameter whose gradient is ~0 can move
     # by up to lr per step either way on a rounding difference, so the bound is a few lr (1e-3) per weight,

@@ -477,11 +477,11 @@ def test_setup_server_with_published_weights_offline_fails_at_once(tmp_path):
 def test_setup_server_fetches_and_serves_turbo_and_answers_clicks_as_the_engine(
         turbo_ckpt, shared_data, tmp_path, monkeypatch):
     import requests
+    from monailabel.client import MONAILabelClient
 
     from sam3d.monailabel.app_config import load_app_config
     from sam3d.monailabel.local_server import free_port, log_tail
     from sam3d.predictor import load_engine
-    from monailabel.client import MONAILabelClient
 
     studies = tmp_path / "studies"
     studies.mkdir()

@@ -49,6 +49,7 @@ def write_label(label: np.ndarray, path: Path) -> Path:
 def write_tiny_model(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """(model config YAML, checkpoint): random tiny weights, the engine settings of the smoke recipe."""
     import torch
+
     from sam3d.engine.checkpoint import save_checkpoint
     from sam3d.models import build_sam3d
 

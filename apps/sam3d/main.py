@@ -64,9 +64,17 @@ from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelEr
 from monailabel.tasks.activelearning.first import First
 
 import sam3d  # installed by `pip install -e .` (scripts/setup.sh)
-from sam3d.monailabel import Sam3DTrainTask, build_infer_tasks, load_app_config, train_api
-from sam3d.monailabel import datastore_api, infer_api
-from sam3d.monailabel import lifecycle, ohif, security
+from sam3d.monailabel import (
+    Sam3DTrainTask,
+    build_infer_tasks,
+    datastore_api,
+    infer_api,
+    lifecycle,
+    load_app_config,
+    ohif,
+    security,
+    train_api,
+)
 from sam3d.monailabel.activelearning import (
     RandomStrategy,
     ScoreCache,

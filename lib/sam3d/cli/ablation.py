@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from sam3d.evaluation.ablation import load_spec, run_ablation, train_missing, write_ablation
+
 from . import REPO
 from .provenance import command_line, cpu_model, git_commit
-
-
-from sam3d.evaluation.ablation import load_spec, run_ablation, train_missing, write_ablation
 
 
 def main(argv=None) -> int:
@@ -33,7 +32,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     spec = load_spec(args.config, args.overrides)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     t0 = time.perf_counter()
     trained = train_missing(spec, REPO) if args.train else []
     rows = run_ablation(spec, REPO, device=args.device, progress=not args.quiet)

@@ -32,9 +32,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # medim builds with pretrained=Fal
 import torch
 from tqdm import tqdm
 
+from sam3d.models import build_sam3d
+
 from . import REPO
 from .provenance import report_header
-from sam3d.models import build_sam3d
 
 PRESETS = ("sam_med3d_turbo", "sam3d_small")
 TIMED_CODE = ["lib/sam3d/models", "lib/sam3d/engine", "lib/sam3d/cli/benchmark.py"]  # what the timings depend on
@@ -233,7 +234,8 @@ def engine_table(rows: list[str], args) -> str:
         f"Through the engine (`{ENGINE_IMAGE.relative_to(REPO.parent)}`, 122x101x112 at 3 mm -> 243x201x223 at "
         "1.5 mm), median (min) of " f"{args.runs} runs after {args.warmup} warm-up:",
         "",
-        "| engine | device | **first click** (nothing cached) | **next click** (embedding cached) | first click split |",
+        "| engine | device | **first click** (nothing cached) | **next click** (embedding cached) "
+        "| first click split |",
         "|---|---|---|---|---|",
         *rows,
         "",
@@ -296,7 +298,8 @@ def main(argv=None) -> int:
         p.error("--device cuda: CUDA is not available")
     else:
         devices = [torch.device(args.device)]
-    head = report_header("benchmark", TIMED_CODE, next((torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"), None))
+    gpu = next((torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"), None)
+    head = report_header("benchmark", TIMED_CODE, gpu)
 
     models = build_models(args.presets, with_medim=not args.no_medim)
     x_cpu = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(0))
@@ -322,7 +325,8 @@ def main(argv=None) -> int:
             engine_rows.extend(bench_engine(args, dev))
 
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    report = head + f"\n* 1-min load average after the run: {load_after:.2f}\n\n" + markdown_table(rows, args) + "\n" + engine_table(engine_rows, args)
+    report = (head + f"\n* 1-min load average after the run: {load_after:.2f}\n\n" + markdown_table(rows, args) + "\n"
+              + engine_table(engine_rows, args))
     print(report)
     if args.out:
         with open(args.out, "a") as f:

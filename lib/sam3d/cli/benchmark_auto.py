@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import REPO
-from .provenance import report_header
-
 from sam3d.engine import EngineConfig, LoadedModel, load_model
 from sam3d.engine.auto import AutoEngine
 from sam3d.engine.image_session import ImageSession
 from sam3d.engine.model_config import load_model_config
 from sam3d.models import AUTOSAM3D_PRESETS, build_network
+
+from . import REPO
+from .provenance import report_header
 
 DATA = REPO.parent / "shared" / "data"
 IMAGES = [DATA / "totalseg_ct" / "image.nii.gz", DATA / "totalseg_mr" / "image.nii.gz"]

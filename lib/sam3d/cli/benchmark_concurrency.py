@@ -32,12 +32,13 @@ import nibabel as nib
 import numpy as np
 import requests
 
+from sam3d.monailabel.api_client import auth_headers
+
 from . import REPO
 from .provenance import report_header
 
-from sam3d.monailabel.api_client import auth_headers
-
-TIMED_CODE = ["lib/sam3d/monailabel", "lib/sam3d/engine", "apps/sam3d", "configs", "lib/sam3d/cli/benchmark_concurrency.py"]
+TIMED_CODE = ["lib/sam3d/monailabel", "lib/sam3d/engine", "apps/sam3d", "configs",
+              "lib/sam3d/cli/benchmark_concurrency.py"]
 DEFAULT_LABELS = "spleen,kidney_right,kidney_left,liver,stomach,pancreas"
 
 

@@ -23,13 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-from . import REPO
-from .provenance import command_line, cpu_model, git_commit
-
-# what an evaluation runs: a commit stamp is flagged when any of it has uncommitted changes
-EVALUATED_CODE = ["lib/sam3d/evaluation", "lib/sam3d/data", "lib/sam3d/engine", "lib/sam3d/models", "configs/models",
-                  "lib/sam3d/cli/evaluate.py"]
-
 from sam3d.data.cases import find_cases
 from sam3d.data.clicks import PROTOCOLS
 from sam3d.evaluation import (
@@ -43,6 +36,12 @@ from sam3d.evaluation import (
     write_report,
 )
 
+from . import REPO
+from .provenance import command_line, cpu_model, git_commit
+
+# what an evaluation runs: a commit stamp is flagged when any of it has uncommitted changes
+EVALUATED_CODE = ["lib/sam3d/evaluation", "lib/sam3d/data", "lib/sam3d/engine", "lib/sam3d/models", "configs/models",
+                  "lib/sam3d/cli/evaluate.py"]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
         near_mm=args.near_mm, box_jitter_mm=args.box_jitter_mm,
         save_masks=out / "masks" if args.save_masks else None,
     )
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     t0 = time.perf_counter()
     try:
         rows = run_evaluation(cases, segmenters, config, progress=not args.quiet)

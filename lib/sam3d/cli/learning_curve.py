@@ -18,14 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sam3d.data.cases import find_cases
+from sam3d.evaluation.learning_curve import CurveConfig, HeldOut, plot_curves, run_order
 
 from . import REPO
 from .provenance import command_line, cpu_model, git_commit
 from .retrain import parse_param
-
-
-from sam3d.data.cases import find_cases
-from sam3d.evaluation.learning_curve import CurveConfig, HeldOut, plot_curves, run_order
 
 
 def main(argv=None) -> int:
@@ -52,7 +50,7 @@ def main(argv=None) -> int:
                       train_params=dict(args.train_param), device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     rows = []
     for order in args.orders:
         with tempfile.TemporaryDirectory(prefix=f"curve_{order}_", dir=out) as work:
@@ -70,7 +68,8 @@ def main(argv=None) -> int:
              f"* hardware: {cpu_model()}, {os.cpu_count()} logical CPUs; device {args.device}",
              f"* pool: {', '.join(c.name for c in pool)}; held out: {', '.join(h.name for h in heldout)}", "",
              f"| order | labelled | added | Dice@1 | Dice@{args.clicks} |", "|---|---|---|---|---|"]
-    lines += [f"| {r['order']} | {r['labelled']} | {r['added'] or '-'} | {r['dice_1']:.3f} | {r[last]:.3f} |" for r in rows]
+    lines += [f"| {r['order']} | {r['labelled']} | {r['added'] or '-'} | {r['dice_1']:.3f} | {r[last]:.3f} |"
+              for r in rows]
     lines += ["", "![learning curve](learning_curve.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
     print(f"{len(rows)} points -> {out / 'curve.csv'}, {out / 'learning_curve.png'}, {out / 'summary.md'}")

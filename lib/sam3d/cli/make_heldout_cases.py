@@ -20,7 +20,6 @@ from pathlib import Path
 from . import REPO
 
 
-
 def _link(target: Path, link: Path) -> None:
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
@@ -50,7 +49,8 @@ def main(argv=None) -> int:
                                 "prostate_phantom_subvolume-label.nrrd")):
         _link(rad / image, out / "mr_lesion" / case / "image.nrrd")
         _link(rad / label, out / "mr_lesion" / case / "label.nrrd")
-    names = json.loads((args.sample / "label_names.json").read_text()) if (args.sample / "label_names.json").is_file() else {}
+    names_file = args.sample / "label_names.json"
+    names = json.loads(names_file.read_text()) if names_file.is_file() else {}
     for case in ("mni152_2009a_t1", "inia19_macaque_t1_brain"):
         image, label = args.sample / f"{case}.nii.gz", args.sample / "labels" / "final" / f"{case}.nii.gz"
         if not (image.is_file() and label.is_file()):

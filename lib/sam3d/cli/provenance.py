@@ -63,7 +63,7 @@ def report_header(name: str, timed_code: list[str], gpu_name: str | None = None,
         hw += f"; GPU {gpu_name} (CUDA {torch.version.cuda})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return "\n".join([
-        f"## {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"## {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         "",
         f"* command: `{command_line(name, argv)}`",
         f"* commit: {git_commit(timed_code)}",

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import REPO
-from .provenance import report_header
-
 from sam3d.data.cases import find_cases, load_case, parse_label_selection
 from sam3d.engine.model_config import load_model_config
 from sam3d.engine.text_search import text_engine_from_config
 from sam3d.metrics import segmentation_metrics
 from sam3d.text import prompt_variants
+
+from . import REPO
+from .provenance import report_header
 
 TIMED_CODE = ["lib/sam3d/engine", "lib/sam3d/models", "lib/sam3d/text", "lib/sam3d/cli/text_phrasings.py"]
 
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
         for text in tqdm(list(dict.fromkeys(variants + args.text)), desc=case.name):
             res = engine.segment_text(str(case.image), text)
             m = segmentation_metrics(res.mask > 0, reference, loaded.spacing)
-            rows.append({"case": case.name, "label": name, "text": text, "kind": "name" if text in variants else "extra",
-                         "dice": m["dice"], "hd95": m["hd95"],
+            rows.append({"case": case.name, "label": name, "text": text,
+                         "kind": "name" if text in variants else "extra", "dice": m["dice"], "hd95": m["hd95"],
                          "closest_name": res.info.get("closest_name"), "similarity": res.info.get("text_similarity"),
                          "score": res.info.get("score"), "seconds": res.timings["total"]})
     if not rows:

@@ -15,7 +15,6 @@ import sys
 from . import REPO
 
 
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="recipe YAML (configs/train/...)")

@@ -124,7 +124,7 @@ def interior_point(region: np.ndarray, spacing=None) -> Point:
     sub = np.pad(region[box], 1)  # zero border: the array edge is a boundary, as in RITM
     dist = ndimage.distance_transform_edt(sub, sampling=_spacing(spacing))
     local = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return tuple(int(l - 1 + s.start) for l, s in zip(local, box))
+    return tuple(int(c - 1 + s.start) for c, s in zip(local, box))
 
 
 def _largest_component(mask: np.ndarray) -> tuple[np.ndarray | None, int]:

@@ -51,7 +51,8 @@ class RandWindowDeformd(Randomizable, MapTransform):
         MapTransform.__init__(self, list(image_keys) + list(label_keys), allow_missing_keys=True)
         self.image_keys, self.label_keys = tuple(image_keys), tuple(label_keys)
         self.size, self.start_key, self.prob = size, start_key, prob
-        self.rotate_deg, self.scale, self.elastic_voxels, self.elastic_grid = rotate_deg, scale, elastic_voxels, elastic_grid
+        self.rotate_deg, self.scale = rotate_deg, scale
+        self.elastic_voxels, self.elastic_grid = elastic_voxels, elastic_grid
         self.flip_prob = flip_prob
 
     def randomize(self, data=None) -> None:

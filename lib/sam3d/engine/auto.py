@@ -142,7 +142,7 @@ class AutoEngine:
                                   history, boxes, present)
             low = res["logits"].argmax(1)  # the prediction's own grid: the boxes the next slice starts from
             new_boxes, new_present = label_boxes(low, k)
-            for i, (t, b) in enumerate(step):
+            for i, (_, b) in enumerate(step):
                 h = None if res["history"] is None else res["history"][i : i + 1]
                 state[b] = (h, new_boxes[i : i + 1], new_present[i : i + 1])
             out[..., ts] = geo.to_slice(res["logits"]).argmax(1).permute(1, 2, 0).to(out.dtype).cpu()

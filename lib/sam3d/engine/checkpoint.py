@@ -1,10 +1,10 @@
 """Reading and writing model weights: safetensors (ours) and SAM-Med3D `.pth` files, never unpickled blindly."""
 
 import hashlib
-import json
-import pickle
 import importlib
+import json
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path

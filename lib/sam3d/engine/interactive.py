@@ -171,7 +171,8 @@ class InteractiveEngine:
     def _check_inside(points: np.ndarray, shape: tuple, name: str) -> None:
         for p in points:
             if np.any(p < 0) or np.any(p > np.asarray(shape) - 1):
-                raise Sam3DInputError(f"{name} point {p.astype(int).tolist()} is outside the image of shape {list(shape)}")
+                raise Sam3DInputError(
+                    f"{name} point {p.astype(int).tolist()} is outside the image of shape {list(shape)}")
 
     @staticmethod
     def _parse_roi(roi, shape: tuple) -> np.ndarray | None:

@@ -3,8 +3,9 @@
 The search is SegVol's zoom-out-zoom-in: the whole model-grid volume resampled into one window (zoom-out; one
 scale for all axes, so a scan of a few slices stays a thin slab instead of being stretched) gives a coarse mask;
 windows at the model spacing that cover the coarse mask's bounding box (zoom-in, as many as `max_windows`
-allows, each fed the coarse result as its previous mask) give the fine one, averaged where they overlap. Clicks that follow (the client resends every click with the same text) refine the last answer in one
-window, with the text, the clicks and the last mask as prompts, as the point engine refines its masks.
+allows, each fed the coarse result as its previous mask) give the fine one, averaged where they overlap. Clicks
+that follow (the client resends every click with the same text) refine the last answer in one window, with the
+text, the clicks and the last mask as prompts, as the point engine refines its masks.
 
 A text far from every name the model was trained on (cosine similarity of the sentence embeddings below
 `min_similarity`; the names are the checkpoint's `vocabulary`) gets an empty mask and a low score rather than a
@@ -146,7 +147,8 @@ class TextEngine(InteractiveEngine):
             state_key = (key, ("text", text))
             clicks = [(*p, True) for p in fg.tolist()] + [(*p, False) for p in bg.tolist()]
             state = self._states.get(state_key)
-            if state is None or not isinstance(state, _TextState) or not _extends(clicks + [None], state.prompts + [None]):
+            extends = isinstance(state, _TextState) and _extends(clicks + [None], state.prompts + [None])
+            if not extends:
                 canvas, windows, score = self._search(sess, key, prompt, timings)
                 state = _TextState([], canvas, None, score)
                 info["windows"] = windows

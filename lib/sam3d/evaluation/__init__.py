@@ -3,11 +3,11 @@
 Nothing here depends on MONAI Label except `ServerSegmenter`, which imports its client when it is built.
 """
 
-from .baseline import RandomWalkerConfig, RandomWalkerSegmenter, random_walker_segment
+from ..engine.model_config import load_model_config
 from ..metrics import NOC_THRESHOLDS, noc, segmentation_metrics
+from .baseline import RandomWalkerConfig, RandomWalkerSegmenter, random_walker_segment
 from .report import write_report
 from .runner import COLUMNS, EvalConfig, run_evaluation, run_target
-from ..engine.model_config import load_model_config
 from .segmenters import (
     ClicksOnlySegmenter,
     PredictorSegmenter,

@@ -109,7 +109,8 @@ def build_variant_segmenters(spec: dict, root: Path, device: str, protocol: str 
 
     segs = []
     for name, v in spec["variants"].items():
-        cfg = load_model_config(str(v.get("model", "sam3d_small")), root / "configs", str(checkpoint_of(spec, name, root)))
+        cfg = load_model_config(str(v.get("model", "sam3d_small")), root / "configs",
+                                str(checkpoint_of(spec, name, root)))
         cfg.update(v.get("engine") or {})  # engine settings per variant, e.g. {order: top_down} for the auto model
         reads_text = protocol == "text" and v.get("text", True)
         seg = segmenter_from_config(cfg, device=device, name=name, protocol="text" if reads_text else "center")

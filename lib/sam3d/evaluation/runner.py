@@ -4,9 +4,10 @@ Each target (one label value of one case) gets its own `ClickSimulator`, seeded 
 and the label value (`derive_seed`), so its clicks do not depend on which targets or methods ran before it.
 Every method sees the same protocol with the same seed: the first prompt is identical for all of them, and
 each later click answers that method's own errors (the simulated annotator looks at the mask it was shown), as
-in RITM and SegFM3D; that is what NoC measures. Protocol `text` (a model that reads text): iteration 1 gives the structure's name
-alone (the method gets its label name and no click), later iterations `center` clicks on its errors. Iteration i adds the simulator's points (one for most
-protocols, several for noisy1/noisy2, a box for `box`), and the method gets every prompt so far.
+in RITM and SegFM3D; that is what NoC measures. Protocol `text` (a model that reads text): iteration 1 gives
+the structure's name alone (the method gets its label name and no click), later iterations `center` clicks on its
+errors. Iteration i adds the simulator's points (one for most protocols, several for noisy1/noisy2, a box for
+`box`), and the method gets every prompt so far.
 
 When a prediction is already perfect the simulator has nothing to add: the remaining iterations repeat its
 metrics with 0 s and no call. A failed call (an exception from the method) is recorded in the `error` column

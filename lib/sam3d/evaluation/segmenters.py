@@ -55,7 +55,8 @@ class PredictorSegmenter:
         from ..predictor import Sam3DPredictor
 
         predictor = Sam3DPredictor.from_config(model_config, device=device)
-        return cls(predictor, name or model_config.get("name"), read_text=protocol == "text" and predictor.kind == "text")
+        read_text = protocol == "text" and predictor.kind == "text"
+        return cls(predictor, name or model_config.get("name"), read_text=read_text)
 
     @property
     def engine(self):
@@ -63,8 +64,9 @@ class PredictorSegmenter:
 
     def describe(self) -> dict:
         e, kind = self.engine, self.predictor.kind
-        out = {"method": f"sam3d {kind} model through Sam3DPredictor, network {e.model_name}", "checkpoint": e.checkpoint,
-               "checkpoint sha256": e.model_id if e.checkpoint else None, "device": str(e.device)}
+        out = {"method": f"sam3d {kind} model through Sam3DPredictor, network {e.model_name}",
+               "checkpoint": e.checkpoint, "checkpoint sha256": e.model_id if e.checkpoint else None,
+               "device": str(e.device)}
         if self.read_text:
             out["text model"] = e.text_encoder.name
         if kind == "auto":

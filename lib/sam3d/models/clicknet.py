@@ -105,8 +105,9 @@ CLICKNET_PRESETS: dict[str, ClickNetConfig] = {
 
 
 class StageAggregation(nn.Module):
-    """Eq. 9 on a UNet encoder: chosen stages pooled to the bottleneck's grid, projected to its width by zero-initialised
-    1x1x1 convolutions, summed with softmax weights (`LayerAggregation`) and added to the bottleneck."""
+    """Eq. 9 on a UNet encoder: chosen stages pooled to the bottleneck's grid, projected to its width by
+    zero-initialised 1x1x1 convolutions, summed with softmax weights (`LayerAggregation`) and added to the
+    bottleneck."""
 
     def __init__(self, stages: tuple[int, ...], stage_channels: list[int], out_channels: int) -> None:
         super().__init__()
@@ -119,7 +120,8 @@ class StageAggregation(nn.Module):
 
     def forward(self, bottleneck: torch.Tensor, stage_outputs: list[torch.Tensor]) -> torch.Tensor:
         grid = bottleneck.shape[-3:]
-        features = [proj(nn.functional.adaptive_avg_pool3d(stage_outputs[i], grid)) for proj, i in zip(self.proj, self.stages)]
+        features = [proj(nn.functional.adaptive_avg_pool3d(stage_outputs[i], grid))
+                    for proj, i in zip(self.proj, self.stages)]
         return bottleneck + self.mix(features)
 
 
@@ -136,7 +138,8 @@ class ClickModulation(nn.Module):
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         g = features.shape[-1]
-        sp = self.prompt.out_proj(self.prompt.refine(coords, features) + self.sign(labels.clamp_min(0)).to(features.dtype))
+        sign = self.sign(labels.clamp_min(0)).to(features.dtype)
+        sp = self.prompt.out_proj(self.prompt.refine(coords, features) + sign)
         cells = (coords.float() + 0.5) * (g / self.img_size) - 0.5  # click positions on the features' grid
         axis = torch.arange(g, dtype=torch.float32, device=features.device)
         grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(1, 1, -1, 3)
@@ -198,7 +201,8 @@ class ClickNet3D(nn.Module):
                 maps[:, channel] = (balls * chosen).amax(1).view(batch, s, s, s) if coords.shape[1] else 0
         if boxes is not None:  # (B, 2, 3) inclusive corners (lo, hi) in window voxel indices
             lo, hi = boxes[:, 0].float(), boxes[:, 1].float()
-            inside = ((grid[None] >= lo[:, None, None, None] - 0.5) & (grid[None] <= hi[:, None, None, None] + 0.5)).all(-1)
+            inside = ((grid[None] >= lo[:, None, None, None] - 0.5)
+                      & (grid[None] <= hi[:, None, None, None] + 0.5)).all(-1)
             maps[:, 3] = inside.float()
         return maps
 

@@ -56,7 +56,8 @@ class Attention3D(nn.Module):
         q, k, v = (t.reshape(b * heads, p1, p2, p3, hd) for t in qkv.unbind(0))
         n_keys = p1 * p2 * p3
         q_rows = q[:, :d, :h, :w]
-        attn = (q_rows * self.scale).reshape(b * heads, d * h * w, hd) @ k.reshape(b * heads, n_keys, hd).transpose(1, 2)
+        keys = k.reshape(b * heads, n_keys, hd).transpose(1, 2)
+        attn = (q_rows * self.scale).reshape(b * heads, d * h * w, hd) @ keys
         if self.use_rel_pos:
             rd = _relative_table(self.rel_pos_d, p1)
             rh = _relative_table(self.rel_pos_h, p2)

@@ -90,7 +90,8 @@ REFSAM3D_PRESETS: dict[str, RefSam3DConfig] = {
     # the compact network's sizes (its encoder weights load into it): CPU-sized
     "refsam3d_small": _preset("sam3d_small", adapter_dim=32, decoder_channels=(96, 48, 24, 12)),
     # SAM-Med3D-turbo's encoder and prompt encoder (its weights load with strict=False); for a GPU
-    "refsam3d_turbo": _preset("sam_med3d_turbo", adapter_dim=64, num_point_embeddings=4, decoder_channels=(128, 64, 32, 16)),
+    "refsam3d_turbo": _preset("sam_med3d_turbo", adapter_dim=64, num_point_embeddings=4,
+                              decoder_channels=(128, 64, 32, 16)),
     # a few thousand parameters around the text tower, for tests
     "refsam3d_tiny": _preset("sam3d_small", img_size=32, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
                              encoder_global_attn_indexes=(0, 1), prompt_embed_dim=48, decoder_num_heads=4,

@@ -142,8 +142,9 @@ class Sam3D(nn.Module):
             num_multimask_outputs=c.num_multimask_outputs,
             iou_head_hidden_dim=c.iou_head_hidden_dim,
         )
-        self.semantic_prompt = (SemanticPointPrompt(c.prompt_embed_dim, c.img_size, c.decoder_num_heads, c.decoder_mlp_dim)
-                                if c.semantic_prompts else None)
+        self.semantic_prompt = (
+            SemanticPointPrompt(c.prompt_embed_dim, c.img_size, c.decoder_num_heads, c.decoder_mlp_dim)
+            if c.semantic_prompts else None)
 
     @property
     def img_size(self) -> int:

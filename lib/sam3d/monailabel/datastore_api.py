@@ -8,7 +8,6 @@ Unknown images and labels are the datastore's to refuse (404, `datastore.py`).
 """
 
 import logging
-from typing import Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, UploadFile
 from monailabel.config import RBAC_ANNOTATOR, settings
@@ -28,7 +27,7 @@ def install(fastapi_app) -> None:
 
     @router.put("/", include_in_schema=False, deprecated=True)
     @router.put("/image", summary=f"{RBAC_ANNOTATOR}Upload new Image (params checked)")
-    async def add_image(background_tasks: BackgroundTasks, image: Optional[str] = None, params: str = Form("{}"),
+    async def add_image(background_tasks: BackgroundTasks, image: str | None = None, params: str = Form("{}"),
                         file: UploadFile = File(...), user: User = annotator):
         json_object("params", params)
         return endpoints.add_image(background_tasks, image, params, file, user.username)

@@ -25,7 +25,6 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from monailabel.config import RBAC_USER, settings
@@ -167,7 +166,7 @@ def install(fastapi_app, app) -> None:
                  form_limits={"max_files": MAX_FILES})
     async def infer(background_tasks: BackgroundTasks, model: str, image: str = "", session_id: str = "",
                     params: str = Form("{}"), file: UploadFile = File(None), label: UploadFile = File(None),
-                    output: Optional[ResultType] = None, user: User = user_role):
+                    output: ResultType | None = None, user: User = user_role):
         if model not in app._infers:
             raise HTTPException(status_code=404, detail=f"no model {model!r}; known: {', '.join(app._infers)}")
         parse_params(params, limits.max_points)
@@ -191,7 +190,7 @@ def install(fastapi_app, app) -> None:
 
     @router.post("/activelearning/{strategy}", summary=f"{RBAC_USER}Next image to annotate (known strategies only)",
                  tags=["ActiveLearning"], max_body_size=ACTIVELEARNING_MAX_BODY)
-    def next_sample(strategy: str, params: Optional[dict] = None, user: User = user_role):
+    def next_sample(strategy: str, params: dict | None = None, user: User = user_role):
         if strategy not in app._strategies:
             raise HTTPException(status_code=404, detail=f"no strategy {strategy!r}; known: "
                                 f"{', '.join(app._strategies)}")

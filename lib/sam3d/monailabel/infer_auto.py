@@ -62,7 +62,8 @@ class Sam3DAutoInfer(Sam3DInferTask):
         from sam3d.engine.auto import ORDERS  # here: the app imports this module without torch work
 
         if order is not None and order not in ORDERS:
-            raise HTTPException(status_code=422, detail=f"order must be {' or '.join(map(repr, ORDERS))}, got {order!r}")
+            raise HTTPException(status_code=422,
+                                detail=f"order must be {' or '.join(map(repr, ORDERS))}, got {order!r}")
         return {"image": image, "order": order}
 
     def labelled(self, image: str, order: str | None = None):

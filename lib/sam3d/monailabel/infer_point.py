@@ -7,9 +7,10 @@ A request (what Slicer's and OHIF's MONAI Label clients send for a `deepgrow` mo
 
 Indices address the array `monai.transforms.LoadImage` returns for the image. The answer is a 0/1 volume on the
 image's grid (NIfTI .nii.gz, or the format the request asks for with `result_extension`, `result_dtype`,
-`result_compress`: see `result_format`; a temporary file MONAI Label deletes once sent) and JSON with the timings, the windows, the model
-and the checkpoint. With `"prior": "<automatic task>"` the clicks refine the class `label` of that task's answer
-(its mask is the previous one) and the answer is that task's label volume with the class replaced.
+`result_compress`: see `result_format`; a temporary file MONAI Label deletes once sent) and JSON with the
+timings, the windows, the model and the checkpoint. With `"prior": "<automatic task>"` the clicks refine the
+class `label` of that task's answer (its mask is the previous one) and the answer is that task's label volume
+with the class replaced.
 
 Errors: 422 for a request the model cannot answer (no prompt, a point outside the image, a label that is not
 a name, an unreadable or 2D image), 404 for an image that does not exist, 503 while the weights are missing. The
@@ -74,7 +75,8 @@ class Sam3DPointInfer(Sam3DInferTask):
         if prior is not None:  # refine one class of an automatic task's answer: the label names that class
             if not isinstance(prior, str) or prior not in self.prior_sources:
                 known = ", ".join(self.prior_sources) or "none in this app"
-                raise HTTPException(status_code=422, detail=f"prior must name an automatic task ({known}), got {prior!r}")
+                raise HTTPException(status_code=422,
+                                    detail=f"prior must name an automatic task ({known}), got {prior!r}")
             classes = self.prior_sources[prior].labels
             if label not in classes:
                 raise HTTPException(status_code=422, detail=f"label {label!r} is not a class of {prior}: "

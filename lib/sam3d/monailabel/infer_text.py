@@ -11,7 +11,8 @@ format the request asks for: `result_format`) and JSON (the timings, the windows
 and its similarity), with the segment named by the text.
 Errors: 422 for an empty text, a `roi` (not used by this task), a point outside the image or an unreadable image;
 404 for a missing image; 503 while the weights are missing; a text the model does not know answers an empty mask
-with a low `score` and a `message`. The loading, hot reload and /info behaviour are the base task's (`infer_base.Sam3DInferTask`).
+with a low `score` and a `message`. The loading, hot reload and /info behaviour are the base task's
+(`infer_base.Sam3DInferTask`).
 
 Registered as kind `text` in configs/app.yaml (apps/sam3d/main.py maps the kind to this class). MONAI Label type
 `deepgrow`, as the point task, so that Slicer's and OHIF's click tools can refine; a request without clicks (the
@@ -110,7 +111,10 @@ class Sam3DTextInfer(Sam3DInferTask):
             raise HTTPException(status_code=422, detail=f"label_prompt must be a list of label values, got {prompt!r}")
         names = []
         for v in prompt:
-            name = v if isinstance(v, str) and v in self.labels else by_value.get(v) if not isinstance(v, bool) else None
+            if isinstance(v, str) and v in self.labels:
+                name = v
+            else:
+                name = None if isinstance(v, bool) else by_value.get(v)
             if name is None:
                 raise HTTPException(status_code=422, detail=f"label_prompt: {v!r} is not a label of {self.name} "
                                     f"(GET /info lists them)")

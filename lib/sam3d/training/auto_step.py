@@ -43,8 +43,8 @@ from ..engine.auto import SliceGeometry
 from ..engine.checkpoint import read_state_dict
 from ..engine.interactive import EngineConfig, normalize_window
 from ..models.autosam3d.boxes import label_boxes
-from ..models.lora import is_lora_parameter
 from ..models.autosam3d.slice_encoder import adapt_sam_state_dict
+from ..models.lora import is_lora_parameter
 from .names import case_names
 from .step import TrainingStep
 

@@ -51,7 +51,8 @@ class InteractiveConfig:
 
 def click_config(recipe: dict, engine_cfg) -> InteractiveConfig:
     """The recipe's `interactive` section; clicks are simulated at the model's voxel spacing."""
-    return InteractiveConfig.from_dict({"spacing_mm": float(engine_cfg.spacing[0]), **(recipe.get("interactive") or {})})
+    return InteractiveConfig.from_dict({"spacing_mm": float(engine_cfg.spacing[0]),
+                                        **(recipe.get("interactive") or {})})
 
 
 def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=None):
@@ -74,7 +75,8 @@ def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=N
     dice = np.zeros(cfg.rounds)
     for r in range(1, cfg.rounds + 1):
         if r == 1 and use_box:
-            prompt = ClickSimulator("box", seed=rng, spacing=cfg.spacing_mm, box_jitter_mm=cfg.box_jitter_mm).next(gt_np)
+            boxes = ClickSimulator("box", seed=rng, spacing=cfg.spacing_mm, box_jitter_mm=cfg.box_jitter_mm)
+            prompt = boxes.next(gt_np)
             lo, hi = prompt.box
             box = torch.tensor([lo, hi], dtype=torch.float32, device=emb.device)[None]
         elif r not in mask_only:

@@ -121,7 +121,8 @@ class TextStep(TrainingStep):
             hard, ref = logits > 0, gt > 0.5
             inter, union = (hard & ref).sum().float(), (hard | ref).sum().float()
             dice_text = metrics.dice(hard, ref)
-        loss = self.loss_fn(logits, gt) + self.iou_loss_weight * F.mse_loss(iou_pred[:, 0], (inter / union.clamp_min(1)).reshape(1))
+        iou = (inter / union.clamp_min(1)).reshape(1)
+        loss = self.loss_fn(logits, gt) + self.iou_loss_weight * F.mse_loss(iou_pred[:, 0], iou)
         if not self.refine_rounds:
             return loss, np.array([dice_text])
         refine_loss, refine_dice = _sample_rounds(TextBound(core, prompt), emb, gt, seed, self.click_cfg,

@@ -162,7 +162,8 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     steps, global_batch = int(tcfg["steps"]), int(tcfg.get("batch_size", 1))
     accumulate = int(tcfg.get("accumulate", 1))
     if global_batch % (world * accumulate):
-        raise ValueError(f"batch_size {global_batch} must be divisible by processes x accumulate = {world * accumulate}")
+        raise ValueError(
+            f"batch_size {global_batch} must be divisible by processes x accumulate = {world * accumulate}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -371,7 +372,8 @@ def _attach_logging(trainer: Engine, out: Path, recipe: dict, start: int) -> _Lo
     if log_cfg.get("progress", True):
         from ignite.contrib.handlers import ProgressBar
 
-        ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"], "dice": o["dice_last"]})
+        ProgressBar(persist=True).attach(trainer,
+                                         output_transform=lambda o: {"loss": o["loss"], "dice": o["dice_last"]})
     return logs
 
 
@@ -403,7 +405,8 @@ def _attach_validation(trainer: Engine, step_module: TrainingStep, recipe: dict,
                 w.writeheader()
             w.writerow(row)
         logs.scalars("val", {k: v for k, v in row.items() if k != "step"}, engine.state.iteration)
-        logger.info(f"validation at step {row['step']}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "step"))
+        scores = ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "step")
+        logger.info(f"validation at step {row['step']}: {scores}")
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), run)
     trainer.add_event_handler(Events.COMPLETED, lambda e: run(e) if e.state.iteration % every else None)

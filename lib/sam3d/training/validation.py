@@ -26,7 +26,7 @@ def validate(model, dataset, samples: int, clicks: int, icfg, loss_fn, autocast,
         with autocast():
             emb = model.encode_image(img)
 
-        def on_round(r, pred):
+        def on_round(r, pred, gt=gt):
             m = segmentation_metrics(pred, gt, spacing) if r == clicks else {"dice": dice(pred, gt)}
             dice_sum[r - 1] += m["dice"]
             if r == clicks:

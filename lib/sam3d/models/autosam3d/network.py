@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from ..lora import freeze_all_but_lora
 from .box_generator import BoxPromptGenerator
 from .decoder import MultiClassMaskDecoder
 from .local_attention import InterIntraSliceAttention
-from ..lora import freeze_all_but_lora
 from .positional import PositionEmbeddingRandom2D
 from .slice_encoder import SliceEncoderViT
 
