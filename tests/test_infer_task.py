@@ -75,7 +75,7 @@ def test_shipped_config_serves_the_shipped_click_model():
     c = load_app_config({}, CONFIGS)
     t = c.infers["sam3d_point"]
     assert t.error is None and t.model_name == "clicknet"
-    assert t.model_config["preset"] == "clicknet_small"
+    assert t.model_config["preset"] == "clicknet_geodesic"
     assert t.model_config["checkpoint"] == str(REPO / "models" / "clicknet.safetensors")  # against the project root
     assert Path(t.model_config["checkpoint"]).is_file()  # the weights ship with the repository
     assert c.labels["hippocampus_left"] and "structure" in c.labels  # brain structures among the suggestions

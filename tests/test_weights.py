@@ -45,6 +45,7 @@ def isolated(monkeypatch, tmp_path):
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # a text test in this process may have forced it on
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)  # 10 MB otherwise: more than the small files
     monkeypatch.setenv("SAM3D_WEIGHTS_DIR", str(tmp_path / "default_weights"))
     for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT"):
