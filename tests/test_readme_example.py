@@ -41,7 +41,8 @@ def test_random_weights_do_not_clear_the_floor(tmp_path, shared_data):
 
     torch.manual_seed(0)
     net = build_network("clicknet_geodesic")
-    save_checkpoint(net, tmp_path / "random.safetensors", {"preset": "clicknet_geodesic", "network": net.config.to_dict()})
+    sidecar = {"preset": "clicknet_geodesic", "network": net.config.to_dict()}
+    save_checkpoint(net, tmp_path / "random.safetensors", sidecar)
     predictor = Sam3DPredictor.from_pretrained(str(tmp_path / "random.safetensors"))
     predictor.set_image(shared_data / "totalseg_ct" / "image.nii.gz")
     got = predictor.predict(points=[[81, 67, 90]], point_labels=[1])[0] > 0
