@@ -412,7 +412,9 @@ def turbo_ckpt(tmp_path_factory) -> Path:
 
 
 def setup_sh(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **env}
+    # a text model loaded earlier in this process forces HF_HUB_OFFLINE into os.environ: only `env` may set it
+    inherited = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {**inherited, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **env}
     return subprocess.run(["bash", str(SETUP), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
