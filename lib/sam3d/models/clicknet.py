@@ -104,6 +104,18 @@ CLICKNET_PRESETS: dict[str, ClickNetConfig] = {
 }
 
 
+def voxel_grid(size: int, device=None) -> torch.Tensor:
+    """(S, S, S, 3) voxel indices of a cube."""
+    axis = torch.arange(size, dtype=torch.float32, device=device)
+    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1)
+
+
+def gaussian_balls(grid: torch.Tensor, centres: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(..., 3) grid and (B, N, 3) centres -> (B, N, grid voxels): a Gaussian ball of `sigma` voxels per centre."""
+    d2 = ((grid.reshape(1, 1, -1, 3) - centres.float()[:, :, None, :]) ** 2).sum(-1)
+    return torch.exp(-d2 / (2 * sigma**2))
+
+
 class StageAggregation(nn.Module):
     """Eq. 9 on a UNet encoder: chosen stages pooled to the bottleneck's grid, projected to its width by
     zero-initialised 1x1x1 convolutions, summed with softmax weights (`LayerAggregation`) and added to the
@@ -141,9 +153,7 @@ class ClickModulation(nn.Module):
         sign = self.sign(labels.clamp_min(0)).to(features.dtype)
         sp = self.prompt.out_proj(self.prompt.refine(coords, features) + sign)
         cells = (coords.float() + 0.5) * (g / self.img_size) - 0.5  # click positions on the features' grid
-        axis = torch.arange(g, dtype=torch.float32, device=features.device)
-        grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(1, 1, -1, 3)
-        balls = torch.exp(-((grid - cells[:, :, None, :]) ** 2).sum(-1) / 2) * (labels >= 0)[..., None]  # (B, N, g^3)
+        balls = gaussian_balls(voxel_grid(g, features.device), cells, 1.0) * (labels >= 0)[..., None]  # (B, N, g^3)
         return features + torch.einsum("bnc,bnv->bcv", sp, balls.to(sp.dtype)).view_as(features)
 
 
@@ -162,10 +172,7 @@ class ClickNet3D(nn.Module):
         if config.geodesic_maps:  # added to the first convolution's output; zero-initialised, as the SegSAM-3D parts
             self.geodesic_in = nn.Conv3d(2, config.filters, kernel_size=3, padding=1, bias=False)
             nn.init.zeros_(self.geodesic_in.weight)
-        s = config.img_size
-        axis = torch.arange(s, dtype=torch.float32)
-        self.register_buffer("_grid", torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1),
-                             persistent=False)  # (S, S, S, 3) voxel indices
+        self.register_buffer("_grid", voxel_grid(config.img_size), persistent=False)
 
     @property
     def img_size(self) -> int:
@@ -194,8 +201,7 @@ class ClickNet3D(nn.Module):
             maps[:, 0] = (mask_input[:, 0] > 0).float()
         if points is not None:
             coords, labels = points  # (B, N, 3) window voxel indices, (B, N): 1 positive, 0 negative, -1 padding
-            d2 = ((grid.view(1, 1, -1, 3) - coords.float()[:, :, None, :]) ** 2).sum(-1)  # (B, N, S^3)
-            balls = torch.exp(-d2 / (2 * self.config.click_sigma**2))
+            balls = gaussian_balls(grid, coords, self.config.click_sigma)  # (B, N, S^3)
             for channel, value in ((1, 1), (2, 0)):
                 chosen = (labels == value)[..., None].float()
                 maps[:, channel] = (balls * chosen).amax(1).view(batch, s, s, s) if coords.shape[1] else 0
