@@ -152,6 +152,32 @@ def test_bad_activelearning_request_is_a_4xx_with_the_reason_and_the_server_carr
     assert_alive(server)
 
 
+TASK_CATALOGUE = {  # case: (path, query, status, fragment in the detail)
+    "unknown_scoring_method": ("scoring/nope", {}, 404, "no scoring method 'nope'"),
+    "scoring_run_sync": ("scoring/nope", {"run_sync": "true"}, 404, "no scoring method"),
+    "unknown_batch_model": ("batch/infer/nope", {}, 404, "no model 'nope'"),
+    "batch_run_sync": ("batch/infer/sam3d_point", {"run_sync": "true"}, 400, "run_sync is not supported"),
+}
+
+
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_the_dicomweb_proxy_of_a_local_datastore_is_404_not_500(server, method):
+    r = getattr(requests, method)(f"{server['url']}/proxy/dicom/qido/studies", timeout=60)
+    assert_refused(r, 404, "the studies are a local folder", server)
+    assert_alive(server)
+
+
+@pytest.mark.parametrize("case", list(TASK_CATALOGUE))
+def test_an_unknown_scoring_method_or_batch_model_is_404_before_any_process_starts(server, case):
+    path, query, status, fragment = TASK_CATALOGUE[case]
+    r = requests.post(f"{server['url']}/{path}", params=query, timeout=60)
+    assert_refused(r, status, fragment, server)
+    running = requests.get(f"{server['url']}/{path.rsplit('/', 1)[0]}/", params={"check_if_running": "true"},
+                           timeout=60)
+    assert running.status_code == 404  # MONAI Label's "no task running": none was started
+    assert_alive(server)
+
+
 def test_info_answers_while_20_clicks_compute_and_clicks_beyond_the_queue_are_429(server):
     """20 clicks at once on a model that takes 0.5 s per click: THREADS compute, QUEUE wait, the rest are refused
     at once; /info and /datastore answer all along (their latencies are printed, not asserted: the CPU is shared)."""

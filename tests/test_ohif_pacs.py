@@ -96,6 +96,16 @@ def test_ohifs_nrrd_answer_lies_on_the_series_grid(pacs_server):
     assert "Downloading" not in Path(log).read_text(errors="replace")  # dcmqi from the venv, not from GitHub
 
 
+def test_ohifs_dicomweb_requests_reach_the_pacs_through_the_proxy(pacs_server):
+    uids, _, client, _ = pacs_server
+    import requests  # decodes the PACS's gzip, which the proxy passes on with its Content-Encoding, as a browser does
+
+    studies = requests.get(f"{client._server_url}/proxy/dicom/qido/studies", timeout=30).json()
+    assert uids["study"] in [s["0020000D"]["Value"][0] for s in studies]
+    series = requests.get(f"{client._server_url}/proxy/dicom/qido/studies/{uids['study']}/series", timeout=30).json()
+    assert uids["series"] in [s["0020000E"]["Value"][0] for s in series]
+
+
 def test_a_final_label_goes_to_the_pacs_as_dicom_seg(pacs_server, orthanc, tmp_path):
     uids, series_dir, client, log = pacs_server
     url, _ = orthanc

@@ -68,6 +68,7 @@ from sam3d.monailabel import (
     Sam3DTrainTask,
     build_infer_tasks,
     datastore_api,
+    dicomweb_proxy,
     infer_api,
     lifecycle,
     load_app_config,
@@ -215,6 +216,7 @@ class MyApp(MONAILabelApp):
         ds.save_label = save_and_notify
         if self.fastapi_app is not None:  # the server process: uploads and info updates checked before they run
             datastore_api.install(self.fastapi_app)
+            dicomweb_proxy.install(self.fastapi_app, dicomweb=isinstance(ds, DICOMWebDatastore))
         return ds
 
     def on_final_label(self, image_id):

@@ -1,4 +1,5 @@
-"""`POST /infer/{model}` and `POST /activelearning/{strategy}` for sam3d: checked, bounded, off the event loop.
+"""`POST /infer/{model}`, `/activelearning/{strategy}`, `/scoring/{method}` and `/batch/infer/{model}` for sam3d:
+checked, bounded, off the event loop.
 
 MONAI Label's own `/infer/{model}` reads any server path given as `image`, answers a malformed `params`, an empty
 image or an unknown strategy with HTTP 500, and computes on the server's event loop, so that one annotator's
@@ -15,7 +16,9 @@ keep its request and response shapes (query `image`, `session_id`, `output`; for
   waiting; one more is answered 429 at once, with Retry-After.
 
 The whole-slide routes (`/infer/wsi/...`, `/infer/wsi_v2/...`) read server paths too and sam3d has no
-whole-slide model: they answer 404.
+whole-slide model: they answer 404. MONAI Label starts a scoring or batch-inference process for any name and
+answers 200 (the process then fails in its log): here an unknown method or model is 404, and `run_sync=true`
+(which would compute on the event loop) is 400.
 """
 
 import asyncio
@@ -27,11 +30,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
-from monailabel.config import RBAC_USER, settings
+from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.datastore.dicom import DICOMWebDatastore
-from monailabel.endpoints import activelearning
+from monailabel.endpoints import activelearning, batch_infer, scoring
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 
 from .app_config import RequestLimits
 
@@ -137,6 +141,12 @@ def _check_session(app, session_id: str) -> None:
         raise HTTPException(status_code=404, detail=f"session {session_id!r} is unknown or has expired")
 
 
+def _no_sync(run_sync) -> None:
+    if run_sync:
+        raise HTTPException(status_code=400, detail="run_sync is not supported: the task runs in its own process "
+                            "so that the server keeps answering")
+
+
 def put_in_front(fastapi_app, router: APIRouter, module: str) -> None:
     """`router`'s routes before MONAI Label's (the first matching route serves), in place of those that the routes
     of `module` put there before (POST /reload re-creates the app)."""
@@ -195,6 +205,26 @@ def install(fastapi_app, app) -> None:
             raise HTTPException(status_code=404, detail=f"no strategy {strategy!r}; known: "
                                 f"{', '.join(app._strategies)}")
         return activelearning.sample(strategy, params, user.username)
+
+    @router.post("/scoring/{method}", summary=f"{RBAC_ANNOTATOR}Run a scoring method (known methods only)",
+                 tags=["Scoring"])
+    async def run_scoring(method: str, params: dict | None = None, run_sync: bool | None = False,
+                          user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+        if method not in app._scoring_methods:
+            known = ", ".join(app._scoring_methods) or "none (the scored model has no weights yet)"
+            raise HTTPException(status_code=404, detail=f"no scoring method {method!r}; known: {known}")
+        _no_sync(run_sync)
+        return scoring.run_method(method, params, False)
+
+    @router.post("/batch/infer/{model}", summary=f"{RBAC_ADMIN}Run batch inference (known models only)",
+                 tags=["Infer"])
+    async def run_batch(model: str, images: BatchInferImageType = BatchInferImageType.IMAGES_ALL,
+                        params: dict | None = None, run_sync: bool | None = False,
+                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        if model not in app._infers:
+            raise HTTPException(status_code=404, detail=f"no model {model!r}; known: {', '.join(app._infers)}")
+        _no_sync(run_sync)
+        return batch_infer.run(model, images, params or {}, False)
 
     put_in_front(fastapi_app, router, __name__)
     logger.info(f"sam3d: /infer/{{model}} checked and queued ({limits.infer_threads} threads, {limits.infer_queue} "
