@@ -216,6 +216,13 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, tiny_cases):
     assert steps_logged == [1, 2, 3, 4, 5, 6]  # step 3 ran twice: once before the crash, once after
 
 
+def test_stop_at_step_ends_a_leg_there_and_the_next_leg_goes_on(tmp_path, tiny_cases):
+    steps = ["train.steps=5", "checkpoint.every=10", "validation.every=0", "log.tensorboard=false"]
+    assert _train(_smoke(tmp_path, tiny_cases, *steps, "train.stop_at_step=2"))["step"] == 2
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 2  # checkpointed where it stopped
+    assert _train(_smoke(tmp_path, tiny_cases, *steps))["step"] == 5
+
+
 def test_accumulation_matches_one_big_batch(tmp_path, tiny_cases):
     common = ["train.steps=2", "train.batch_size=2", "validation.every=0", "log.tensorboard=false",
               "checkpoint.every=2"]
@@ -318,3 +325,31 @@ def test_sigkill_at_any_moment_leaves_whole_files_and_resumes(tmp_path, tiny_cas
     assert not list(out.glob(".*.tmp"))  # what the kills left behind is cleaned up
     logged = [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:]]
     assert logged[-1] == 60 and set(range(1, 61)) <= set(logged)
+
+
+def test_zoom_shows_a_structure_larger_than_the_window_whole():
+    from sam3d.data.training import Volume
+
+    label = torch.zeros(1, 100, 100, 60, dtype=torch.int32)
+    label[0, 5:95, 10:90, 5:55] = 1  # 90 voxels across: a 32-voxel window sees a part of it
+    label[0, 40:46, 40:46, 2:4] = 2
+    vol = Volume("large", None, label)
+
+    def samples(zoom_prob):
+        cfg = SamplingConfig(size=32, min_voxels=8, random_window_prob=0.0, deform_prob=0.0, merge_prob=0.0,
+                             zoom_prob=zoom_prob, zoom_max=4.0, zoom_fill=(0.6, 0.9), targets={"large": [1]})
+        ds = WindowDataset([vol], EngineConfig(), cfg, seed=0)
+        return [ds[i] for i in range(6)]
+
+    def touches_a_face(mask):
+        return any(f.any() for f in (mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]))
+
+    plain, zoomed = samples(0.0), samples(1.0)
+    assert all(s["zoom"] == 1.0 and touches_a_face(s["label"][0].numpy()) for s in plain)  # a part of the organ
+    for s in zoomed:
+        assert 90 / (0.9 * 32) - 1e-6 <= s["zoom"] <= 90 / (0.6 * 32) + 1e-6
+        mask = s["label"][0].numpy()
+        assert 0.1 < mask.mean() < 0.8 and not touches_a_face(mask)  # the whole organ, inside the window
+    # the validation windows (no augmentation) never zoom
+    cfg = SamplingConfig(size=32, min_voxels=8, zoom_prob=1.0)
+    assert all(WindowDataset([vol], EngineConfig(), cfg, seed=0, augment=False)[i]["zoom"] == 1.0 for i in range(4))

@@ -5,7 +5,9 @@ own `self.R` (MONAI's `Randomizable`), so `Compose.set_random_state(seed)` makes
 
 - `RandWindowDeformd`: crops a window of the model grid at a given start, through one `grid_sample` that also
   applies a random affine (rotation, scaling) and a smooth elastic displacement (a coarse random field,
-  upsampled). The image is padded with its minimum outside the volume, as the engine pads its windows.
+  upsampled). The image is padded with its minimum outside the volume, as the engine pads its windows. A zoom
+  (`data["zoom"]` > 1) makes the window cover zoom x S voxels about the same centre, as the engine's AutoZoom
+  sees a large structure on a coarser grid.
 - `SynthesizeFromLabelsd`: SynthSeg-style images from a label map alone: a random intensity (mean and spread)
   per label, a smooth multiplicative bias field, blur, a random acquisition resolution (down- then up-sampled),
   gamma and noise. A few real label maps thus give unlimited images of unseen contrasts.
@@ -47,6 +49,7 @@ class RandWindowDeformd(Randomizable, MapTransform):
         elastic_voxels: float = 3.0,
         elastic_grid: int = 5,
         flip_prob: float = 0.0,
+        zoom_key: str = "zoom",
     ) -> None:
         MapTransform.__init__(self, list(image_keys) + list(label_keys), allow_missing_keys=True)
         self.image_keys, self.label_keys = tuple(image_keys), tuple(label_keys)
@@ -54,6 +57,7 @@ class RandWindowDeformd(Randomizable, MapTransform):
         self.rotate_deg, self.scale = rotate_deg, scale
         self.elastic_voxels, self.elastic_grid = elastic_voxels, elastic_grid
         self.flip_prob = flip_prob
+        self.zoom_key = zoom_key
 
     def randomize(self, data=None) -> None:
         self._do = self.R.rand() < self.prob
@@ -63,18 +67,19 @@ class RandWindowDeformd(Randomizable, MapTransform):
         self._field = self.R.normal(0.0, 1.0, (3, g, g, g)) * self.elastic_voxels * self.R.rand()
         self._flips = self.R.rand(3) < self.flip_prob
 
-    def _grid(self, shape: tuple[int, ...], start: np.ndarray) -> torch.Tensor:
+    def _grid(self, shape: tuple[int, ...], start: np.ndarray, zoom: float = 1.0) -> torch.Tensor:
         """Sampling grid (1, S, S, S, 3) in grid_sample's normalised (x=last axis) convention."""
         s = self.size
         idx = torch.arange(s, dtype=torch.float32)
         mesh = torch.stack(torch.meshgrid(idx, idx, idx, indexing="ij"), -1)  # (S, S, S, 3) window indices
-        if self._do:
+        if self._do or zoom != 1.0:
             c = (s - 1) / 2
-            m = torch.as_tensor(_rotation(self._angles) @ np.diag(1.0 / self._scales), dtype=torch.float32)
-            mesh = (mesh - c) @ m.T + c
+            m = _rotation(self._angles) @ np.diag(1.0 / self._scales) if self._do else np.eye(3)
+            mesh = (mesh - c) @ torch.as_tensor(m * zoom, dtype=torch.float32).T + c
+        if self._do:
             disp = F.interpolate(torch.as_tensor(self._field, dtype=torch.float32)[None], size=(s, s, s),
                                  mode="trilinear", align_corners=True)[0]
-            mesh = mesh + disp.permute(1, 2, 3, 0)
+            mesh = mesh + disp.permute(1, 2, 3, 0) * zoom
         for ax in range(3):
             if self._flips[ax]:
                 mesh[..., ax] = mesh.flip(ax)[..., ax]
@@ -88,7 +93,7 @@ class RandWindowDeformd(Randomizable, MapTransform):
         self.randomize()
         ref = d[self.image_keys[0]] if self.image_keys[0] in d else d[self.label_keys[0]]
         shape = tuple(ref.shape[1:])
-        grid = self._grid(shape, np.asarray(d[self.start_key], dtype=np.float64))
+        grid = self._grid(shape, np.asarray(d[self.start_key], dtype=np.float64), float(d.get(self.zoom_key, 1.0)))
         for key in self.image_keys:
             if key in d:
                 vol = torch.as_tensor(d[key], dtype=torch.float32)

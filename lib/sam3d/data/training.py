@@ -10,7 +10,7 @@ or resumed run. A sample is one binary target in one window:
 
     {"image": (1, S, S, S) float32, normalised as the engine normalises its windows,
      "label": (1, S, S, S) float32 0/1, "seed": int (the clicks' seed), "index": int,
-     "case": str, "target": str (label values), "synthetic": bool}
+     "case": str, "target": str (label values), "zoom": float (window voxels per model voxel), "synthetic": bool}
 """
 
 import fnmatch
@@ -72,6 +72,12 @@ class Volume:
         lo, hi = self._bounds[int(value)]
         flat = self._flat[lo + int(rng.integers(hi - lo))]
         return np.array(np.unravel_index(flat, self.label.shape[1:]), dtype=np.float64)
+
+    def box(self, value: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inclusive index box of one label value."""
+        lo, hi = self._bounds[int(value)]
+        idx = np.array(np.unravel_index(self._flat[lo:hi], self.label.shape[1:]))
+        return idx.min(1).astype(np.float64), idx.max(1).astype(np.float64)
 
     def voxels(self, values: np.ndarray) -> np.ndarray:
         """Voxel count of each label value."""
@@ -172,6 +178,9 @@ class SamplingConfig:
     thin_slices: int = 4
     targets: dict | None = None  # {case: [label values]}: that case's only targets and merge partners (else all)
     size_power: float = 0.0  # a structure is chosen with probability ~ voxels^size_power (0: every label alike)
+    zoom_prob: float = 0.0  # a structure larger than the window is seen whole, on a grid up to zoom_max times coarser
+    zoom_max: float = 4.0
+    zoom_fill: tuple = (0.5, 1.0)  # the fraction of the zoomed window its largest side then fills
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingConfig":
@@ -273,7 +282,7 @@ class WindowDataset(Dataset):
         c, size = self.cfg, self.cfg.size
         vol = self.volumes[int(rng.choice(len(self.volumes), p=self.weights))]
         shape = vol.label.shape[1:]
-        wanted = None
+        wanted, zoom = None, 1.0
         if len(vol.values) and rng.random() >= c.random_window_prob:
             if c.size_power:  # most labels of a scan are small: without this a large organ is a rare target
                 weights = vol.voxels(vol.values) ** c.size_power
@@ -281,11 +290,17 @@ class WindowDataset(Dataset):
             else:
                 wanted = int(rng.choice(vol.values))
             center = vol.random_voxel(wanted, rng) + rng.uniform(-c.jitter, c.jitter, 3) * size
+            if c.zoom_prob and self.augment and rng.random() < c.zoom_prob:
+                zoom, box_center = self._zoom_for(vol, wanted, rng)
+                if zoom > 1.0:
+                    center = box_center + rng.uniform(-c.jitter, c.jitter, 3) * size
         else:
             lo, hi = vol.foreground_box()
             center = rng.uniform(lo, hi + 1)
         start = window_start(center, size, shape)
-        d = {"label": vol.label, "start": start}
+        if zoom > 1.0:  # the zoomed window's centre is the structure's, even where a plain window would be clamped
+            start = tuple(int(v) for v in np.round(center - (size - 1) / 2))
+        d = {"label": vol.label, "start": start, "zoom": zoom}
         if vol.image is not None:  # a label map alone gets its image from the synthesis below
             d["image"] = vol.image
         sub_seed = int(rng.integers(2**31 - 1))
@@ -326,8 +341,17 @@ class WindowDataset(Dataset):
             "case": vol.name,
             "start": tuple(int(v) for v in start),  # window start on the model grid (before any deformation)
             "target": "+".join(str(v) for v in chosen),
+            "zoom": zoom,
             "synthetic": bool(d["synthetic"]),
         }
+
+    def _zoom_for(self, vol: Volume, value: int, rng: np.random.Generator) -> tuple[float, np.ndarray]:
+        """The zoom at which the structure's largest side fills a random `zoom_fill` fraction of the window (1 for a
+        structure that already fits), and the centre of its box."""
+        lo, hi = vol.box(value)
+        fill = rng.uniform(*self.cfg.zoom_fill)
+        zoom = float(np.clip((hi - lo + 1).max() / (fill * self.cfg.size), 1.0, self.cfg.zoom_max))
+        return zoom, (lo + hi) / 2
 
     def _engine_cfg(self, synthetic: bool) -> EngineConfig:
         if not synthetic or self.engine_config.clip is None:

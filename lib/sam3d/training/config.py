@@ -25,7 +25,7 @@ RECIPE_KEYS: dict[str, set | None] = {
     "interactive": {f.name for f in fields(InteractiveConfig)},
     "optim": {"lr", "weight_decay", "betas", "eps", "warmup_steps", "min_lr_ratio", "grad_clip", "freeze", "lr_mult",
               "lora"},
-    "train": {"steps", "batch_size", "accumulate", "num_workers", "threads", "amp", "max_minutes"},
+    "train": {"steps", "batch_size", "accumulate", "num_workers", "threads", "amp", "max_minutes", "stop_at_step"},
     "checkpoint": {"every", "half"},
     "validation": {"every", "samples", "clicks", "data"},
     "log": {"every", "tensorboard", "progress"},

@@ -193,6 +193,8 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     if start:
         trainer.load_state_dict({"iteration": start, "epoch_length": steps, "max_epochs": 1})
     _attach_budget(trainer, tcfg.get("max_minutes"), rank, ddp, device)
+    if tcfg.get("stop_at_step"):  # a leg of an exact length (equal-budget comparisons), the schedule unchanged
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=int(tcfg["stop_at_step"])), lambda e: e.terminate())
     exit_at = (recipe.get("debug") or {}).get("exit_at_step")
     if exit_at is not None:  # tests: die like a killed process right after a step
         trainer.add_event_handler(Events.ITERATION_COMPLETED,
