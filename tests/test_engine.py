@@ -238,3 +238,45 @@ def test_byte_lru_evicts_least_recent_by_bytes():
     assert "a" in cache and "c" in cache and "b" not in cache and cache.nbytes == 80
     cache.put("huge", b"x" * 101)
     assert "huge" not in cache
+
+
+class ThresholdModel(nn.Module):
+    """Segments the bright voxels of its window: it answers only what the window shows, as a real network does."""
+
+    img_size = low_res_size = 32
+    supports_boxes = False
+
+    def encode_image(self, x):
+        return x
+
+    def decode(self, emb, points=None, boxes=None, mask_input=None, multimask_output=False):
+        return emb - 0.5, torch.ones(1, 1)
+
+
+@pytest.fixture(scope="module")
+def spheres(tmp_path_factory):
+    """A 1 mm image with a bright sphere 60 mm across around (40, 50, 50) and one 10 mm across around (85, 85, 85)."""
+    grid = np.stack(np.meshgrid(*[np.arange(100)] * 3, indexing="ij"), -1)
+    image = (np.linalg.norm(grid - [40, 50, 50], axis=-1) <= 30).astype(np.float32)
+    image[np.linalg.norm(grid - [85, 85, 85], axis=-1) <= 5] = 1.0
+    path = tmp_path_factory.mktemp("spheres") / "spheres.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(path))
+    return str(path), image > 0.5
+
+
+def test_autozoom_sees_a_structure_larger_than_the_window_on_a_coarser_grid(spheres):
+    path, truth = spheres
+    large = truth & (np.arange(100)[:, None, None] < 75)
+    engine = engine_for(ThresholdModel(), spacing=(1.0, 1.0, 1.0), normalize="none", max_zoom=4.0)
+    res = engine.segment(path, [[40, 50, 50]], [], label="large")
+    # 32 mm, then 48 mm windows cut the sphere; at 2.25 x 1 mm the 72 mm window holds it whole, in one window
+    assert res.info["zoom"] == pytest.approx(2.25) and len(res.info["windows"]) == 1
+    assert 2 * (res.mask.astype(bool) & large).sum() / (res.mask.sum() + large.sum()) > 0.9
+    # the sequence's next click stays on that grid; a small structure keeps the finest grid
+    again = engine.segment(path, [[40, 50, 50], [30, 50, 50]], [], label="large")
+    assert again.info["zoom"] == pytest.approx(2.25)
+    small = engine.segment(path, [[85, 85, 85]], [], label="small")
+    assert small.info["zoom"] == 1.0 and small.info["spacing"] == [1.0, 1.0, 1.0]
+    # without AutoZoom the finest grid follows the sphere with more windows
+    plain = engine_for(ThresholdModel(), spacing=(1.0, 1.0, 1.0), normalize="none").segment(path, [[40, 50, 50]], [])
+    assert plain.info["zoom"] == 1.0 and len(plain.info["windows"]) > 1

@@ -2,6 +2,10 @@
 
 The image is loaded and resampled once per session; the image embedding of each window is cached; each
 (image, label) keeps the previous low-res logits so the next click refines the last mask, as SAM-Med3D does.
+
+AutoZoom (nnInteractive's): when the first answer of a click sequence reaches the edge of its window, the
+structure is larger than the window, and the sequence moves to a grid `zoom_step` times coarser (a window that
+covers more of the image), up to `max_zoom`; the sequence's later clicks stay on the grid it settled on.
 """
 
 import threading
@@ -35,6 +39,8 @@ class EngineConfig:
     max_windows: int = 8  # windows one request may use to follow a large structure
     max_voxels: int = 400_000_000  # larger images are refused rather than exhausting memory
     reuse_margin: int = 8  # keep the last window while every prompt is this many voxels inside it
+    max_zoom: float = 1.0  # AutoZoom: coarsest grid, in multiples of `spacing` (1: off)
+    zoom_step: float = 1.5
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "EngineConfig":
@@ -49,6 +55,11 @@ class EngineConfig:
         for name in ("cache_mb", "session_cache_mb", "max_windows", "max_voxels", "reuse_margin"):
             if cfg.get(name) is not None:
                 setattr(out, name, int(cfg[name]))
+        for name in ("max_zoom", "zoom_step"):
+            if cfg.get(name) is not None:
+                setattr(out, name, float(cfg[name]))
+        if out.max_zoom < 1.0 or out.zoom_step <= 1.0:
+            raise ValueError(f"max_zoom must be >= 1 and zoom_step > 1, got {out.max_zoom} and {out.zoom_step}")
         if out.normalize not in ("zscore_foreground", "zscore", "none"):
             raise ValueError(f"unknown intensity normalisation {out.normalize!r}")
         return out
@@ -68,6 +79,7 @@ class _LabelState:
     low_res: dict  # window start -> low-res logits (1, 1, s, s, s)
     canvas: torch.Tensor  # model-grid logits of the last answer (float16)
     box: tuple | None  # model-grid (lo, hi) that holds every positive voxel of `canvas`; None: there is none
+    zoom: float = 1.0  # the grid of this sequence: `spacing` times zoom
 
 
 def normalize_window(x: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
@@ -113,21 +125,22 @@ class InteractiveEngine:
 
     # ---- sessions and caches -------------------------------------------------------------------------------
 
-    def _session(self, path: str) -> tuple[ImageSession, ImageKey, bool]:
+    def _session(self, path: str, zoom: float = 1.0) -> tuple[ImageSession, ImageKey, bool]:
         key = ImageKey.of(path)
-        sess = self._sessions.get(key)
+        sess = self._sessions.get((key, zoom))
         if sess is not None:
             return sess, key, True
-        sess = ImageSession(path, self.config.spacing, self.config.max_voxels)
-        self._sessions.put(key, sess)
+        sess = ImageSession(path, tuple(s * zoom for s in self.config.spacing), self.config.max_voxels)
+        self._sessions.put((key, zoom), sess)
         # a changed file makes the caches of its old version useless
+        self._sessions.discard(lambda k: k[0].path == key.path and k[0] != key)
         self._embeddings.discard(lambda k: k[0].path == key.path and k[0] != key)
         for old in [k for k in self._states if k[0].path == key.path and k[0] != key]:
             del self._states[old]
         return sess, key, False
 
-    def _embedding(self, sess: ImageSession, key: ImageKey, start: tuple) -> tuple[torch.Tensor, float]:
-        cache_key = (key, self.model_id, start)
+    def _embedding(self, sess: ImageSession, key: ImageKey, zoom: float, start: tuple) -> tuple[torch.Tensor, float]:
+        cache_key = (key, self.model_id, zoom, start)
         emb = self._embeddings.get(cache_key)
         if emb is not None:
             return emb, 0.0
@@ -162,7 +175,7 @@ class InteractiveEngine:
             self._check_inside(fg, sess.shape, "foreground")
             self._check_inside(bg, sess.shape, "background")
             box_image = self._parse_roi(roi, sess.shape)
-            result = self._segment(sess, key, fg, bg, box_image, label, prior)
+            result = self._segment(str(image_path), key, fg, bg, box_image, label, prior)
         result.timings["load"] = 0.0 if cached_session else t_loaded - t_start
         result.timings["total"] = time.perf_counter() - t_start
         return result
@@ -189,20 +202,30 @@ class InteractiveEngine:
         InteractiveEngine._check_inside(box, shape, "roi corner")
         return box
 
-    def _segment(self, sess, key, fg, bg, box_image, label, prior=None) -> SegmentResult:
-        cfg, size = self.config, self.model.img_size
-        state_key = (key, label)
+    def _segment(self, path, key, fg, bg, box_image, label, prior=None) -> SegmentResult:
         prompts = [(*p, True) for p in fg.tolist()] + [(*p, False) for p in bg.tolist()]
         prompts.append(("roi", None if box_image is None else box_image.tolist()))
-        state = self._states.get(state_key)
+        state = self._states.get((key, label))
         # the client resends every click so far: a request that extends the last one continues it
         if state is not None and not _extends(prompts, state.prompts):
             state = None
+        zoom = state.zoom if state is not None else 1.0
+        while True:
+            sess, _, _ = self._session(path, zoom)
+            may_zoom = state is None and zoom * self.config.zoom_step <= self.config.max_zoom + 1e-6
+            result = self._answer(sess, key, zoom, state, prompts, fg, bg, box_image, label, prior, may_zoom)
+            if result is not None:
+                return result
+            zoom *= self.config.zoom_step  # the first answer reached its window's edge: look again, coarser
+
+    def _answer(self, sess, key, zoom, state, prompts, fg, bg, box_image, label, prior, may_zoom):
+        """The answer on the grid of `zoom`, or None when `may_zoom` and the first window's mask reaches its edge."""
+        cfg, size = self.config, self.model.img_size
         if state is None and prior is not None:  # a new sequence starts from the prior, as from a previous answer
             logits = (sess.mask_to_model(prior) * 2 - 1) * _PRIOR_LOGIT
             idx = (logits > 0).nonzero()
             box = (idx.min(0).values.numpy(), idx.max(0).values.numpy() + 1) if len(idx) else None
-            state = _LabelState([prompts[-1]], OrderedDict(), logits.to(torch.float16), box)
+            state = _LabelState([prompts[-1]], OrderedDict(), logits.to(torch.float16), box, zoom)
 
         fg_m, bg_m = sess.image_to_model(fg), sess.image_to_model(bg)
         box_m = None
@@ -233,7 +256,7 @@ class InteractiveEngine:
         queue, seen = [(primary, None)], {primary}
         while queue:
             start, seed = queue.pop(0)
-            emb, t_enc = self._embedding(sess, key, start)
+            emb, t_enc = self._embedding(sess, key, zoom, start)
             t = time.perf_counter()
             mask_input = self._mask_input(state, start, canvas if seed is not None else None)
             low, score = self._decode(emb, start, fg_m, bg_m, box_m, seed, mask_input)
@@ -245,7 +268,10 @@ class InteractiveEngine:
             timings["decode"] += time.perf_counter() - t
             low_res_out[start] = low
             windows.append({"start": list(start), "size": size, "embedding_cached": t_enc == 0.0})
-            for face in touched_faces(logits > 0, start, sess.volume.shape):
+            faces = touched_faces(logits > 0, start, sess.volume.shape)
+            if faces and may_zoom:
+                return None
+            for face in faces:
                 nxt = neighbour_start(start, face, size, sess.volume.shape)
                 if nxt not in seen and len(seen) < cfg.max_windows:
                     seen.add(nxt)
@@ -267,8 +293,8 @@ class InteractiveEngine:
         mask = sess.to_image_grid(canvas[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], lo, box_lo, box_hi)
         timings["resample"] = time.perf_counter() - t
 
-        self._states[state_key] = _LabelState(prompts, low_res_out, canvas, (lo, hi))
-        self._states.move_to_end(state_key)
+        self._states[(key, label)] = _LabelState(prompts, low_res_out, canvas, (lo, hi), zoom)
+        self._states.move_to_end((key, label))
         while len(self._states) > self._max_states:
             self._states.popitem(last=False)
         info = {
@@ -276,7 +302,8 @@ class InteractiveEngine:
             "checkpoint": self.checkpoint,
             "windows": windows,
             "embedding_cached": windows[0]["embedding_cached"],
-            "spacing": list(cfg.spacing),
+            "spacing": [s * zoom for s in cfg.spacing],
+            "zoom": zoom,
             "voxels": int(mask.sum()),
             "score": float(np.mean(scores)),  # the network's own confidence (IoU head or mean foreground probability)
         }
