@@ -280,3 +280,11 @@ def test_autozoom_sees_a_structure_larger_than_the_window_on_a_coarser_grid(sphe
     # without AutoZoom the finest grid follows the sphere with more windows
     plain = engine_for(ThresholdModel(), spacing=(1.0, 1.0, 1.0), normalize="none").segment(path, [[40, 50, 50]], [])
     assert plain.info["zoom"] == 1.0 and len(plain.info["windows"]) > 1
+
+
+def test_engine_config_refuses_an_unknown_precision_or_zoom():
+    assert EngineConfig.from_dict({"precision": "bf16", "max_zoom": 4}).precision == "bf16"
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16, got 'fp16'"):
+        EngineConfig.from_dict({"precision": "fp16"})
+    with pytest.raises(ValueError, match="max_zoom must be >= 1"):
+        EngineConfig.from_dict({"max_zoom": 0.5})

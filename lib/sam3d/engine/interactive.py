@@ -8,6 +8,7 @@ structure is larger than the window, and the sequence moves to a grid `zoom_step
 covers more of the image), up to `max_zoom`; the sequence's later clicks stay on the grid it settled on.
 """
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +42,7 @@ class EngineConfig:
     reuse_margin: int = 8  # keep the last window while every prompt is this many voxels inside it
     max_zoom: float = 1.0  # AutoZoom: coarsest grid, in multiples of `spacing` (1: off)
     zoom_step: float = 1.5
+    precision: str = "fp32"  # "bf16": the network under bfloat16 autocast, where the device computes it natively
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "EngineConfig":
@@ -52,6 +54,9 @@ class EngineConfig:
         if intensity.get("clip") is not None:
             out.clip = tuple(float(v) for v in intensity["clip"])
         out.normalize = intensity.get("normalize", out.normalize)
+        out.precision = cfg.get("precision") or out.precision
+        if out.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {out.precision!r}")
         for name in ("cache_mb", "session_cache_mb", "max_windows", "max_voxels", "reuse_margin"):
             if cfg.get(name) is not None:
                 setattr(out, name, int(cfg[name]))
@@ -94,6 +99,17 @@ def normalize_window(x: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
     return (x - values.mean()) / values.std().clamp_min(1e-8)
 
 
+def precision_context(precision: str, device: torch.device):
+    """bfloat16 autocast where the device has it natively (a CUDA GPU, a CPU with AVX-512 BF16 or AMX); elsewhere
+    it would be emulated and slower than float32. On a CPU, PyTorch's float32 3D convolutions fall back to a slow
+    path below 20,480 input voxels x channels (the coarse levels of a small-window UNet); in bfloat16 they run
+    through oneDNN."""
+    native = device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if precision == "bf16" and native:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def _parse_points(points, name: str) -> np.ndarray:
     if points is None:
         return np.zeros((0, 3))
@@ -120,6 +136,7 @@ class InteractiveEngine:
         self._sessions = ByteLRU(self.config.session_cache_mb << 20, sizeof=lambda s: s.nbytes)
         self._embeddings = ByteLRU(self.config.cache_mb << 20, sizeof=lambda t: t.element_size() * t.nelement())
         self._states: OrderedDict = OrderedDict()
+        self._autocast = precision_context(self.config.precision, self.device)
         self._max_states = 32
         self._lock = threading.RLock()
 
@@ -146,7 +163,8 @@ class InteractiveEngine:
             return emb, 0.0
         t = time.perf_counter()
         window = normalize_window(sess.crop(start, self.model.img_size), self.config)
-        emb = self.model.encode_image(window[None, None].to(self.device))
+        with self._autocast():
+            emb = self.model.encode_image(window[None, None].to(self.device))
         self._synchronize()
         self._embeddings.put(cache_key, emb)
         return emb, time.perf_counter() - t
@@ -337,8 +355,9 @@ class InteractiveEngine:
         boxes = None
         if box_m is not None and self.model.supports_boxes:
             boxes = torch.tensor(box_m - origin, dtype=torch.float32, device=self.device)[None]
-        low, score = self.model.decode(emb, points=points, boxes=boxes, mask_input=mask_input)
-        return low, float(score.reshape(-1)[0])
+        with self._autocast():
+            low, score = self.model.decode(emb, points=points, boxes=boxes, mask_input=mask_input)
+        return low.float(), float(score.reshape(-1)[0])
 
     @staticmethod
     def _paste(canvas: torch.Tensor, covered: torch.Tensor, logits: torch.Tensor, start: tuple) -> None:
