@@ -277,6 +277,11 @@ def test_autozoom_sees_a_structure_larger_than_the_window_on_a_coarser_grid(sphe
     assert again.info["zoom"] == pytest.approx(2.25)
     small = engine.segment(path, [[85, 85, 85]], [], label="small")
     assert small.info["zoom"] == 1.0 and small.info["spacing"] == [1.0, 1.0, 1.0]
+    # a box around the sphere starts on a grid that holds it: no finer grid is tried first
+    boxed = engine_for(ThresholdModel(), spacing=(1.0, 1.0, 1.0), normalize="none", max_zoom=4.0)
+    res = boxed.segment(path, [], [], roi=[10, 20, 70, 80, 20, 80], label="boxed")
+    assert res.info["zoom"] == pytest.approx(2.25) and res.timings["encode"] > 0
+    assert sorted(zoom for _, zoom in boxed._sessions._items) == [1.0, 2.25]  # the box measured at 1, then 2.25
     # without AutoZoom the finest grid follows the sphere with more windows
     plain = engine_for(ThresholdModel(), spacing=(1.0, 1.0, 1.0), normalize="none").segment(path, [[40, 50, 50]], [])
     assert plain.info["zoom"] == 1.0 and len(plain.info["windows"]) > 1

@@ -5,7 +5,8 @@ The image is loaded and resampled once per session; the image embedding of each 
 
 AutoZoom (nnInteractive's): when the first answer of a click sequence reaches the edge of its window, the
 structure is larger than the window, and the sequence moves to a grid `zoom_step` times coarser (a window that
-covers more of the image), up to `max_zoom`; the sequence's later clicks stay on the grid it settled on.
+covers more of the image), up to `max_zoom`; a box larger than the window starts on a grid that holds it. The
+sequence's later clicks stay on the grid it settled on.
 """
 
 import contextlib
@@ -227,7 +228,7 @@ class InteractiveEngine:
         # the client resends every click so far: a request that extends the last one continues it
         if state is not None and not _extends(prompts, state.prompts):
             state = None
-        zoom = state.zoom if state is not None else 1.0
+        zoom = state.zoom if state is not None else self._zoom_to_fit(path, box_image)
         while True:
             sess, _, _ = self._session(path, zoom)
             may_zoom = state is None and zoom * self.config.zoom_step <= self.config.max_zoom + 1e-6
@@ -235,6 +236,17 @@ class InteractiveEngine:
             if result is not None:
                 return result
             zoom *= self.config.zoom_step  # the first answer reached its window's edge: look again, coarser
+
+    def _zoom_to_fit(self, path, box_image) -> float:
+        """The finest grid of AutoZoom on which a box fills at most 90 % of the window (1 without a box)."""
+        if box_image is None or self.config.max_zoom <= 1.0:
+            return 1.0
+        sess, _, _ = self._session(path, 1.0)
+        corners = sess.image_to_model(np.array(np.meshgrid(*box_image.T, indexing="ij")).reshape(3, -1).T)
+        extent, zoom = float(np.ptp(corners, axis=0).max()), 1.0
+        while extent / zoom > 0.9 * self.model.img_size and zoom * self.config.zoom_step <= self.config.max_zoom + 1e-6:
+            zoom *= self.config.zoom_step
+        return zoom
 
     def _answer(self, sess, key, zoom, state, prompts, fg, bg, box_image, label, prior, may_zoom):
         """The answer on the grid of `zoom`, or None when `may_zoom` and the first window's mask reaches its edge."""
