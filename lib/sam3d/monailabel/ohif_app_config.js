@@ -5,7 +5,8 @@
 // series (STOW-RS through the app's /proxy/dicom), and the app's DICOMweb datastore takes the newest SEG of a
 // series as that image's final label, which training reads. The bundled mode has no control that saves a label
 // (its panel's client has save_label; nothing calls it). The mode is the bundled one, wrapped: same id, same
-// route, its layout with one more right panel, and the export routed to the data source (below).
+// route, its layout with one more right panel, and the export routed to the data source with each frame of the SEG
+// placed on the slice it was drawn on (below).
 (function () {
   const MONAI_LABEL_MODE = '@ohif/mode-monai-label';
   const SEGMENTATION_PANEL = '@ohif/extension-cornerstone.panelModule.panelSegmentation';
@@ -17,6 +18,76 @@
   // one, which fails with "Cannot read properties of undefined (reading 'store')" and the viewer says only
   // "Something went wrong". Here a call without `dataSource` stores through the active data source (the app's
   // /proxy/dicom, then the PACS) and says whether it worked; the labelmap stays in the viewer.
+  //
+  // The bundled exporter (@cornerstonejs/adapters' generateSegmentation, dcmjs) takes the labelmap's slices in the
+  // order of the segmentation's imageIds (the display set's order: InstanceNumber) but gives frame i the position
+  // and source image of the i-th slice of the series sorted by dcmjs (descending distance along the normal, row x
+  // column). Where the two orders differ, as in a series whose InstanceNumber grows along the normal, every frame
+  // is stored on another slice: the SEG is upside down (OHIF issues 5038, 5183). Each frame keeps the index of the
+  // slice its pixels came from (FrameContentSequence.DimensionIndexValues[1]): before the SEG is stored, each frame
+  // gets that slice's position and source image, so the SEG lies where the viewer drew it (a no-op where the
+  // orders agree).
+  function placeFramesOnTheirSlices(report, segmentationId, segmentationService) {
+    const cs = window.cornerstone;
+    const segmentation =
+      segmentationService.getSegmentation(segmentationId) ||
+      window.cornerstoneTools.segmentation.state.getSegmentation(segmentationId);
+    const imageIds = segmentation.representationData.Labelmap.imageIds;
+    const first = value => (Array.isArray(value) ? value[0] : value);
+    const frames = [].concat(report.PerFrameFunctionalGroupsSequence || []);
+    const sourceOf = frame => first(first(frame.DerivationImageSequence || {}).SourceImageSequence || {});
+    if (!frames.length || frames.some(frame => !sourceOf(frame) || sourceOf(frame).ReferencedFrameNumber)) {
+      return 0; // frames of a multi-frame image: dcmjs keeps their order
+    }
+    const slices = imageIds.map(imageId => {
+      const source = cs.cache.getImage(imageId)?.referencedImageId;
+      const plane = source && cs.metaData.get('imagePlaneModule', source);
+      const instance = source && cs.metaData.get('instance', source);
+      if (!plane || !instance) {
+        throw new Error(`the labelmap's slice ${imageId} has no source image`);
+      }
+      // the instance's own values, as dcmjs copies them (the plane module's are longer than a DS may be)
+      const position = instance.ImagePositionPatient || plane.imagePositionPatient;
+      return { position, orientation: instance.ImageOrientationPatient || plane.imageOrientationPatient, instance };
+    });
+    // dcmjs's frame order, for the frames' DimensionIndexValues
+    const [r, c] = [slices[0].orientation.slice(0, 3), slices[0].orientation.slice(3, 6)];
+    const normal = [r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0]];
+    const distance = s => s.position.reduce((sum, v, k) => sum + (v - slices[0].position[k]) * normal[k], 0);
+    const rank = new Map(
+      slices.map((s, i) => [i, distance(s)]).sort((a, b) => b[1] - a[1]).map(([i], n) => [i, n + 1])
+    );
+    let moved = 0;
+    for (const frame of frames) {
+      const content = first(frame.FrameContentSequence);
+      const index = content.DimensionIndexValues[1] - 1;
+      const slice = slices[index];
+      const source = sourceOf(frame);
+      if (source.ReferencedSOPInstanceUID !== slice.instance.SOPInstanceUID) {
+        moved++;
+      }
+      first(frame.PlanePositionSequence).ImagePositionPatient = [...slice.position];
+      source.ReferencedSOPInstanceUID = slice.instance.SOPInstanceUID;
+      source.ReferencedSOPClassUID = slice.instance.SOPClassUID || source.ReferencedSOPClassUID;
+      content.DimensionIndexValues = [content.DimensionIndexValues[0], rank.get(index)];
+    }
+    console.log(`sam3d: Export DICOM SEG: ${moved} of ${frames.length} frames moved to the slice they were drawn on`);
+    return moved;
+  }
+
+  // `dataSource`, whose store.dicom places the frames of a SEG on their slices before storing it.
+  function withFramesOnTheirSlices(dataSource, segmentationId, segmentationService) {
+    const store = dataSource.store;
+    return Object.assign(Object.create(dataSource), {
+      store: Object.assign(Object.create(store), {
+        dicom: (report, ...rest) => {
+          placeFramesOnTheirSlices(report, segmentationId, segmentationService);
+          return store.dicom(report, ...rest);
+        },
+      }),
+    });
+  }
+
   function routeStoreSegmentation({ servicesManager, commandsManager, extensionManager }) {
     const store = commandsManager.getCommand('storeSegmentation', 'SEGMENTATION');
     if (!store || store.sam3dRouted) {
@@ -28,11 +99,13 @@
       ...store,
       sam3dRouted: true,
       commandFn: async args => {
+        const { segmentationService } = servicesManager.services;
+        const placed = dataSource => withFramesOnTheirSlices(dataSource, args.segmentationId, segmentationService);
         if (args.dataSource) {
-          return store.commandFn(args);
+          return store.commandFn({ ...args, dataSource: placed(args.dataSource) });
         }
         try {
-          const report = await store.commandFn({ ...args, dataSource: extensionManager.getActiveDataSource()[0] });
+          const report = await store.commandFn({ ...args, dataSource: placed(extensionManager.getActiveDataSource()[0]) });
           if (report) {
             notify('success', `Stored on the PACS as DICOM SEG "${report.SeriesDescription}": the final label of this series`);
           }
