@@ -206,7 +206,7 @@ class TextEngine(InteractiveEngine):
         count = torch.zeros(tuple(hi - lo))
         scores = []
         for start in starts:
-            emb, t_enc = self._embedding(sess, key, start)
+            emb, t_enc = self._embedding(sess, key, 1.0, start)
             t = time.perf_counter()
             prior = crop(coarse, start, size, _EMPTY_LOGIT)[None, None].to(self.device)
             logits, iou = self.model.decode(emb, mask_input=prior, text=prompt)
@@ -250,7 +250,7 @@ class TextEngine(InteractiveEngine):
             start = window_start(every.mean(0), size, sess.volume.shape)
             if not contains(start, size, every, 0):  # clicks spread wider than a window: follow the newest
                 start = window_start(every[-1], size, sess.volume.shape)
-        emb, t_enc = self._embedding(sess, key, start)
+        emb, t_enc = self._embedding(sess, key, 1.0, start)
         t = time.perf_counter()
         prior = crop(state.canvas, start, size, _EMPTY_LOGIT).float()[None, None].to(self.device)
         with self._text_bound(prompt):  # the point engine's click handling, with the text as one more prompt
