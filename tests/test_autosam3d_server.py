@@ -47,7 +47,6 @@ def server(shared_data, tmp_path_factory):
         ("infers.sam3d_auto.checkpoint", _tiny_checkpoint(tmp / "auto.safetensors")),
         ("infers.sam3d_auto.spacing", "[3.0, 3.0, 3.0]"),
         (f"infers.{ABSENT}.model", "autosam3d"),
-        (f"infers.{ABSENT}.kind", "auto"),
         (f"infers.{ABSENT}.checkpoint", tmp / "absent" / "autosam3d.safetensors"),
     ]
     with running_server(tmp, studies, conf) as (url, proc, log):

@@ -123,14 +123,13 @@ def test_unknown_model_is_a_task_error_not_a_startup_failure():
     assert "no_such_model" in c.infers["sam3d_point"].error and "sam3d_small" in c.infers["sam3d_point"].error
 
 
-def test_task_kind_selects_the_task_and_an_unknown_kind_is_a_task_error():
-    c = load_app_config({"infers.sam3d_semantic_point.kind": "point", "infers.odd.model": "sam3d_small",
-                         "infers.odd.kind": "telepathy"}, CONFIGS)
-    t = c.infers["sam3d_semantic_point"]
-    assert t.kind == "point" and t.error is None and t.model_config["preset"] == "segsam3d"
-    assert "kind" not in t.model_config  # a task key, not a model override
-    assert c.infers["sam3d_point"].kind == "point"
-    assert "unknown task kind 'telepathy'" in c.infers["odd"].error
+def test_a_tasks_kind_is_its_models_and_setting_it_is_a_task_error():
+    c = load_app_config({"infers.odd.model": "sam3d_small", "infers.odd.kind": "telepathy"}, CONFIGS)
+    kinds = {name: (t.kind, t.error) for name, t in c.infers.items() if name != "odd"}
+    assert kinds == {"sam3d_point": ("point", None), "sam3d_semantic_point": ("point", None),
+                     "sam3d_text": ("text", None), "sam3d_auto": ("auto", None)}
+    assert "infers.odd.kind` is not a setting" in c.infers["odd"].error
+    assert "kind" not in c.infers["sam3d_auto"].model_config
 
 
 def test_broken_app_yaml_fails_loudly(tmp_path):

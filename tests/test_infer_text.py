@@ -81,14 +81,14 @@ def test_missing_weights_is_503(tmp_path, ct):
 
 
 def test_registered_as_the_text_kind_of_the_app_config(checkpoint, ct, no_network):  # noqa: F811
-    """What apps/sam3d/main.py will do once it maps kind `text` to this class: configs/app.yaml plus a `sam3d_text`
-    task (model refsam3d) as --conf adds it."""
+    """configs/app.yaml plus a `sam3d_text` task (model refsam3d) as --conf adds it: a text task, because its
+    preset is a text model."""
     from pathlib import Path
 
     from sam3d.monailabel import load_app_config
 
     repo = Path(__file__).resolve().parents[1]
-    conf = {"infers.sam3d_text.model": "refsam3d", "infers.sam3d_text.kind": "text",
+    conf = {"infers.sam3d_text.model": "refsam3d",
             "infers.sam3d_text.checkpoint": str(checkpoint), "infers.sam3d_text.spacing": "[3, 3, 3]",
             "infers.sam3d_text.max_windows": "2", "device": "cpu"}
     spec = load_app_config(conf, repo / "configs").infers["sam3d_text"]

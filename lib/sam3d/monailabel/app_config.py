@@ -36,14 +36,15 @@ from typing import Any
 import yaml
 
 from ..engine import weights_registry
+from ..engine.checkpoint import configured_preset
 from ..engine.model_config import load_model_config
+from ..models import model_kind
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TASK = "sam3d_point"
 DEFAULT_LABEL = "structure"
-TASK_KEYS = {"model", "description", "labels", "kind"}  # every other key of a task overrides its model config
-TASK_KINDS = ("point", "text", "auto")  # which infer task class serves the model (apps/sam3d/main.py)
+TASK_KEYS = {"model", "description", "labels"}  # every other key of a task overrides its model config
 ALIASES = {
     "model": f"infers.{DEFAULT_TASK}.model",
     "checkpoint": f"infers.{DEFAULT_TASK}.checkpoint",
@@ -72,7 +73,7 @@ class TaskSpec:
     labels: dict[str, int]
     error: str | None = None
     conf_prefix: str = ""  # how to override this task's keys on the command line
-    kind: str = "point"  # one of TASK_KINDS
+    kind: str = "point"  # the model's kind (`sam3d.models.model_kind` of its preset): point, text or auto
 
 
 @dataclass
@@ -210,10 +211,10 @@ def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[s
     model_ref = raw.get("model")
     labels = _labels(raw["labels"], f"infers.{name}.labels") if raw.get("labels") else dict(default_labels)
     description = str(raw.get("description") or "Segment Anything in 3D: clicks -> one structure")
-    kind = str(raw.get("kind") or "point")
-    spec = TaskSpec(name, str(model_ref), {}, description, labels, conf_prefix=prefix, kind=kind)
-    if kind not in TASK_KINDS:
-        spec.error = f"unknown task kind {kind!r}: use one of {', '.join(TASK_KINDS)}"
+    spec = TaskSpec(name, str(model_ref), {}, description, labels, conf_prefix=prefix)
+    if "kind" in raw:
+        spec.error = (f"`{prefix or 'infers.' + name + '.'}kind` is not a setting: a task's kind comes from its "
+                      "model's preset (point, text or auto); remove it")
         return spec
     if not model_ref:
         spec.error = f"no model configured: set `--conf {prefix or ''}model NAME_OR_YAML`"
@@ -240,6 +241,11 @@ def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[s
     spec.model_config = model_config
     spec.model_name = model_ref
     spec.error = weights_registry.apply_to_model_config(model_config)  # `weights NAME`: the installed file
+    if "factory" not in model_config:  # a user's own network (`factory`) is a point model
+        try:
+            spec.kind = model_kind(configured_preset(model_config))
+        except ValueError as e:
+            spec.error = f"model config {model_ref!r}: {e}"
     return spec
 
 
