@@ -2,6 +2,7 @@
 PYTHONPATH so that model configs can name `fakes:...` factories, and a start-up failure failing the test."""
 
 import contextlib
+import time
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,15 @@ def running_server(workdir: Path, studies: Path, conf: list[tuple[str, str]]):
             yield started
     except local_server.ServerStartError as e:
         pytest.fail(str(e))
+
+
+def wait_for(what: str, check, timeout_s: float = 120, every_s: float = 0.5):
+    """`check()`'s first truthy value, asked every `every_s`; the test fails naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every_s)

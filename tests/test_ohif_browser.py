@@ -35,8 +35,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -45,9 +43,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dicom_series import write_ct_series
 from monailabel_server import log_tail, running_server
-from test_ohif_pacs import REPO, monkeypatch_module, orthanc  # noqa: F401 - fixtures: Orthanc on a free port
+from monailabel_server import wait_for as _wait
+from test_ohif_pacs import REPO, ct_on_orthanc, monkeypatch_module, orthanc  # noqa: F401 - fixtures: Orthanc
 
 pytestmark = pytest.mark.ohif
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -72,12 +70,7 @@ def browser_app(orthanc, shared_data, tmp_path_factory, monkeypatch_module):  # 
     with `sam3d_auto` and `sam3d_point`; the DICOMweb cache (where final labels land) under the tmp path."""
     url, _ = orthanc
     tmp = tmp_path_factory.mktemp("browser_app")
-    series_dir = tmp / "ct"
-    uids = write_ct_series(shared_data / "totalseg_ct" / "image.nii.gz", series_dir)
-    subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "upload", str(series_dir), "--url", url], check=True)
-    monkeypatch_module.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch_module.setenv("MONAI_LABEL_DICOMWEB_CACHE_EXPIRY", "5")
-    monkeypatch_module.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp / "dicom_cache"))
+    uids, _ = ct_on_orthanc(url, shared_data, tmp, monkeypatch_module)
     conf = [("device", "cpu"), ("infers.sam3d_semantic_point", "null"), ("infers.sam3d_text", "null"),
             ("train.val_samples", "1"), ("train.val_clicks", "1")]
     with running_server(tmp, f"{url}/dicom-web", conf) as (server_url, proc, log):
@@ -136,17 +129,6 @@ class Steps:
         if self.copy_to:
             self.copy_to.mkdir(parents=True, exist_ok=True)
             (self.copy_to / name).write_bytes(data)
-
-
-def _wait(what: str, check, timeout_s: float = 120, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(every_s)
 
 
 def _labelmap(driver) -> np.ndarray:

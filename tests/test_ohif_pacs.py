@@ -54,19 +54,26 @@ def orthanc(tmp_path_factory):
         proc.wait(timeout=15)
 
 
+def ct_on_orthanc(url: str, shared_data: Path, tmp: Path, monkeypatch) -> tuple[dict, Path]:
+    """The CT as a DICOM series (tests/dicom_series.py) in `tmp/ct`, uploaded to the Orthanc at `url`, and the
+    environment of a server on it as `setup.sh server` sets it: the venv's tools (itkimage2segimage) first on PATH,
+    new series seen within 5 s, the DICOMweb cache (where final labels land) in `tmp/dicom_cache`."""
+    series_dir = tmp / "ct"
+    uids = write_ct_series(shared_data / "totalseg_ct" / "image.nii.gz", series_dir)
+    subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "upload", str(series_dir), "--url", url], check=True)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_CACHE_EXPIRY", "5")
+    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp / "dicom_cache"))
+    return uids, series_dir
+
+
 @pytest.fixture(scope="module")
 def pacs_server(orthanc, shared_data, tmp_path_factory, monkeypatch_module):
     from monailabel.client import MONAILabelClient
 
     url, _ = orthanc
     tmp = tmp_path_factory.mktemp("pacs_app")
-    series_dir = tmp / "ct"
-    uids = write_ct_series(shared_data / "totalseg_ct" / "image.nii.gz", series_dir)
-    subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "upload", str(series_dir), "--url", url], check=True)
-    # as `setup.sh server` starts it: the venv's tools (itkimage2segimage) first on PATH, new series seen quickly
-    monkeypatch_module.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch_module.setenv("MONAI_LABEL_DICOMWEB_CACHE_EXPIRY", "5")
-    monkeypatch_module.setenv("MONAI_LABEL_DATASTORE_CACHE_PATH", str(tmp / "dicom_cache"))
+    uids, series_dir = ct_on_orthanc(url, shared_data, tmp, monkeypatch_module)
     (tmp / "client").mkdir()
     conf = [("device", "cpu"), ("infers.sam3d_semantic_point", "null"), ("infers.sam3d_text", "null"),
             ("infers.sam3d_auto", "null")]

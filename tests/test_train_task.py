@@ -5,7 +5,6 @@ synthetic volumes (tests/tiny_datastore.py), so a run takes seconds on one CPU t
 """
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from monailabel.client.client import MONAILabelClientException
 from monailabel.datastore.local import LocalDatastore
 from safetensors.torch import load_file
 
+from monailabel_server import wait_for
 from sam3d.engine.checkpoint import file_sha256, load_model, read_state_dict
 from sam3d.monailabel import Sam3DTrainTask, TrainRequestError, load_app_config
 from sam3d.monailabel.promotion import previous_path, promote, should_promote
@@ -177,15 +177,8 @@ def test_retrain_policy_counts_distinct_images_and_survives_a_restart(tmp_path):
 # ---- through a real server --------------------------------------------------------------------------------------
 
 
-def _wait(what, check, timeout_s=300, every_s=0.5):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(every_s)
+def _wait(what, check):
+    return wait_for(what, check, timeout_s=300)
 
 
 def _train(client, params):
