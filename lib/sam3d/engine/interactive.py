@@ -242,8 +242,8 @@ class InteractiveEngine:
         if box_image is None or self.config.max_zoom <= 1.0:
             return 1.0
         sess, _, _ = self._session(path, 1.0)
-        corners = sess.image_to_model(np.array(np.meshgrid(*box_image.T, indexing="ij")).reshape(3, -1).T)
-        extent, zoom = float(np.ptp(corners, axis=0).max()), 1.0
+        lo, hi = _box_to_model(sess, box_image)
+        extent, zoom = float((hi - lo).max()), 1.0
         while extent / zoom > 0.9 * self.model.img_size and zoom * self.config.zoom_step <= self.config.max_zoom + 1e-6:
             zoom *= self.config.zoom_step
         return zoom
@@ -260,9 +260,7 @@ class InteractiveEngine:
         fg_m, bg_m = sess.image_to_model(fg), sess.image_to_model(bg)
         box_m = None
         if box_image is not None:
-            corners = np.array(np.meshgrid(*box_image.T, indexing="ij")).reshape(3, -1).T
-            cm = sess.image_to_model(corners)
-            box_m = np.stack([cm.min(0), cm.max(0)])
+            box_m = np.stack(_box_to_model(sess, box_image))
             if not self.model.supports_boxes and len(fg_m) == 0:  # a click-only model gets the box's centre
                 fg_m = box_m.mean(0, keepdims=True)
         anchor = fg_m.mean(0) if len(fg_m) else box_m.mean(0)
@@ -389,6 +387,12 @@ class InteractiveEngine:
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _box_to_model(sess: ImageSession, box_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The model-grid (lo, hi) corners of the box that holds an image-grid box (2, 3)."""
+    corners = sess.image_to_model(np.array(np.meshgrid(*box_image.T, indexing="ij")).reshape(3, -1).T)
+    return corners.min(0), corners.max(0)
 
 
 def _extends(prompts: list, previous: list) -> bool:
