@@ -7,7 +7,6 @@ worker thread, and an unreachable DICOMweb server is 502.
 """
 
 import asyncio
-import logging
 
 import requests
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -16,8 +15,6 @@ from monailabel.endpoints import proxy
 from monailabel.endpoints.user.auth import RBAC, User
 
 from .infer_api import put_in_front
-
-logger = logging.getLogger(__name__)
 
 OPS = ("wado", "qido", "stow")
 
