@@ -4,6 +4,7 @@ The model is the smoke recipe's tiny network with random weights written by the 
 synthetic volumes (tests/tiny_datastore.py), so a run takes seconds on one CPU thread.
 """
 
+import functools
 import json
 import urllib.request
 from pathlib import Path
@@ -177,8 +178,7 @@ def test_retrain_policy_counts_distinct_images_and_survives_a_restart(tmp_path):
 # ---- through a real server --------------------------------------------------------------------------------------
 
 
-def _wait(what, check):
-    return wait_for(what, check, timeout_s=300)
+_wait = functools.partial(wait_for, timeout_s=300)  # a training run on 2 cores; callers may set their own
 
 
 def _train(client, params):
