@@ -57,8 +57,16 @@ def _train_and_wait(client, params: dict, timeout: float) -> dict:
     return client.info().get("train_stats", {}).get("sam3d", {})
 
 
-def _score_now(client) -> None:
-    client.json_request("POST", "/scoring/uncertainty?run_sync=true")
+def _score_now(client, timeout: float = 3600) -> None:
+    """Score every unlabelled image and wait: the scoring runs in its own process (run_sync is refused)."""
+    client.json_request("POST", "/scoring/uncertainty")
+    deadline = time.monotonic() + timeout
+    while (job := client.json_request("GET", "/scoring/"))["status"] in ("SUBMITTED", "RUNNING"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"uncertainty scoring still {job['status']} after {timeout:.0f} s")
+        time.sleep(1)
+    if job["status"] != "DONE":
+        raise RuntimeError(f"uncertainty scoring ended {job['status']}: {job.get('details', [])[-20:]}")
 
 
 def measure(cfg: CurveConfig, checkpoint: Path) -> dict[str, float]:
