@@ -136,6 +136,24 @@ def test_structure_larger_than_a_window_is_followed(ct):
     assert len(single.info["windows"]) == 1 and single.mask.sum() < res.mask.sum()
 
 
+def test_a_correction_looks_again_only_where_it_moved_the_masks_edge(ct):
+    """nnInteractive's "refine changed regions": a click that leaves the edge in place reruns one window, the other
+    windows' answers stay; a click that moves the edge is followed into the neighbours."""
+    model = BallModel(radius=90.0)  # answers the same ball whatever else is clicked
+    eng = engine_for(model)
+    first = eng.segment(ct, [[60, 50, 56]], [], label="x")
+    same = eng.segment(ct, [[60, 50, 56]], [[5, 5, 5]], label="x")  # a background click the model ignores
+    assert len(first.info["windows"]) > 1 and len(same.info["windows"]) == 1
+    assert np.array_equal(same.mask, first.mask)
+
+    grow = engine_for(BallModel(radius=40.0, accumulate=True))
+    small = grow.segment(ct, [[60, 50, 56]], [], label="x")
+    far = [60, 50, 80]  # a second ball across the window's far face in k: the edge moved there
+    both = grow.segment(ct, [[60, 50, 56], far], [], label="x")
+    assert len(both.info["windows"]) > 1 and both.mask[tuple(far)] == 1 and both.mask[60, 50, 56] == 1
+    assert both.mask.sum() > small.mask.sum()
+
+
 def test_roi_limits_a_click_only_model(ct):
     roi = [55, 45, 65, 55, 50, 60]  # i0, j0, i1, j1, k0, k1
     res = engine_for(BallModel(radius=30.0)).segment(ct, [[60, 50, 56]], [], roi=roi, label="x")

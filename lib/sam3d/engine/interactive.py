@@ -25,7 +25,16 @@ from .cache import ByteLRU
 from .checkpoint import LoadedModel
 from .errors import Sam3DInputError
 from .image_session import ImageKey, ImageSession
-from .windows import contains, crop, interior_point, neighbour_start, overlap, touched_faces, window_start
+from .windows import (
+    changed_faces,
+    contains,
+    crop,
+    interior_point,
+    neighbour_start,
+    overlap,
+    touched_faces,
+    window_start,
+)
 
 _EMPTY_LOGIT = -20.0  # "certainly background" where no window has looked
 _PRIOR_LOGIT = 10.0  # a given prior mask as logits: as confident as a previous answer, not as certain as "empty"
@@ -299,6 +308,9 @@ class InteractiveEngine:
             faces = touched_faces(logits > 0, start, sess.volume.shape)
             if faces and may_zoom:
                 return None
+            if state is not None:  # a correction looks further only where it moved the mask's edge (nnInteractive)
+                before = crop(state.canvas, start, size, _EMPTY_LOGIT) > 0
+                faces = changed_faces(before, logits > 0, start, sess.volume.shape)
             for face in faces:
                 nxt = neighbour_start(start, face, size, sess.volume.shape)
                 if nxt not in seen and len(seen) < cfg.max_windows:

@@ -41,6 +41,21 @@ def touched_faces(mask: torch.Tensor, start: tuple[int, ...], volume_shape: tupl
     return faces
 
 
+def changed_faces(before: torch.Tensor, after: torch.Tensor, start: tuple[int, ...], volume_shape: tuple[int, ...],
+                  tolerance: float = 0.1) -> list[tuple[int, int]]:
+    """Faces where a correction moved the mask's edge: either mask reaches the face and more than `tolerance` of
+    their union there changed. Only across these does the neighbour's earlier answer need another look."""
+    size = after.shape[0]
+    faces = []
+    touched = set(touched_faces(before, start, volume_shape)) | set(touched_faces(after, start, volume_shape))
+    for face in sorted(touched):
+        axis, side = face
+        old, new = (m.select(axis, 0 if side < 0 else size - 1) for m in (before, after))
+        if int((old ^ new).sum()) > tolerance * int((old | new).sum()):
+            faces.append(face)
+    return faces
+
+
 def neighbour_start(start: tuple[int, ...], face: tuple[int, int], size: int, volume_shape: tuple[int, ...]):
     """The window half a window further across `face`, kept inside the volume."""
     axis, side = face
