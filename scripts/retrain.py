@@ -1,4 +1,5 @@
 """The command `sam3d-retrain` (its code: lib/sam3d/cli/retrain.py)."""
+
 from sam3d.cli.retrain import main
 
 if __name__ == "__main__":

@@ -12,13 +12,23 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "ablation.py"
 SMOKE = "configs/train/smoke.yaml"
-TWO_BLOCKS = ["model.network.encoder_depth=2", "model.network.encoder_global_attn_indexes=[0, 1]",
-              "train.steps=2", "validation.every=0", "log.tensorboard=false"]
+TWO_BLOCKS = [
+    "model.network.encoder_depth=2",
+    "model.network.encoder_global_attn_indexes=[0, 1]",
+    "train.steps=2",
+    "validation.every=0",
+    "log.tensorboard=false",
+]
 
 
 def _run(spec: Path, out: Path, *more) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--config", str(spec), "--out", str(out), "--quiet", *more],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(spec), "--out", str(out), "--quiet", *more],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.slow
@@ -33,8 +43,13 @@ def test_ablation_trains_measures_and_reports(shared_data, tmp_path):
         "baseline": True,
         "variants": {
             "plain": {"model": "sam3d_small", "train": {"config": SMOKE, "overrides": TWO_BLOCKS}},
-            "segsam": {"model": "segsam3d", "train": {"config": SMOKE, "overrides": [
-                *TWO_BLOCKS, "model.preset=segsam3d", "model.network.feature_stages=[0, 1]"]}},
+            "segsam": {
+                "model": "segsam3d",
+                "train": {
+                    "config": SMOKE,
+                    "overrides": [*TWO_BLOCKS, "model.preset=segsam3d", "model.network.feature_stages=[0, 1]"],
+                },
+            },
         },
     }
     path = tmp_path / "spec.yaml"
@@ -65,9 +80,20 @@ def test_ablation_trains_measures_and_reports(shared_data, tmp_path):
 def test_table_per_structure_and_the_auto_spec(tmp_path):
     from sam3d.evaluation.ablation import ablation_table, checkpoint_of, load_spec, train_command
 
-    rows = [{"set": "mr", "protocol": "center", "method": "full", "label_name": name, "case": "c", "label": v,
-             "click": 1, "dice": d, "hd95": h}
-            for v, (name, d, h) in enumerate([("liver", 0.5, 4.0), ("spleen", 0.7, 6.0)])]
+    rows = [
+        {
+            "set": "mr",
+            "protocol": "center",
+            "method": "full",
+            "label_name": name,
+            "case": "c",
+            "label": v,
+            "click": 1,
+            "dice": d,
+            "hd95": h,
+        }
+        for v, (name, d, h) in enumerate([("liver", 0.5, 4.0), ("spleen", 0.7, 6.0)])
+    ]
     assert "| mr | center | `full` | 2 | 0.600 | 5.0 |" in ablation_table(rows, [1])
     per = ablation_table(rows, [1], per_class=True)
     assert "| mr | center | `full` | liver | 1 | 0.500 | 4.0 |" in per and "| spleen | 1 | 0.700 | 6.0 |" in per
@@ -98,8 +124,11 @@ def test_refsam3d_spec_gives_text_to_the_variants_that_read_it(tmp_path):
     torch.manual_seed(0)
     for name in spec["variants"]:
         (tmp_path / name).mkdir()
-        save_checkpoint(build_network("refsam3d_tiny"), tmp_path / name / "model.safetensors",
-                        {"preset": "refsam3d_tiny", "network": {}})
+        save_checkpoint(
+            build_network("refsam3d_tiny"),
+            tmp_path / name / "model.safetensors",
+            {"preset": "refsam3d_tiny", "network": {}},
+        )
     segs = {s.name: s for s in build_variant_segmenters(spec, REPO, "cpu", "text")}
     assert all(isinstance(segs[v], PredictorSegmenter) and segs[v].read_text for v in ("full", "last_stage_only"))
     assert isinstance(segs["without_text"], ClicksOnlySegmenter)

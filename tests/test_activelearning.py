@@ -120,6 +120,7 @@ def test_strategies_through_the_server(tmp_path):
     (tmp_path / "client").mkdir()
     conf = [("model", config), ("device", "cpu"), ("uncertainty.points", 2), ("uncertainty.repeats", 3)]
     with running_server(tmp_path, studies, conf) as (url, proc, log):
+
         def client(name):
             return MONAILabelClient(url, tmpdir=str(tmp_path / "client"), client_id=name)
 

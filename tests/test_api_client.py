@@ -90,8 +90,11 @@ def test_retrain_script_sends_the_token_and_no_stale_body_headers(recorder, monk
     url, seen = recorder
     monkeypatch.setenv("SAM3D_API_TOKEN", TOKEN)
     assert load_script("retrain").main(["--server", url, "--wait", "--poll", "0"]) == 0
-    assert [(m, p.split("?")[0]) for m, p, _ in seen] == [("POST", "/train/sam3d"), ("GET", "/train/"),
-                                                         ("GET", "/info/")]
+    assert [(m, p.split("?")[0]) for m, p, _ in seen] == [
+        ("POST", "/train/sam3d"),
+        ("GET", "/train/"),
+        ("GET", "/info/"),
+    ]
     assert all(h.get("authorization") == f"Bearer {TOKEN}" for _, _, h in seen), seen
     # MONAI Label's client adds the POST's content headers to its own header dict: not carried to later GETs
     assert all("content-length" not in h and "content-type" not in h for m, _, h in seen if m == "GET"), seen

@@ -16,18 +16,30 @@ VIT_B = dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8
 
 def _reference(img_size: int, **kw) -> torch.nn.Module:
     """Meta's encoder as build_sam builds it (eps 1e-6 norms, relative positions)."""
-    return ImageEncoderViT(img_size=img_size, patch_size=kw.get("patch_size", 16), in_chans=3, mlp_ratio=4.0,
-                           embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"],
-                           out_chans=kw.get("out_chans", 256), qkv_bias=True,
-                           norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-                           window_size=kw["window_size"], global_attn_indexes=kw["global_attn_indexes"])
+    return ImageEncoderViT(
+        img_size=img_size,
+        patch_size=kw.get("patch_size", 16),
+        in_chans=3,
+        mlp_ratio=4.0,
+        embed_dim=kw["embed_dim"],
+        depth=kw["depth"],
+        num_heads=kw["num_heads"],
+        out_chans=kw.get("out_chans", 256),
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=kw["window_size"],
+        global_attn_indexes=kw["global_attn_indexes"],
+    )
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> dict:
     """Every tensor random (position tables too, which SAM initialises to zero), so each term is exercised."""
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=g) * 0.05 + (1.0 if k.endswith("norm1.weight") else 0.0)
-            for k, v in module.state_dict().items()}
+    return {
+        k: torch.randn(v.shape, generator=g) * 0.05 + (1.0 if k.endswith("norm1.weight") else 0.0)
+        for k, v in module.state_dict().items()
+    }
 
 
 def test_key_set_equals_meta_vit_b_checkpoint():
@@ -35,8 +47,11 @@ def test_key_set_equals_meta_vit_b_checkpoint():
     from segment_anything import sam_model_registry
 
     sam = sam_model_registry["vit_b"]()
-    ref = {k[len("image_encoder."):]: tuple(v.shape) for k, v in sam.state_dict().items()
-           if k.startswith("image_encoder.")}
+    ref = {
+        k[len("image_encoder.") :]: tuple(v.shape)
+        for k, v in sam.state_dict().items()
+        if k.startswith("image_encoder.")
+    }
     del sam
     ours = SliceEncoderViT(img_size=1024, **VIT_B)
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == ref
@@ -62,8 +77,9 @@ def test_vit_b_outputs_equal_segment_anything(img_size):
 
 
 def test_small_config_equals_segment_anything_and_loads_resized_checkpoint():
-    small = dict(embed_dim=64, depth=3, num_heads=4, global_attn_indexes=(2,), window_size=3, patch_size=8,
-                 out_chans=32)
+    small = dict(
+        embed_dim=64, depth=3, num_heads=4, global_attn_indexes=(2,), window_size=3, patch_size=8, out_chans=32
+    )
     ref = _reference(80, **small).eval()  # 10x10 tokens, windows of 3 with padding
     ref.load_state_dict(_randomise(ref, seed=3))
     ours = SliceEncoderViT(img_size=80, **small).eval()
@@ -83,8 +99,17 @@ def test_lora_layer_starts_as_base_and_only_lora_gets_gradients():
     x = torch.randn(3, 8)
     torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
-    enc = SliceEncoderViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=2,
-                          global_attn_indexes=(1,), out_chans=16, lora_rank=2)
+    enc = SliceEncoderViT(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        window_size=2,
+        global_attn_indexes=(1,),
+        out_chans=16,
+        lora_rank=2,
+    )
     freeze_all_but_lora(enc)
     with torch.no_grad():  # B != 0, so A gets gradients too
         for name, p in enc.named_parameters():

@@ -40,8 +40,9 @@ def test_slice_geometry_round_trip():
 def engine():
     torch.manual_seed(0)
     model = build_network("autosam3d_tiny")
-    return AutoEngine(LoadedModel(model, None, None, "autosam3d_tiny"),
-                      EngineConfig(spacing=(3.0, 3.0, 3.0)), order="middle")
+    return AutoEngine(
+        LoadedModel(model, None, None, "autosam3d_tiny"), EngineConfig(spacing=(3.0, 3.0, 3.0)), order="middle"
+    )
 
 
 def _image(tmp_path, shape=(23, 17, 9)) -> str:

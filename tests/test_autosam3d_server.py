@@ -81,8 +81,10 @@ def test_answer_is_the_librarys_multi_class_volume_on_the_image_grid(server):
     assert set(np.unique(labels)) <= {0, 1, 2, 3}  # one class per voxel
     assert params["label_names"] == {name: i + 1 for i, name in enumerate(CLASSES)}
     assert params["order"] == "middle" and params["network"] == "autosam3d_tiny" and params["model_id"]
-    engine = AutoEngine(load_model({"checkpoint": str(tmp / "auto.safetensors")}),
-                        EngineConfig(spacing=(3.0, 3.0, 3.0), clip=(-200.0, 300.0), normalize="zscore"))
+    engine = AutoEngine(
+        load_model({"checkpoint": str(tmp / "auto.safetensors")}),
+        EngineConfig(spacing=(3.0, 3.0, 3.0), clip=(-200.0, 300.0), normalize="zscore"),
+    )
     np.testing.assert_array_equal(labels, engine.segment(str(studies / "ct.nii.gz")).mask)
 
     f2, params2 = _infer(client, "sam3d_auto", {"order": "top_down"})
@@ -124,8 +126,10 @@ def test_clicks_refine_one_class_of_the_automatic_answer(server):
     want = engine.segment(str(studies / "ct.nii.gz"), [click], [], label="spleen", prior=auto == spleen).mask
     np.testing.assert_array_equal(refined == spleen, want > 0)
 
-    for params, message in [({"prior": "sam3d_text"}, "prior must name an automatic task (sam3d_auto"),
-                            ({"prior": "sam3d_auto", "label": "femur"}, "label 'femur' is not a class of sam3d_auto")]:
+    for params, message in [
+        ({"prior": "sam3d_text"}, "prior must name an automatic task (sam3d_auto"),
+        ({"prior": "sam3d_auto", "label": "femur"}, "label 'femur' is not a class of sam3d_auto"),
+    ]:
         with pytest.raises(AssertionError) as e:
             _infer(client, "sam3d_point", {**params, "foreground": [click]})
         assert e.value.args[0][0] == 422 and message in e.value.args[0][1]

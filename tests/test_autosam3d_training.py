@@ -25,8 +25,12 @@ CT_VALUES = {"liver": 5, "spleen": 1, "kidney_right": 2}  # TotalSegmentator's `
 def ct(shared_data):
     from sam3d.data.training import load_volume
 
-    return load_volume("totalseg_ct", str(shared_data / "totalseg_ct" / "image.nii.gz"),
-                       str(shared_data / "totalseg_ct" / "label.nii.gz"), (3.0, 3.0, 3.0))
+    return load_volume(
+        "totalseg_ct",
+        str(shared_data / "totalseg_ct" / "image.nii.gz"),
+        str(shared_data / "totalseg_ct" / "label.nii.gz"),
+        (3.0, 3.0, 3.0),
+    )
 
 
 def test_samples_are_neighbouring_slices_with_class_indices(ct):
@@ -75,8 +79,14 @@ def test_chain_step_trains_lora_and_new_modules_not_the_frozen_encoder():
     assert frozen and all(grads[n] is None for n in frozen)  # the frozen base gets none
     lora = [n for n in grads if is_lora_parameter(n)]
     assert lora and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in lora)
-    for module in ("local.", "box_generator.semantic", "box_generator.default_anchor", "decoder.history_init",
-                   "decoder.history_filter", "decoder.mask_tokens"):
+    for module in (
+        "local.",
+        "box_generator.semantic",
+        "box_generator.default_anchor",
+        "decoder.history_init",
+        "decoder.history_filter",
+        "decoder.mask_tokens",
+    ):
         assert any(grads[n] is not None and grads[n].abs().sum() > 0 for n in grads if n.startswith(module)), module
 
 
@@ -98,7 +108,8 @@ def test_smoke_recipe_trains_and_the_checkpoint_segments_the_ct(tmp_path, shared
     frozen, tuned = "encoder.blocks.0.attn.qkv.weight", "decoder.mask_tokens.weight"
     assert torch.equal(state[frozen], init[frozen]) and not torch.equal(state[tuned], init[tuned])
     res = AutoEngine(loaded, EngineConfig(spacing=(3.0, 3.0, 3.0), clip=(-200.0, 300.0), normalize="zscore")).segment(
-        str(shared_data / "totalseg_ct" / "image.nii.gz"))
+        str(shared_data / "totalseg_ct" / "image.nii.gz")
+    )
     assert res.mask.shape == (122, 101, 112) and res.info["label_names"] == {"liver": 1, "spleen": 2, "kidney_right": 3}
 
 
@@ -130,8 +141,18 @@ def test_meta_style_sam_checkpoint_loads_into_the_frozen_encoder(tmp_path):
     from sam3d.models.autosam3d.slice_encoder import SliceEncoderViT
 
     cfg = build_network("autosam3d_tiny").config
-    big = SliceEncoderViT(64, cfg.patch_size, 3, cfg.encoder_embed_dim, cfg.encoder_depth, cfg.encoder_num_heads,
-                          cfg.mlp_ratio, cfg.embed_dim, cfg.window_size, cfg.encoder_global_attn_indexes)
+    big = SliceEncoderViT(
+        64,
+        cfg.patch_size,
+        3,
+        cfg.encoder_embed_dim,
+        cfg.encoder_depth,
+        cfg.encoder_num_heads,
+        cfg.mlp_ratio,
+        cfg.embed_dim,
+        cfg.window_size,
+        cfg.encoder_global_attn_indexes,
+    )
     torch.nn.init.normal_(big.blocks[0].attn.qkv.weight)
     sam = {f"image_encoder.{k}": v for k, v in big.state_dict().items()}
     sam["mask_decoder.iou_token.weight"] = torch.zeros(1, 256)
@@ -144,8 +165,11 @@ def test_meta_style_sam_checkpoint_loads_into_the_frozen_encoder(tmp_path):
     assert model.encoder.pos_embed.shape[1] == cfg.img_size // cfg.patch_size
     assert torch.equal(model.encoder.blocks[0].attn.qkv.lora_a, lora_before)
     with pytest.raises(ValueError, match="freeze_encoder"):
-        AutoStep(build_network("autosam3d_tiny", freeze_encoder=False), {"auto": {"sam_checkpoint": str(path)}},
-                 autocast=contextlib.nullcontext)
+        AutoStep(
+            build_network("autosam3d_tiny", freeze_encoder=False),
+            {"auto": {"sam_checkpoint": str(path)}},
+            autocast=contextlib.nullcontext,
+        )
 
 
 def test_in_plane_augmentation_moves_image_and_label_together():

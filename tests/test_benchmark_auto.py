@@ -10,8 +10,24 @@ REPO = Path(__file__).resolve().parents[1]
 def test_report_names_the_grid_and_the_parts_of_the_time(tmp_path, shared_data):
     out = tmp_path / "BENCH.md"
     mr = shared_data / "totalseg_mr" / "image.nii.gz"
-    cmd = [sys.executable, str(REPO / "scripts" / "benchmark_auto.py"), "--presets", "autosam3d_tiny", "--images",
-           str(mr), "--runs", "1", "--warmup", "0", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "benchmark_auto.py"),
+        "--presets",
+        "autosam3d_tiny",
+        "--images",
+        str(mr),
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     report = out.read_text()

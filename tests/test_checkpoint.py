@@ -205,9 +205,13 @@ def test_strict_loading(small, tmp_path):
     other = tmp_path / "other.safetensors"
     save_file(state, str(other))
     with pytest.raises(RuntimeError, match="size mismatch"):
-        load_model({"preset": "sam3d_small", "network": {"encoder_depth": 2, "encoder_embed_dim": 192,
-                                                         "encoder_global_attn_indexes": [0, 1]},
-                    "checkpoint": str(other)})
+        load_model(
+            {
+                "preset": "sam3d_small",
+                "network": {"encoder_depth": 2, "encoder_embed_dim": 192, "encoder_global_attn_indexes": [0, 1]},
+                "checkpoint": str(other),
+            }
+        )
 
 
 def test_unknown_preset_and_setting(tmp_path):
@@ -239,11 +243,7 @@ def test_full_sam3d_small_round_trip(tmp_path):
 
 def test_factory(tmp_path, monkeypatch):
     (tmp_path / "my_sam_factory.py").write_text(
-        "import torch\n"
-        "def build(config):\n"
-        "    m = torch.nn.Linear(2, 2)\n"
-        "    m.seen = dict(config)\n"
-        "    return m\n"
+        "import torch\ndef build(config):\n    m = torch.nn.Linear(2, 2)\n    m.seen = dict(config)\n    return m\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     loaded = load_model({"factory": "my_sam_factory:build", "checkpoint": "whatever.bin"})

@@ -84,8 +84,10 @@ def test_checkpoint_round_trip_in_half_precision(tmp_path, preset):
 def test_engine_serves_the_family_on_a_real_volume(shared_data, tmp_path):
     net = _tiny()
     save_checkpoint(net, tmp_path / "c.safetensors", {"preset": "clicknet_small", "network": net.config.to_dict()})
-    engine = InteractiveEngine(load_model({"checkpoint": str(tmp_path / "c.safetensors")}),
-                               EngineConfig(spacing=(3.0, 3.0, 3.0), max_windows=2))
+    engine = InteractiveEngine(
+        load_model({"checkpoint": str(tmp_path / "c.safetensors")}),
+        EngineConfig(spacing=(3.0, 3.0, 3.0), max_windows=2),
+    )
     image = shared_data / "totalseg_ct" / "image.nii.gz"
     shape = nib.load(str(image)).shape
     first = engine.segment(str(image), foreground=[[60, 50, 56]], label="liver")
@@ -126,8 +128,9 @@ def test_label_maps_without_images_are_always_synthesised(tmp_path):
 
 def test_last_round_training_step_backpropagates_through_the_last_round_only():
     net = _tiny().train()
-    cfg = InteractiveConfig(rounds=3, grad_rounds="last", loss_resolution="low", iou_loss_weight=0.0, box_prob=0.0,
-                            spacing_mm=2.0)
+    cfg = InteractiveConfig(
+        rounds=3, grad_rounds="last", loss_resolution="low", iou_loss_weight=0.0, box_prob=0.0, spacing_mm=2.0
+    )
     step = PointStep(net, cfg, build_loss("dice_ce", balanced=True))
     labels = torch.zeros(2, 1, 16, 16, 16)
     labels[:, :, 4:10, 5:11, 6:12] = 1
@@ -148,8 +151,15 @@ def test_smoke_run_is_killed_and_resumes_to_the_same_weights(tmp_path):
     full = tmp_path / "full"
     train(0, load_recipe(SMOKE, [f"output={full}", *steps]), REPO)
     crashed = tmp_path / "crashed"
-    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(SMOKE), f"output={crashed}", *steps,
-           "debug.exit_at_step=3"]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        "--config",
+        str(SMOKE),
+        f"output={crashed}",
+        *steps,
+        "debug.exit_at_step=3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert torch.load(crashed / "state.pt", weights_only=True)["step"] == 2

@@ -21,10 +21,16 @@ def test_the_shipped_click_model_answers_from_its_image(shared_data):
     model = load_model(config).model
     engine = EngineConfig.from_dict(config)
     volumes = load_volumes({"dir": str(shared_data), "cases": ["totalseg_mr"]}, engine.spacing)
-    windows = WindowDataset(volumes, engine, SamplingConfig(size=model.img_size, min_voxels=27), seed=7919,
-                            augment=False)
-    scores = image_dependence(model, windows, samples=12, spacing_mm=engine.spacing[0],
-                              autocast=precision_context(engine.precision, torch.device("cpu")))
+    windows = WindowDataset(
+        volumes, engine, SamplingConfig(size=model.img_size, min_voxels=27), seed=7919, augment=False
+    )
+    scores = image_dependence(
+        model,
+        windows,
+        samples=12,
+        spacing_mm=engine.spacing[0],
+        autocast=precision_context(engine.precision, torch.device("cpu")),
+    )
     assert scores["real"] > scores["zeros"] + 0.03 and scores["real"] > scores["noise"] + 0.03, scores
     assert scores["agreement"] < 0.9, scores
 

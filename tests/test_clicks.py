@@ -104,7 +104,7 @@ def test_random_first_click_in_foreground_then_in_the_error_region():
     fn, fp = gt & ~pred, pred & ~gt
     seen = set()
     for it in range(2, 60):
-        (p, positive), = sim.next(gt, pred, it).points
+        ((p, positive),) = sim.next(gt, pred, it).points
         assert fn[p] or fp[p]
         assert positive == bool(fn[p])
         seen.add(positive)

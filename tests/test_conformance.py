@@ -183,8 +183,10 @@ def test_raw_and_wrapped_pth_load_strict(model, weights, raw_checkpoint, tmp_pat
 
     # SAM-Med3D's training checkpoints wrap the weights, next to optimizer state and counters
     wrapped_path = tmp_path / "sam_med3d_turbo_wrapped.pth"
-    torch.save({"model_state_dict": weights, "epoch": 3, "optimizer_state_dict": {"state": {}, "param_groups": []}},
-               wrapped_path)
+    torch.save(
+        {"model_state_dict": weights, "epoch": 3, "optimizer_state_dict": {"state": {}, "param_groups": []}},
+        wrapped_path,
+    )
     wrapped = read_state_dict(wrapped_path)
     assert list(wrapped) == list(weights)
     assert all(torch.equal(wrapped[k], weights[k]) for k in weights)
@@ -245,26 +247,33 @@ def test_multimask_and_no_mask_taps(model, golden, taps):
             emb, points=pts, mask_input=torch.from_numpy(golden["caseA_mask_input"]), multimask_output=True
         )
         nomask_low, nomask_iou = model.decode(emb, points=pts, mask_input=None, multimask_output=False)
-    assert_all_close({
-        "multimask_low_res_masks": rel(multi_low, taps["caseA_multimask_low_res_masks"]),
-        "multimask_iou": rel(multi_iou, taps["caseA_multimask_iou_predictions"]),
-        "nomask_low_res_masks": rel(nomask_low, taps["caseA_nomask_low_res_masks"]),
-        "nomask_iou": rel(nomask_iou, taps["caseA_nomask_iou_predictions"]),
-    }, F32_TOL)
+    assert_all_close(
+        {
+            "multimask_low_res_masks": rel(multi_low, taps["caseA_multimask_low_res_masks"]),
+            "multimask_iou": rel(multi_iou, taps["caseA_multimask_iou_predictions"]),
+            "nomask_low_res_masks": rel(nomask_low, taps["caseA_nomask_low_res_masks"]),
+            "nomask_iou": rel(nomask_iou, taps["caseA_nomask_iou_predictions"]),
+        },
+        F32_TOL,
+    )
 
 
 def test_chained_end_to_end(model, encoded, golden):
     """Our own embedding, and our own case A logits as case B's mask input (errors would accumulate)."""
     with torch.no_grad():
-        low_a, iou_a = model.decode(encoded["embedding"], points=prompts(golden, "A"),
-                                    mask_input=torch.zeros(1, 1, 32, 32, 32))
+        low_a, iou_a = model.decode(
+            encoded["embedding"], points=prompts(golden, "A"), mask_input=torch.zeros(1, 1, 32, 32, 32)
+        )
         low_b, iou_b = model.decode(encoded["embedding"], points=prompts(golden, "B"), mask_input=low_a)
-    assert_all_close({
-        "caseA_low_res_masks": rel(low_a, golden["caseA_low_res_masks"]),
-        "caseA_iou": rel(iou_a, golden["caseA_iou_predictions"]),
-        "caseB_low_res_masks": rel(low_b, golden["caseB_low_res_masks"]),
-        "caseB_iou": rel(iou_b, golden["caseB_iou_predictions"]),
-    }, F32_TOL)
+    assert_all_close(
+        {
+            "caseA_low_res_masks": rel(low_a, golden["caseA_low_res_masks"]),
+            "caseA_iou": rel(iou_a, golden["caseA_iou_predictions"]),
+            "caseB_low_res_masks": rel(low_b, golden["caseB_low_res_masks"]),
+            "caseB_iou": rel(iou_b, golden["caseB_iou_predictions"]),
+        },
+        F32_TOL,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- float64

@@ -140,6 +140,7 @@ def test_index_entries_that_point_outside_are_ignored(studies, tmp_path):
 
 # --- what an upload must be -----------------------------------------------------------------------------------
 
+
 def _bad_image(kind: str, path: Path) -> Path:
     if kind == "corrupt":
         path.write_bytes(os.urandom(4000))
@@ -163,11 +164,20 @@ def _bad_image(kind: str, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, fragment", [
-    ("corrupt", "not a readable NIfTI"), ("truncated", "cannot be read whole"), ("2d_one_slice", "is 2D"),
-    ("2d", "expected one 3D volume"), ("4d", "expected one 3D volume"), ("nan", "NaN or infinite"),
-    ("inf", "NaN or infinite"), ("complex", "type complex64"), ("huge", "too large"),
-])
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("corrupt", "not a readable NIfTI"),
+        ("truncated", "cannot be read whole"),
+        ("2d_one_slice", "is 2D"),
+        ("2d", "expected one 3D volume"),
+        ("4d", "expected one 3D volume"),
+        ("nan", "NaN or infinite"),
+        ("inf", "NaN or infinite"),
+        ("complex", "type complex64"),
+        ("huge", "too large"),
+    ],
+)
 def test_a_bad_image_is_refused_with_the_reason_and_not_registered(ds, studies, uploads, kind, fragment):
     upload = _bad_image(kind, uploads / "up.nii.gz")
     before = tree(studies)
@@ -216,6 +226,7 @@ def test_a_refused_upload_outside_the_upload_folder_is_left_alone(studies, tmp_p
 
 # --- labels ---------------------------------------------------------------------------------------------------
 
+
 def test_a_good_label_is_saved_as_final_and_the_image_leaves_the_queue(ds, studies, uploads):
     upload = nifti(uploads / "lab.nii.gz", label_array())
     assert ds.save_label("ct", str(upload), "", {"user": "ann"}) == "ct"
@@ -249,11 +260,19 @@ def _bad_label(kind: str, path: Path) -> Path:
     return _bad_image(kind, path)
 
 
-@pytest.mark.parametrize("kind, fragment", [
-    ("wrong_shape", "image's grid"), ("other_grid", "affine differs"), ("fraction", "not whole numbers"),
-    ("negative", "negative values"), ("nan", "NaN"), ("corrupt", "not a readable NIfTI"),
-    ("truncated", "cannot be read whole"), ("huge", "too large"),
-])
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("wrong_shape", "image's grid"),
+        ("other_grid", "affine differs"),
+        ("fraction", "not whole numbers"),
+        ("negative", "negative values"),
+        ("nan", "NaN"),
+        ("corrupt", "not a readable NIfTI"),
+        ("truncated", "cannot be read whole"),
+        ("huge", "too large"),
+    ],
+)
 def test_a_bad_label_is_refused_and_the_previous_final_label_is_kept(ds, studies, uploads, kind, fragment):
     ds.save_label("ct", str(nifti(uploads / "good.nii.gz", label_array())), "final", {})
     before = tree(studies)
@@ -270,11 +289,18 @@ def test_a_label_for_an_unknown_image_is_404(ds, uploads):
 
 def test_lookups_and_updates_of_unknown_images_and_labels_are_404(ds, uploads):
     ds.save_label("ct", str(nifti(uploads / "lab.nii.gz", label_array())), "final", {})
-    for call in (lambda: ds.get_image_info("absent"), lambda: ds.update_image_info("absent", {"a": 1}),
-                 lambda: ds.get_label_info("absent", "final"), lambda: ds.remove_label("absent", "final")):
+    for call in (
+        lambda: ds.get_image_info("absent"),
+        lambda: ds.update_image_info("absent", {"a": 1}),
+        lambda: ds.get_label_info("absent", "final"),
+        lambda: ds.remove_label("absent", "final"),
+    ):
         assert "'absent' is not in the datastore" in refused(call, status=404)
-    for call in (lambda: ds.get_label_info("ct", "reviewed"), lambda: ds.update_label_info("ct", "reviewed", {}),
-                 lambda: ds.remove_label("ct", "reviewed")):
+    for call in (
+        lambda: ds.get_label_info("ct", "reviewed"),
+        lambda: ds.update_label_info("ct", "reviewed", {}),
+        lambda: ds.remove_label("ct", "reviewed"),
+    ):
         assert "has no label tagged 'reviewed'" in refused(call, status=404)
     ds.update_image_info("ct", {"a": 1})
     ds.update_label_info("ct", DefaultLabelTag.FINAL, {"b": 2})  # MONAI Label passes tags as enum members too
@@ -291,6 +317,7 @@ def test_a_label_saved_with_the_other_extension_replaces_the_first(ds, studies, 
 
 
 # --- a save killed at any moment --------------------------------------------------------------------------------
+
 
 def test_a_save_that_fails_halfway_keeps_the_previous_label_and_leaves_no_file(ds, studies, uploads, monkeypatch):
     ds.save_label("ct", str(nifti(uploads / "good.nii.gz", label_array(1))), "final", {})
@@ -324,8 +351,11 @@ def _partial(folder: Path, name: str, content: bytes) -> Path:
 
 def test_files_of_a_killed_save_are_not_listed_and_are_removed_at_start(ds, studies):
     final = studies / "labels" / "final"
-    partials = [_partial(studies, "new.nii.gz", b"half an image"), _partial(final, "ct.nii.gz", b"half a label"),
-                _partial(studies, "datastore_v2.json", b'{"half": ')]
+    partials = [
+        _partial(studies, "new.nii.gz", b"half an image"),
+        _partial(final, "ct.nii.gz", b"half a label"),
+        _partial(studies, "datastore_v2.json", b'{"half": '),
+    ]
     kept = Sam3DDatastore(str(studies), clean_partial_files=False)  # a task process: the server may be writing
     assert kept.list_images() == ["ct"] and kept.get_labeled_images() == []
     assert all(p.exists() for p in partials)

@@ -91,19 +91,27 @@ class Api:
 
     def put_image(self, image_id, filename, content):
         params = {"image": image_id} if image_id is not None else {}
-        return self._answer(requests.put(f"{self.url}/datastore/image", params=params,
-                                         files={"file": (filename, content)}, timeout=120))
+        return self._answer(
+            requests.put(f"{self.url}/datastore/image", params=params, files={"file": (filename, content)}, timeout=120)
+        )
 
     def put_label(self, image_id, content, tag="final", filename="label.nii.gz"):
-        return self._answer(requests.put(f"{self.url}/datastore/label", params={"image": image_id, "tag": tag},
-                                         files={"label": (filename, content)}, timeout=120))
+        return self._answer(
+            requests.put(
+                f"{self.url}/datastore/label",
+                params={"image": image_id, "tag": tag},
+                files={"label": (filename, content)},
+                timeout=120,
+            )
+        )
 
     def delete_image(self, image_id):
         return self._answer(requests.delete(f"{self.url}/datastore/image", params={"id": image_id}, timeout=60))
 
     def delete_label(self, image_id, tag):
-        return self._answer(requests.delete(f"{self.url}/datastore/label", params={"id": image_id, "tag": tag},
-                                            timeout=60))
+        return self._answer(
+            requests.delete(f"{self.url}/datastore/label", params={"id": image_id, "tag": tag}, timeout=60)
+        )
 
     def objects(self) -> dict:
         return requests.get(f"{self.url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]
@@ -155,6 +163,7 @@ def _ct_grid(studies):
 
 # --- path escapes ---------------------------------------------------------------------------------------------
 
+
 def _escapes(tmp: Path, ct_image: bytes, ct_label: bytes):
     """(what, request) pairs, each an attempt to write or delete outside the studies folder."""
     return [
@@ -195,6 +204,7 @@ def test_path_escapes_are_refused_and_nothing_outside_the_studies_folder_changes
 
 # --- bad uploads ----------------------------------------------------------------------------------------------
 
+
 def _bad_images(shape, affine):
     image = np.random.default_rng(0).normal(0, 100, shape).astype(np.float32)
     nan = image.copy()
@@ -228,10 +238,14 @@ def test_bad_uploads_are_4xx_with_the_reason_and_change_nothing(server):
     api, tmp, studies, log = server
     shape, affine = _ct_grid(studies)
     inside, listed, server_tmp = snapshot(studies), api.objects(), set(os.listdir(tmp / "server_tmp"))
-    attempts = [(f"image: {what}", lambda c=content: api.put_image("bad", "bad.nii.gz", c), fragment)
-                for what, content, fragment in _bad_images(shape, affine)]
-    attempts += [(f"label: {what}", lambda c=content: api.put_label("ct", c), fragment)
-                 for what, content, fragment in _bad_labels(shape, affine)]
+    attempts = [
+        (f"image: {what}", lambda c=content: api.put_image("bad", "bad.nii.gz", c), fragment)
+        for what, content, fragment in _bad_images(shape, affine)
+    ]
+    attempts += [
+        (f"label: {what}", lambda c=content: api.put_label("ct", c), fragment)
+        for what, content, fragment in _bad_labels(shape, affine)
+    ]
     for what, attempt, fragment in attempts:
         status, detail = attempt()
         assert status == 422 and fragment in str(detail), f"{what}: {status} {detail}\n{log_tail(log)}"
@@ -253,6 +267,7 @@ def test_a_good_label_round_trips_after_the_refusals(server):
 
 
 # --- kill -9 while a final label is saved -----------------------------------------------------------------------
+
 
 def _kill_during_label_save(workdir, studies, image_id, content, marker: Path) -> None:
     """Starts a server whose label copy hangs halfway, saves `content` as `image_id`'s final label, and kill -9s
@@ -322,34 +337,105 @@ def test_kill_9_during_a_final_label_save_keeps_the_datastore_whole(shared_data,
 
 # --- ids the datastore does not know, form fields that are not JSON objects ------------------------------------
 
+
 def _lookups(ct_image: bytes, ct_label: bytes):
     """(what, method, path below /datastore, query, form, status, fragment of the reason): MONAI Label answers these
     500 or 200 {}."""
     final = {"tag": "final"}
     return [
         ("image info, unknown image", "GET", "/image/info", {"image": "nope"}, None, 404, "not in the datastore"),
-        ("label info, unknown image", "GET", "/label/info", {"label": "nope", **final}, None, 404,
-         "not in the datastore"),
-        ("label info, unknown tag", "GET", "/label/info", {"label": "mr", **final}, None, 404,
-         "no label tagged 'final'"),
-        ("image info update, unknown image", "PUT", "/image/info", {"image": "nope"}, {"info": (None, "{}")}, 404,
-         "not in the datastore"),
-        ("label info update, unknown label", "PUT", "/label/info", {"label": "mr", **final}, {"info": (None, "{}")},
-         404, "no label tagged"),
-        ("old label info update, unknown image", "PUT", "/updatelabelinfo", {"label": "nope", **final},
-         {"params": (None, "{}")}, 404, "not in the datastore"),
-        ("delete the label of an unknown image", "DELETE", "/label", {"id": "nope", **final}, None, 404,
-         "not in the datastore"),
+        (
+            "label info, unknown image",
+            "GET",
+            "/label/info",
+            {"label": "nope", **final},
+            None,
+            404,
+            "not in the datastore",
+        ),
+        (
+            "label info, unknown tag",
+            "GET",
+            "/label/info",
+            {"label": "mr", **final},
+            None,
+            404,
+            "no label tagged 'final'",
+        ),
+        (
+            "image info update, unknown image",
+            "PUT",
+            "/image/info",
+            {"image": "nope"},
+            {"info": (None, "{}")},
+            404,
+            "not in the datastore",
+        ),
+        (
+            "label info update, unknown label",
+            "PUT",
+            "/label/info",
+            {"label": "mr", **final},
+            {"info": (None, "{}")},
+            404,
+            "no label tagged",
+        ),
+        (
+            "old label info update, unknown image",
+            "PUT",
+            "/updatelabelinfo",
+            {"label": "nope", **final},
+            {"params": (None, "{}")},
+            404,
+            "not in the datastore",
+        ),
+        (
+            "delete the label of an unknown image",
+            "DELETE",
+            "/label",
+            {"id": "nope", **final},
+            None,
+            404,
+            "not in the datastore",
+        ),
         ("delete a label that is not there", "DELETE", "/label", {"id": "mr", **final}, None, 404, "no label tagged"),
-        ("image info update, broken JSON", "PUT", "/image/info", {"image": "ct"}, {"info": (None, "[1")}, 422,
-         "info must be a JSON object"),
+        (
+            "image info update, broken JSON",
+            "PUT",
+            "/image/info",
+            {"image": "ct"},
+            {"info": (None, "[1")},
+            422,
+            "info must be a JSON object",
+        ),
         ("image info update, a list", "PUT", "/image/info", {"image": "ct"}, {"info": (None, "[1]")}, 422, "got list"),
-        ("label info update, null", "PUT", "/label/info", {"label": "ct", **final}, {"info": (None, "null")}, 422,
-         "got NoneType"),
-        ("label save, broken params", "PUT", "/label", {"image": "ct", **final},
-         {"label": ("l.nii.gz", ct_label), "params": (None, "{bad")}, 422, "params must be a JSON object"),
-        ("image upload, params a list", "PUT", "/image", {"image": "new"},
-         {"file": ("x.nii.gz", ct_image), "params": (None, "[1]")}, 422, "got list"),
+        (
+            "label info update, null",
+            "PUT",
+            "/label/info",
+            {"label": "ct", **final},
+            {"info": (None, "null")},
+            422,
+            "got NoneType",
+        ),
+        (
+            "label save, broken params",
+            "PUT",
+            "/label",
+            {"image": "ct", **final},
+            {"label": ("l.nii.gz", ct_label), "params": (None, "{bad")},
+            422,
+            "params must be a JSON object",
+        ),
+        (
+            "image upload, params a list",
+            "PUT",
+            "/image",
+            {"image": "new"},
+            {"file": ("x.nii.gz", ct_image), "params": (None, "[1]")},
+            422,
+            "got list",
+        ),
     ]
 
 
@@ -365,8 +451,12 @@ def test_unknown_ids_are_404_and_malformed_fields_422_and_change_nothing(server)
         assert api.alive(), what
     assert snapshot(studies) == inside and api.objects() == listed
     assert uploads_left(tmp / "server_tmp", server_tmp) == []
-    good = requests.put(f"{api.url}/datastore/image/info", params={"image": "ct"},
-                        files={"info": (None, '{"reviewer": "a"}')}, timeout=60)
+    good = requests.put(
+        f"{api.url}/datastore/image/info",
+        params={"image": "ct"},
+        files={"info": (None, '{"reviewer": "a"}')},
+        timeout=60,
+    )
     assert good.status_code == 200, good.text
     assert requests.get(f"{api.url}/datastore/image/info", params={"image": "ct"}, timeout=60).json()["reviewer"] == "a"
 
@@ -398,19 +488,32 @@ def test_a_dicomweb_datastore_answers_unknown_series_404_and_an_unreachable_serv
     studies = f"http://127.0.0.1:{pacs.server_address[1]}/dicom-web"
     try:
         with running_server(tmp_path / "run", studies, [("device", "cpu")], pythonpath=[TESTS]) as (url, proc, log):
+
             def infer(image):
-                return requests.post(f"{url}/infer/sam3d_point", params={"image": image, "output": "json"},
-                                     files={"params": (None, '{"foreground": [[1, 1, 1]]}')}, timeout=120)
+                return requests.post(
+                    f"{url}/infer/sam3d_point",
+                    params={"image": image, "output": "json"},
+                    files={"params": (None, '{"foreground": [[1, 1, 1]]}')},
+                    timeout=120,
+                )
 
             lookups = {  # what: (request, fragment of the reason)
                 "infer, unknown series": (lambda: infer("1.2.826.0.1.99"), "not on the DICOMweb server"),
                 "infer, a path": (lambda: infer("../../etc"), "not in the datastore"),
-                "image download": (lambda: requests.get(f"{url}/datastore/image", params={"image": "1.2.826.0.1.99"},
-                                                        timeout=60), "not on the DICOMweb server"),
-                "image download, a path": (lambda: requests.get(f"{url}/datastore/image", params={"image": "../.."},
-                                                                timeout=60), "must be a name"),
-                "final label download": (lambda: requests.get(f"{url}/datastore/label", params={
-                    "label": "1.2.826.0.1.99", "tag": "final"}, timeout=60), "not on the DICOMweb server"),
+                "image download": (
+                    lambda: requests.get(f"{url}/datastore/image", params={"image": "1.2.826.0.1.99"}, timeout=60),
+                    "not on the DICOMweb server",
+                ),
+                "image download, a path": (
+                    lambda: requests.get(f"{url}/datastore/image", params={"image": "../.."}, timeout=60),
+                    "must be a name",
+                ),
+                "final label download": (
+                    lambda: requests.get(
+                        f"{url}/datastore/label", params={"label": "1.2.826.0.1.99", "tag": "final"}, timeout=60
+                    ),
+                    "not on the DICOMweb server",
+                ),
             }
             for what, (request, fragment) in lookups.items():
                 r = request()

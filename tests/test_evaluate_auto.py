@@ -26,16 +26,40 @@ def test_evaluate_scores_the_named_class_of_an_auto_model(shared_data, tmp_path)
     model = build_network("autosam3d_tiny", class_names=CLASSES)
     ckpt = tmp_path / "auto.safetensors"
     save_checkpoint(model, ckpt, {"preset": "autosam3d_tiny", "network": model.config.to_dict()})
-    config = {"preset": "autosam3d_tiny", "checkpoint": str(ckpt), "spacing": [3.0, 3.0, 3.0],
-              "intensity": {"clip": None, "normalize": "zscore_foreground"}}
+    config = {
+        "preset": "autosam3d_tiny",
+        "checkpoint": str(ckpt),
+        "spacing": [3.0, 3.0, 3.0],
+        "intensity": {"clip": None, "normalize": "zscore_foreground"},
+    }
     model_yaml = tmp_path / "auto_model.yaml"
     model_yaml.write_text(yaml.safe_dump(config))
 
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "--quiet", "--no-baseline",
-                           "--model", str(model_yaml), "--data", str(shared_data / "totalseg_ct"), "--labels", "5,2",
-                           "--clicks", "2", "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "evaluate.py"),
+            "--quiet",
+            "--no-baseline",
+            "--model",
+            str(model_yaml),
+            "--data",
+            str(shared_data / "totalseg_ct"),
+            "--labels",
+            "5,2",
+            "--clicks",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

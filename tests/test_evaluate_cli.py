@@ -39,8 +39,14 @@ def _env() -> dict:
 
 
 def _evaluate(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--quiet", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--quiet", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def _rows(out: Path) -> list[dict]:
@@ -63,9 +69,25 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 def test_cli_model_and_baseline_on_a_real_case(shared_data, tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    r = _evaluate("--model", "sam3d_small", "--checkpoint", tiny_checkpoint, "--data", shared_data / "totalseg_mr",
-                  "--labels", "spleen,5", "--clicks", 3, "--out", out, "--save-masks", "--device", "cpu",
-                  "--note", "random weights")
+    r = _evaluate(
+        "--model",
+        "sam3d_small",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--data",
+        shared_data / "totalseg_mr",
+        "--labels",
+        "spleen,5",
+        "--clicks",
+        3,
+        "--out",
+        out,
+        "--save-masks",
+        "--device",
+        "cpu",
+        "--note",
+        "random weights",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(out)
     assert list(rows[0])[: len(REQUIRED_COLUMNS) + 1] == ["method", *REQUIRED_COLUMNS]
@@ -86,21 +108,50 @@ def test_cli_model_and_baseline_on_a_real_case(shared_data, tiny_checkpoint, tmp
     png = (out / "dice_vs_clicks.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     masks = sorted(p.relative_to(out).as_posix() for p in (out / "masks").rglob("*.nii.gz"))
-    assert masks == [f"masks/{m}/totalseg_mr/{f}" for m in ("random_walker", "sam3d_small")
-                     for f in ("1_spleen.nii.gz", "5_liver.nii.gz")]
+    assert masks == [
+        f"masks/{m}/totalseg_mr/{f}"
+        for m in ("random_walker", "sam3d_small")
+        for f in ("1_spleen.nii.gz", "5_liver.nii.gz")
+    ]
 
 
 def test_cli_missing_weights_is_a_clear_error(shared_data, tmp_path):
-    r = _evaluate("--model", "sam3d_small", "--checkpoint", tmp_path / "absent.safetensors",
-                  "--data", shared_data / "totalseg_mr", "--labels", "1", "--clicks", 1, "--out", tmp_path / "o")
+    r = _evaluate(
+        "--model",
+        "sam3d_small",
+        "--checkpoint",
+        tmp_path / "absent.safetensors",
+        "--data",
+        shared_data / "totalseg_mr",
+        "--labels",
+        "1",
+        "--clicks",
+        1,
+        "--out",
+        tmp_path / "o",
+    )
     assert r.returncode != 0
     assert "no weights" in r.stderr and "--model baseline" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_baseline_only_and_protocols(shared_data, tmp_path):
     out = tmp_path / "o"
-    r = _evaluate("--model", "baseline", "--data", shared_data / "totalseg_mr", "--labels", "kidney_left",
-                  "--clicks", 5, "--protocol", "noisy2", "--near-mm", 6, "--out", out)
+    r = _evaluate(
+        "--model",
+        "baseline",
+        "--data",
+        shared_data / "totalseg_mr",
+        "--labels",
+        "kidney_left",
+        "--clicks",
+        5,
+        "--protocol",
+        "noisy2",
+        "--near-mm",
+        6,
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(out)
     assert {r["method"] for r in rows} == {"random_walker"} and len(rows) == 5
@@ -116,8 +167,17 @@ def ball_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval_server")
     (tmp / "studies").mkdir()
     ball = tmp / "ball.yaml"
-    ball.write_text(yaml.safe_dump({"factory": "fakes:build_ball_model", "ball_radius": 6,
-                                    "spacing": [1.5, 1.5, 1.5], "cache_mb": 64, "max_windows": 2}))
+    ball.write_text(
+        yaml.safe_dump(
+            {
+                "factory": "fakes:build_ball_model",
+                "ball_radius": 6,
+                "spacing": [1.5, 1.5, 1.5],
+                "cache_mb": 64,
+                "max_windows": 2,
+            }
+        )
+    )
     with running_server(tmp, tmp / "studies", [("model", ball), ("device", "cpu")]) as (url, _, _):
         yield url, ball, tmp
 
@@ -138,8 +198,9 @@ def test_server_mode_measures_what_the_library_gives(shared_data, ball_server, t
 
     # the library with the same model config, in this process, gives the same numbers
     segmenter = PredictorSegmenter.from_config(load_model_config(str(ball), REPO / "configs"), device="cpu")
-    library_rows = run_evaluation(find_cases(shared_data / "totalseg_mr"), [segmenter],
-                                  EvalConfig(clicks=2, labels=["1", "5"]), progress=False)
+    library_rows = run_evaluation(
+        find_cases(shared_data / "totalseg_mr"), [segmenter], EvalConfig(clicks=2, labels=["1", "5"]), progress=False
+    )
     for s, lib in zip(server_rows, library_rows, strict=True):
         assert (s["case"], int(s["label"]), int(s["click"])) == (lib["case"], lib["label"], lib["click"])
         assert float(s["dice"]) == pytest.approx(lib["dice"], rel=1e-5)

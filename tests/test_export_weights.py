@@ -28,8 +28,12 @@ def test_half_export_serves_and_agrees_with_the_run(tmp_path, kind):
     src = write_tiny_model(tmp_path / "run")[1] if kind == "point" else _auto_checkpoint(tmp_path / "auto.safetensors")
     dst = tmp_path / "models" / "served.safetensors"
     dst.parent.mkdir()
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "export_weights.py"), str(src), str(dst), "--half"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "export_weights.py"), str(src), str(dst), "--half"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     agreement = float(re.search(r"sign agreement ([0-9.]+)", done.stdout).group(1))
     assert agreement > 0.99

@@ -38,7 +38,8 @@ def test_click_maps_follow_the_structure_a_click_is_on():
     assert neg[4, 4, 4] > neg[12, 12, 12]  # the negative click is outside: the cube is far from it
     only_positive = geodesic_click_maps(image, (points[0][:, :1], points[1][:, :1]), beta=30.0, scale=16.0)
     assert only_positive[0, 1].abs().sum() == 0 and torch.equal(
-        geodesic_click_maps(image, None, 30.0, 16.0), torch.zeros(1, 2, 32, 32, 32))
+        geodesic_click_maps(image, None, 30.0, 16.0), torch.zeros(1, 2, 32, 32, 32)
+    )
 
 
 def test_started_from_plain_weights_the_geodesic_model_answers_as_they_do_then_uses_the_image():
@@ -52,8 +53,9 @@ def test_started_from_plain_weights_the_geodesic_model_answers_as_they_do_then_u
     points = (torch.tensor([[[8.0, 8.0, 8.0]]]), torch.tensor([[1]]))
     prev = torch.zeros(1, 1, 16, 16, 16)
     with torch.no_grad():
-        assert torch.equal(geo.decode(image, points=points, mask_input=prev)[0],
-                           plain.decode(image, points=points, mask_input=prev)[0])
+        assert torch.equal(
+            geo.decode(image, points=points, mask_input=prev)[0], plain.decode(image, points=points, mask_input=prev)[0]
+        )
         geo.geodesic_in.weight.normal_(0, 0.5)  # as training would make it matter
         a = geo.decode(image, points=points, mask_input=prev)[0]
         edged = image.clone()

@@ -14,10 +14,29 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_job_runs_one_whole_experiment(shared_data, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "SAM3D_JOB_WORK": str(tmp_path / "work"), "SAM3D_JOB_SETS": "totalseg_mr",
-           "SAM3D_JOB_CLICKS": "2", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_job.sh"), "run", "configs/train/smoke.yaml", "15",
-                           f"data.dir={shared_data}"], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "SAM3D_JOB_WORK": str(tmp_path / "work"),
+        "SAM3D_JOB_SETS": "totalseg_mr",
+        "SAM3D_JOB_CLICKS": "2",
+        "OMP_NUM_THREADS": "2",
+    }
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "scripts" / "gpu_job.sh"),
+            "run",
+            "configs/train/smoke.yaml",
+            "15",
+            f"data.dir={shared_data}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "steps/s ->" in proc.stderr
     parts = sorted(out.glob("model.part.*"))

@@ -33,8 +33,12 @@ REPO = TESTS.parent
 from tiny_datastore import write_studies  # noqa: E402
 
 BALL = {"factory": "fakes:build_ball_model", "ball_radius": 3, "spacing": [2, 2, 2]}
-LIMITS = {"limits.max_points": "5", "limits.infer_threads": "1", "limits.infer_queue": "1",
-          "limits.max_request_mb": "0.5"}
+LIMITS = {
+    "limits.max_points": "5",
+    "limits.infer_threads": "1",
+    "limits.infer_queue": "1",
+    "limits.max_request_mb": "0.5",
+}
 CLICK = {"foreground": [[10, 10, 10]], "label": "liver"}
 
 
@@ -51,8 +55,9 @@ class BlockingEngine:
         self.computing += 1
         self.go.wait(timeout=60)
         shape = nib.load(image_path).shape
-        return SegmentResult(np.zeros(shape, np.uint8), np.eye(4), {"load": 0.0, "encode": 0.0, "decode": 0.0},
-                             {"model": "blocking"})
+        return SegmentResult(
+            np.zeros(shape, np.uint8), np.eye(4), {"load": 0.0, "encode": 0.0, "decode": 0.0}, {"model": "blocking"}
+        )
 
     def write_label(self, result, path):
         nib.save(nib.Nifti1Image(result.mask, result.affine), path)
@@ -79,12 +84,15 @@ def served(tmp_path_factory):
         spec = importlib.util.spec_from_file_location("sam3d_app_main_infer_api", main_py)
         main = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(main)
-        app = main.MyApp(str(main_py.parent), str(studies), {"model": str(tmp / "ball.yaml"), "device": "cpu",
-                                                            **LIMITS})
+        app = main.MyApp(
+            str(main_py.parent), str(studies), {"model": str(tmp / "ball.yaml"), "device": "cpu", **LIMITS}
+        )
         engine = BlockingEngine()
-        app._infers["blocking"] = Sam3DPointInfer(TaskSpec("blocking", "blocking", {"factory": "test"}, "waits",
-                                                           {"liver": 1}), device="cpu",
-                                                  engine_factory=lambda config, device: engine)
+        app._infers["blocking"] = Sam3DPointInfer(
+            TaskSpec("blocking", "blocking", {"factory": "test"}, "waits", {"liver": 1}),
+            device="cpu",
+            engine_factory=lambda config, device: engine,
+        )
         for module in (activelearning, infer, info):  # MONAI Label's endpoints find the app through app_instance
             mp.setattr(module, "app_instance", lambda: app)
         fastapi_app = FastAPI()
@@ -105,6 +113,7 @@ def post_infer(client, image="img0", params=None, model="sam3d_point", **kw):
 
 # ---- configuration ---------------------------------------------------------------------------------------------
 
+
 def test_limits_have_defaults_and_come_from_conf():
     default = load_app_config({}, config_dir=REPO / "configs").limits
     assert default == RequestLimits() and default.max_points == 1000 and default.infer_threads >= 1
@@ -112,12 +121,15 @@ def test_limits_have_defaults_and_come_from_conf():
     assert (limits.max_points, limits.infer_threads, limits.infer_queue, limits.max_request_mb) == (5, 1, 1, 0.5)
 
 
-@pytest.mark.parametrize("conf, fragment", [
-    ({"limits.max_points": "-1"}, "limits.max_points"),
-    ({"limits.infer_threads": "0"}, "limits.infer_threads must be > 0"),
-    ({"limits.queue": "3"}, "unknown limits"),
-    ({"limits": "7"}, "limits must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "conf, fragment",
+    [
+        ({"limits.max_points": "-1"}, "limits.max_points"),
+        ({"limits.infer_threads": "0"}, "limits.infer_threads must be > 0"),
+        ({"limits.queue": "3"}, "unknown limits"),
+        ({"limits": "7"}, "limits must be a mapping"),
+    ],
+)
 def test_bad_limits_stop_the_server_with_the_reason(conf, fragment):
     with pytest.raises(AppConfigError, match=fragment):
         load_app_config(conf, config_dir=REPO / "configs")
@@ -125,18 +137,22 @@ def test_bad_limits_stop_the_server_with_the_reason(conf, fragment):
 
 # ---- checks before anything is computed -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("params, fragment", [
-    ("[1, 2, 3]", "got list"),
-    ("null", "got NoneType"),
-    ('"text"', "got str"),
-    ("{broken", "JSON object"),
-    ('{"roi": [NaN, 0, 1, 1, 0, 1]}', "NaN is not a number"),
-    ('{"foreground": [[Infinity, 1, 1]]}', "Infinity is not a number"),
-    ("[" * 100_000, "JSON object"),
-    ('{"image": "/etc/passwd"}', "may not set image"),
-    ('{"model": "other", "session": {}}', "may not set model, session"),
-    (json.dumps({"foreground": [[1, 1, 1]] * 4, "background": [[2, 2, 2]] * 2}), "at most 5"),
-])
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        ("[1, 2, 3]", "got list"),
+        ("null", "got NoneType"),
+        ('"text"', "got str"),
+        ("{broken", "JSON object"),
+        ('{"roi": [NaN, 0, 1, 1, 0, 1]}', "NaN is not a number"),
+        ('{"foreground": [[Infinity, 1, 1]]}', "Infinity is not a number"),
+        ("[" * 100_000, "JSON object"),
+        ('{"image": "/etc/passwd"}', "may not set image"),
+        ('{"model": "other", "session": {}}', "may not set model, session"),
+        (json.dumps({"foreground": [[1, 1, 1]] * 4, "background": [[2, 2, 2]] * 2}), "at most 5"),
+    ],
+)
 def test_malformed_params_are_422_with_the_reason(params, fragment):
     with pytest.raises(HTTPException) as e:
         parse_params(params, max_points=5)
@@ -153,8 +169,15 @@ def test_images_are_datastore_ids_never_paths(served, shared_data):
     ds = app.datastore()
     check_image_id("img0", ds)
     check_image_id(np.zeros((2, 2, 2)), ds)  # Python callers may give an array
-    for image, status in [("", 422), ("nope", 404), ("..", 404), ("/etc/passwd", 404), (ds.get_image_uri("img1"), 404),
-                          (str(shared_data / "totalseg_ct" / "image.nii.gz"), 404), ("img0/../img1", 404)]:
+    for image, status in [
+        ("", 422),
+        ("nope", 404),
+        ("..", 404),
+        ("/etc/passwd", 404),
+        (ds.get_image_uri("img1"), 404),
+        (str(shared_data / "totalseg_ct" / "image.nii.gz"), 404),
+        ("img0/../img1", 404),
+    ]:
         with pytest.raises(HTTPException) as e:
             check_image_id(image, ds)
         assert e.value.status_code == status, image
@@ -165,12 +188,15 @@ def test_images_are_datastore_ids_never_paths(served, shared_data):
 
 # ---- the routes --------------------------------------------------------------------------------------------------
 
+
 def test_a_click_answers_in_monai_labels_shapes(served):
     _, client, _, _ = served
     r = post_infer(client)
     assert r.status_code == 200 and r.headers["content-type"].startswith("multipart/form-data")
-    parts = {p.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: p
-             for p in MultipartDecoder(r.content, r.headers["content-type"]).parts}
+    parts = {
+        p.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: p
+        for p in MultipartDecoder(r.content, r.headers["content-type"]).parts
+    }
     assert json.loads(parts[b"params"].text)["label"] == "liver"
     mask = nifti(parts[b"image"].content)
     assert mask.shape == (28, 26, 24) and np.asarray(mask.dataobj)[10, 10, 10] == 1
@@ -184,27 +210,31 @@ def test_an_upload_is_segmented_and_its_files_are_removed(served):
     upload = Path(app.datastore().get_image_uri("img1")).read_bytes()
     r = post_infer(client, image="", query={"output": "json"}, files={"file": ("x.nii.gz", io.BytesIO(upload))})
     assert r.status_code == 200 and r.json()["label"] == "liver"
-    bad = post_infer(client, image="", params={"foreground": [[99, 1, 1]]},
-                     files={"file": ("x.nii.gz", io.BytesIO(upload))})
+    bad = post_infer(
+        client, image="", params={"foreground": [[99, 1, 1]]}, files={"file": ("x.nii.gz", io.BytesIO(upload))}
+    )
     assert bad.status_code == 422 and "outside the image" in bad.json()["detail"]
     assert list(requests_tmp.iterdir()) == []
 
 
-@pytest.mark.parametrize("case, status, fragment", [
-    ("unknown_model", 404, "no model 'nope'; known: sam3d_point"),
-    ("path_image", 404, "not a path"),
-    ("unknown_image", 404, "not in the datastore"),
-    ("no_image", 422, "no image"),
-    ("list_params", 422, "JSON object"),
-    ("too_many_points", 422, "at most 5"),
-    ("bad_output", 422, "output"),
-    ("dicom_seg_output", 422, "needs a DICOMweb datastore"),
-    ("unknown_session", 404, "unknown or has expired"),
-    ("escaping_session", 404, "unknown or has expired"),
-    ("too_large", 413, "Content Too Large"),
-    ("whole_slide", 404, "no whole-slide model"),
-    ("bad_point", 422, "voxel indices"),
-])
+@pytest.mark.parametrize(
+    "case, status, fragment",
+    [
+        ("unknown_model", 404, "no model 'nope'; known: sam3d_point"),
+        ("path_image", 404, "not a path"),
+        ("unknown_image", 404, "not in the datastore"),
+        ("no_image", 422, "no image"),
+        ("list_params", 422, "JSON object"),
+        ("too_many_points", 422, "at most 5"),
+        ("bad_output", 422, "output"),
+        ("dicom_seg_output", 422, "needs a DICOMweb datastore"),
+        ("unknown_session", 404, "unknown or has expired"),
+        ("escaping_session", 404, "unknown or has expired"),
+        ("too_large", 413, "Content Too Large"),
+        ("whole_slide", 404, "no whole-slide model"),
+        ("bad_point", 422, "voxel indices"),
+    ],
+)
 def test_bad_requests_are_4xx_with_the_reason(served, case, status, fragment):
     app, client, _, _ = served
     kw = {}
@@ -242,13 +272,18 @@ def test_active_learning_names_the_known_strategies(served):
     r = client.post("/activelearning/most_uncertain", json={"client_id": "a"})
     assert r.status_code == 404 and "known: random, first, uncertainty" in r.json()["detail"]
     assert client.post("/activelearning/first", json=[1, 2]).status_code == 422
-    assert client.post("/activelearning/first", content=b"{broken", headers={"content-type": "application/json"}
-                       ).status_code == 422
+    assert (
+        client.post(
+            "/activelearning/first", content=b"{broken", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
     assert client.post("/activelearning/first", json={"client_id": "x" * (70 << 10)}).status_code == 413
     assert client.post("/activelearning/first", json={"client_id": "a"}).json()["id"] in ("img0", "img1")
 
 
 # ---- the queue -------------------------------------------------------------------------------------------------
+
 
 def test_info_answers_while_clicks_compute_and_requests_beyond_the_queue_are_429(served):
     """One thread computes, one request waits (limits), the others are refused at once; /info is never held."""
@@ -257,9 +292,12 @@ def test_info_answers_while_clicks_compute_and_requests_beyond_the_queue_are_429
 
     async def scenario():
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
             def click():
-                return client.post("/infer/blocking", params={"image": "img0", "output": "json"},
-                                   data={"params": json.dumps(CLICK)})
+                return client.post(
+                    "/infer/blocking", params={"image": "img0", "output": "json"}, data={"params": json.dumps(CLICK)}
+                )
+
             clicks = [asyncio.create_task(click()) for _ in range(5)]
             while engine.computing < 1:
                 await asyncio.sleep(0.01)

@@ -53,11 +53,18 @@ def server(shared_data, tmp_path_factory):
     shutil.copy(shared_data / "totalseg_mr" / "image.nii.gz", studies / "mr.nii.gz")
     ball = {"ball_radius": 3, "spacing": [1.5, 1.5, 1.5], "intensity": {"clip": None, "normalize": "zscore_foreground"}}
     (tmp / "ball.yaml").write_text(yaml.safe_dump({"factory": "fakes:build_ball_model", **ball}))
-    (tmp / "slow.yaml").write_text(yaml.safe_dump({"factory": "test_infer_reliability:build_slow_ball_model",
-                                                   "decode_seconds": 0.5, **ball}))
-    conf = [("model", tmp / "ball.yaml"), ("device", "cpu"), ("infers.sam3d_slow.model", tmp / "slow.yaml"),
-            ("limits.max_points", MAX_POINTS), ("limits.max_request_mb", MAX_REQUEST_MB),
-            ("limits.infer_threads", THREADS), ("limits.infer_queue", QUEUE)]
+    (tmp / "slow.yaml").write_text(
+        yaml.safe_dump({"factory": "test_infer_reliability:build_slow_ball_model", "decode_seconds": 0.5, **ball})
+    )
+    conf = [
+        ("model", tmp / "ball.yaml"),
+        ("device", "cpu"),
+        ("infers.sam3d_slow.model", tmp / "slow.yaml"),
+        ("limits.max_points", MAX_POINTS),
+        ("limits.max_request_mb", MAX_REQUEST_MB),
+        ("limits.infer_threads", THREADS),
+        ("limits.infer_queue", QUEUE),
+    ]
     with running_server(tmp, studies, conf) as (url, proc, log):
         yield {"url": url, "proc": proc, "log": log, "studies": studies, "tmp": tmp}
 
@@ -65,8 +72,12 @@ def server(shared_data, tmp_path_factory):
 def infer(server, params, image="ct", model="sam3d_point", query=None, files=None, timeout=120):
     """POST /infer as MONAI Label's clients send it: `params` a form field (sent as given when a string)."""
     body = params if isinstance(params, str) else json.dumps(params)
-    return requests.post(f"{server['url']}/infer/{model}", params={"image": image, "output": "json", **(query or {})},
-                         files={"params": (None, body), **(files or {})}, timeout=timeout)
+    return requests.post(
+        f"{server['url']}/infer/{model}",
+        params={"image": image, "output": "json", **(query or {})},
+        files={"params": (None, body), **(files or {})},
+        timeout=timeout,
+    )
 
 
 def assert_alive(server):
@@ -115,8 +126,10 @@ INFER_CATALOGUE = {  # case: (params, query overrides, status, fragment in the d
 def test_bad_infer_request_is_a_4xx_with_the_reason_and_the_server_carries_on(server, shared_data, case):
     params, query, status, fragment = INFER_CATALOGUE[case]
     query = dict(query)
-    image = {"SHARED_CT": str(shared_data / "totalseg_ct" / "image.nii.gz"),
-             "STUDIES_CT": str(server["studies"] / "ct.nii.gz")}.get(query.get("image"), query.get("image", "ct"))
+    image = {
+        "SHARED_CT": str(shared_data / "totalseg_ct" / "image.nii.gz"),
+        "STUDIES_CT": str(server["studies"] / "ct.nii.gz"),
+    }.get(query.get("image"), query.get("image", "ct"))
     model = query.pop("model", "sam3d_point")
     query.pop("image", None)
     r = infer(server, params, image=image, model=model, query=query)
@@ -145,8 +158,12 @@ ACTIVELEARNING_CATALOGUE = {  # case: (JSON body as sent, status, fragment of th
 @pytest.mark.parametrize("case", list(ACTIVELEARNING_CATALOGUE))
 def test_bad_activelearning_request_is_a_4xx_with_the_reason_and_the_server_carries_on(server, case):
     strategy, body, status, fragment = ACTIVELEARNING_CATALOGUE[case]
-    r = requests.post(f"{server['url']}/activelearning/{strategy}", data=body,
-                      headers={"Content-Type": "application/json"}, timeout=60)
+    r = requests.post(
+        f"{server['url']}/activelearning/{strategy}",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
     assert r.status_code == status, f"{r.status_code} {r.text}\n{log_tail(server['log'], 20)}"
     assert fragment in r.text and "Traceback" not in r.text
     assert_alive(server)
@@ -172,8 +189,9 @@ def test_an_unknown_scoring_method_or_batch_model_is_404_before_any_process_star
     path, query, status, fragment = TASK_CATALOGUE[case]
     r = requests.post(f"{server['url']}/{path}", params=query, timeout=60)
     assert_refused(r, status, fragment, server)
-    running = requests.get(f"{server['url']}/{path.rsplit('/', 1)[0]}/", params={"check_if_running": "true"},
-                           timeout=60)
+    running = requests.get(
+        f"{server['url']}/{path.rsplit('/', 1)[0]}/", params={"check_if_running": "true"}, timeout=60
+    )
     assert running.status_code == 404  # MONAI Label's "no task running": none was started
     assert_alive(server)
 
@@ -183,8 +201,10 @@ def test_info_answers_while_20_clicks_compute_and_clicks_beyond_the_queue_are_42
     at once; /info and /datastore answer all along (their latencies are printed, not asserted: the CPU is shared)."""
     url, n = server["url"], 20
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        clicks = [pool.submit(infer, server, {"foreground": [[60, 50, 56]], "label": f"s{i}"}, model="sam3d_slow")
-                  for i in range(n)]
+        clicks = [
+            pool.submit(infer, server, {"foreground": [[60, 50, 56]], "label": f"s{i}"}, model="sam3d_slow")
+            for i in range(n)
+        ]
         answered_while_computing = []
         while not all(c.done() for c in clicks):
             for path in ("/info/", "/datastore/"):
@@ -197,8 +217,10 @@ def test_info_answers_while_20_clicks_compute_and_clicks_beyond_the_queue_are_42
         answers = [c.result() for c in clicks]
     statuses = sorted(r.status_code for r in answers)
     waits = sorted(s for _, s in answered_while_computing) or [float("nan")]
-    print(f"\nclick statuses {statuses}; {len(answered_while_computing)} /info and /datastore answers while clicks "
-          f"computed: median {waits[len(waits) // 2]:.3f} s, slowest {waits[-1]:.3f} s")
+    print(
+        f"\nclick statuses {statuses}; {len(answered_while_computing)} /info and /datastore answers while clicks "
+        f"computed: median {waits[len(waits) // 2]:.3f} s, slowest {waits[-1]:.3f} s"
+    )
     assert set(statuses) <= {200, 429}, [r.text for r in answers if r.status_code not in (200, 429)]
     assert statuses.count(200) >= THREADS and 429 in statuses
     assert answered_while_computing, "no /info or /datastore request was answered while clicks were computing"

@@ -22,7 +22,6 @@ BALL = {"factory": "fakes:build_ball_model", "ball_radius": 3, "spacing": [1.5, 
 LABELS = {"liver": 5, "spleen": 1, "structure": 255}
 
 
-
 def spec(model_config=None, labels=None, error=None, name="sam3d_point") -> TaskSpec:
     return TaskSpec(name, "test", dict(model_config or BALL), "test task", dict(labels or LABELS), error=error)
 
@@ -126,8 +125,12 @@ def test_unknown_model_is_a_task_error_not_a_startup_failure():
 def test_a_tasks_kind_is_its_models_and_setting_it_is_a_task_error():
     c = load_app_config({"infers.odd.model": "sam3d_small", "infers.odd.kind": "telepathy"}, CONFIGS)
     kinds = {name: (t.kind, t.error) for name, t in c.infers.items() if name != "odd"}
-    assert kinds == {"sam3d_point": ("point", None), "sam3d_semantic_point": ("point", None),
-                     "sam3d_text": ("text", None), "sam3d_auto": ("auto", None)}
+    assert kinds == {
+        "sam3d_point": ("point", None),
+        "sam3d_semantic_point": ("point", None),
+        "sam3d_text": ("text", None),
+        "sam3d_auto": ("auto", None),
+    }
     assert "infers.odd.kind` is not a setting" in c.infers["odd"].error
     assert "kind" not in c.infers["sam3d_auto"].model_config
 
@@ -311,8 +314,16 @@ def test_ball_model_through_the_real_engine(ct, tmpdir_for_results):
     assert t._engine.model.encode_calls == 1
 
 
-TINY = dict(encoder_embed_dim=48, encoder_depth=1, encoder_num_heads=2, encoder_global_attn_indexes=[0],
-            prompt_embed_dim=48, decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=16)
+TINY = dict(
+    encoder_embed_dim=48,
+    encoder_depth=1,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=[0],
+    prompt_embed_dim=48,
+    decoder_num_heads=2,
+    decoder_mlp_dim=64,
+    iou_head_hidden_dim=16,
+)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])

@@ -31,8 +31,13 @@ def ct(shared_data):
 
 
 def task(checkpoint, **more) -> Sam3DTextInfer:
-    cfg = {"preset": "refsam3d_tiny", "checkpoint": str(checkpoint), "spacing": [3.0, 3.0, 3.0], "max_windows": 2,
-           **more}
+    cfg = {
+        "preset": "refsam3d_tiny",
+        "checkpoint": str(checkpoint),
+        "spacing": [3.0, 3.0, 3.0],
+        "max_windows": 2,
+        **more,
+    }
     return Sam3DTextInfer(TaskSpec("sam3d_text", "refsam3d", cfg, "text task", dict(LABELS)), device="cpu")
 
 
@@ -88,9 +93,13 @@ def test_registered_as_the_text_kind_of_the_app_config(checkpoint, ct, no_networ
     from sam3d.monailabel import load_app_config
 
     repo = Path(__file__).resolve().parents[1]
-    conf = {"infers.sam3d_text.model": "refsam3d",
-            "infers.sam3d_text.checkpoint": str(checkpoint), "infers.sam3d_text.spacing": "[3, 3, 3]",
-            "infers.sam3d_text.max_windows": "2", "device": "cpu"}
+    conf = {
+        "infers.sam3d_text.model": "refsam3d",
+        "infers.sam3d_text.checkpoint": str(checkpoint),
+        "infers.sam3d_text.spacing": "[3, 3, 3]",
+        "infers.sam3d_text.max_windows": "2",
+        "device": "cpu",
+    }
     spec = load_app_config(conf, repo / "configs").infers["sam3d_text"]
     assert spec.kind == "text" and spec.error is None, spec.error
     t = Sam3DTextInfer(spec, device="cpu", strict_labels=True, preload=False)

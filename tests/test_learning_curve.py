@@ -30,11 +30,30 @@ def test_learning_curve_through_the_server(tmp_path):
     config, ckpt = write_tiny_model(tmp_path / "model")
     pool, heldout = _cases(tmp_path / "pool", [0, 1]), _cases(tmp_path / "heldout", [2])
     out = tmp_path / "curve"
-    cmd = [sys.executable, str(REPO / "scripts" / "learning_curve.py"), "--checkpoint", str(ckpt), "--model",
-           str(config), "--pool", str(pool), "--heldout", str(heldout / "vol2"), "--orders", "random", "uncertainty",
-           "--clicks", "2", "--train-param", "steps=2", "--out", "curve"]  # relative: the servers run elsewhere
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "learning_curve.py"),
+        "--checkpoint",
+        str(ckpt),
+        "--model",
+        str(config),
+        "--pool",
+        str(pool),
+        "--heldout",
+        str(heldout / "vol2"),
+        "--orders",
+        "random",
+        "uncertainty",
+        "--clicks",
+        "2",
+        "--train-param",
+        "steps=2",
+        "--out",
+        "curve",
+    ]  # relative: the servers run elsewhere
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     with open(out / "curve.csv") as f:
         rows = list(csv.DictReader(f))

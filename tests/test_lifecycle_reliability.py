@@ -62,8 +62,9 @@ def test_a_task_process_exits_when_its_server_dies(tmp_path):
         print(task.pid, flush=True)
         time.sleep(600)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", server], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": LIB})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", server], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": LIB}
+    )
     task_pid = int(proc.stdout.readline())
     try:
         assert not gone(task_pid)
@@ -184,8 +185,9 @@ def test_kill_9_during_training_leaves_no_process_and_a_consistent_datastore(tmp
     (tmp_path / "client").mkdir()
 
     with running_server(tmp_path, studies, conf) as (url, proc, log):
-        MONAILabelClient(url, tmpdir=str(tmp_path / "client")).train_start("sam3d", {"steps": 100000,
-                                                                                    "promote": "always"})
+        MONAILabelClient(url, tmpdir=str(tmp_path / "client")).train_start(
+            "sam3d", {"steps": 100000, "promote": "always"}
+        )
         run = _wait("the first training step", lambda: next((r for r in runs.glob("*") if _rows(r)), None))
         task_pid = json.loads((run / "run.json").read_text())["pid"]
         try:

@@ -15,8 +15,16 @@ SCRIPT = [sys.executable, str(REPO / "scripts" / "make_dicom_case.py")]
 def test_series_and_masks_become_one_case_on_the_series_grid(tmp_path, shared_data):
     src = shared_data / "dcmqi_ct3slice"
     out = tmp_path / "cases" / "ct3"
-    args = ["--series", str(src), "--mask", f"liver={src / 'liver_seg.nrrd'}", "--mask",
-            f"heart={src / 'heart_seg.nrrd'}", "--out", str(out)]
+    args = [
+        "--series",
+        str(src),
+        "--mask",
+        f"liver={src / 'liver_seg.nrrd'}",
+        "--mask",
+        f"heart={src / 'heart_seg.nrrd'}",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(SCRIPT + args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (case,) = find_cases(tmp_path / "cases")
@@ -34,7 +42,21 @@ def test_a_mask_on_another_grid_writes_nothing(tmp_path, shared_data):
     src = shared_data / "dcmqi_ct3slice"
     other = shared_data / "pyradiomics_small" / "breast1_label.nrrd"
     out = tmp_path / "bad"
-    done = subprocess.run(SCRIPT + ["--series", str(src), "--mask", f"liver={src / 'liver_seg.nrrd'}", "--mask",
-                                    f"breast={other}", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        SCRIPT
+        + [
+            "--series",
+            str(src),
+            "--mask",
+            f"liver={src / 'liver_seg.nrrd'}",
+            "--mask",
+            f"breast={other}",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0 and "not on the grid" in done.stderr
     assert not out.exists() and not any(tmp_path.iterdir())

@@ -56,8 +56,11 @@ def run_prompts(model, emb, points, mask_input, multimask, ours: bool):
     pe = model.prompt_encoder
     sparse, dense = pe(points=points, boxes=None, masks=mask_input)
     low, iou = model.mask_decoder(
-        image_embeddings=emb, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense, multimask_output=multimask,
+        image_embeddings=emb,
+        image_pe=pe.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
     )
     if ours:  # the public entry point must give the same as the parts
         low2, iou2 = model.decode(emb, points=points, mask_input=mask_input, multimask_output=multimask)
@@ -136,8 +139,16 @@ def test_multi_window_encoder(grid, window):
 
     from sam3d.models.image_encoder import ImageEncoderViT3D
 
-    size = dict(img_size=2 * grid, patch_size=2, embed_dim=48, depth=3, num_heads=2, out_chans=24,
-                window_size=window, global_attn_indexes=(1,))
+    size = dict(
+        img_size=2 * grid,
+        patch_size=2,
+        embed_dim=48,
+        depth=3,
+        num_heads=2,
+        out_chans=24,
+        window_size=window,
+        global_attn_indexes=(1,),
+    )
     torch.manual_seed(5)
     ref = MedimEncoder(**size, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True).eval()
     randomize_(ref, 6)

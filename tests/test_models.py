@@ -151,9 +151,17 @@ def test_multi_window_model_img256_patch16():
     S=16. One head keeps the naive reference at ~1 s."""
     torch.manual_seed(0)
     model = build_sam3d(
-        "sam_med3d_turbo", img_size=256, patch_size=16, encoder_embed_dim=16, encoder_depth=2,
-        encoder_num_heads=1, encoder_global_attn_indexes=(1,), prompt_embed_dim=48, decoder_num_heads=2,
-        decoder_mlp_dim=64, iou_head_hidden_dim=32,
+        "sam_med3d_turbo",
+        img_size=256,
+        patch_size=16,
+        encoder_embed_dim=16,
+        encoder_depth=2,
+        encoder_num_heads=1,
+        encoder_global_attn_indexes=(1,),
+        prompt_embed_dim=48,
+        decoder_num_heads=2,
+        decoder_mlp_dim=64,
+        iou_head_hidden_dim=32,
     ).eval()
     randomize_(model, 7)
     enc = model.image_encoder

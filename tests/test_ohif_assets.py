@@ -39,13 +39,25 @@ def test_app_config_is_the_projects_the_monai_label_mode_with_the_segmentation_p
     text = r.text
     assert "'@ohif/mode-monai-label'" in text and "panelModule.panelSegmentation'" in text
     bundled = (ohif.bundle_dir() / "app-config.js").read_text()
-    for setting in ("wadoRoot: '/proxy/dicom/wado'", "qidoRoot: '/proxy/dicom/qido'", "routerBasename: '/ohif/'",
-                    "defaultDataSourceName: 'dicomweb'"):
+    for setting in (
+        "wadoRoot: '/proxy/dicom/wado'",
+        "qidoRoot: '/proxy/dicom/qido'",
+        "routerBasename: '/ohif/'",
+        "defaultDataSourceName: 'dicomweb'",
+    ):
         assert setting in bundled and setting in text, setting
 
 
-@pytest.mark.parametrize("path", ["assets/no-such-icon.png", "../../config.py", "..%2F..%2Fconfig.py",
-                                  "/etc/passwd.txt", "assets/../../../__init__.py"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "assets/no-such-icon.png",
+        "../../config.py",
+        "..%2F..%2Fconfig.py",
+        "/etc/passwd.txt",
+        "assets/../../../__init__.py",
+    ],
+)
 def test_missing_files_and_paths_outside_the_bundle_are_404(client, path):
     r = client.get(f"/ohif/{path}")
     assert r.status_code == 404 or r.content == (ohif.bundle_dir() / "index.html").read_bytes()

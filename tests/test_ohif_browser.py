@@ -49,8 +49,13 @@ from test_ohif_pacs import REPO, ct_on_orthanc, monkeypatch_module, orthanc  # n
 
 pytestmark = pytest.mark.ohif
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
-                "--window-size=1600,1000"]
+CHROME_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--enable-unsafe-swiftshader",
+    "--use-angle=swiftshader",
+    "--window-size=1600,1000",
+]
 # SEVERE console entries that are not the app's: Google Fonts (offline), OHIF's android-chrome icon, and the
 # panel's training check (MONAI Label answers 404 while no training ran)
 HARMLESS = ("fonts.googleapis.com", "fonts.gstatic.com", "android-chrome", "/train/?check_if_running")
@@ -71,8 +76,13 @@ def browser_app(orthanc, shared_data, tmp_path_factory, monkeypatch_module):  # 
     url, _ = orthanc
     tmp = tmp_path_factory.mktemp("browser_app")
     uids, _ = ct_on_orthanc(url, shared_data, tmp, monkeypatch_module)
-    conf = [("device", "cpu"), ("infers.sam3d_semantic_point", "null"), ("infers.sam3d_text", "null"),
-            ("train.val_samples", "1"), ("train.val_clicks", "1")]
+    conf = [
+        ("device", "cpu"),
+        ("infers.sam3d_semantic_point", "null"),
+        ("infers.sam3d_text", "null"),
+        ("train.val_samples", "1"),
+        ("train.val_clicks", "1"),
+    ]
     with running_server(tmp, f"{url}/dicom-web", conf) as (server_url, proc, log):
         yield {"url": server_url, "orthanc": url, "uids": uids, "log": Path(log), "tmp": tmp}
 
@@ -146,15 +156,21 @@ def _labelmap(driver) -> np.ndarray:
 
 
 def _segment_index(driver, label: str) -> int:
-    return int(driver.execute_script("""
+    return int(
+        driver.execute_script(
+            """
         const seg = window.services.segmentationService.getSegmentation('1');
         const s = Object.values(seg.segments).find(s => s && s.label === arguments[0]);
-        return s ? s.segmentIndex : 0;""", label))
+        return s ? s.segmentIndex : 0;""",
+            label,
+        )
+    )
 
 
 def _coronal(driver, voxel=None) -> dict:
     """The coronal viewport: its slice (j), the CT's box on the page, and `voxel` (i, k on that slice) on the page."""
-    return driver.execute_script("""
+    return driver.execute_script(
+        """
         const vp = window.cornerstone.getRenderingEngines().find(e => e.getViewport('mpr-coronal'))
             .getViewport('mpr-coronal');
         const image = vp.getImageData().imageData;
@@ -169,7 +185,9 @@ def _coronal(driver, voxel=None) -> dict:
         const box = [Math.min(corners[0][0], corners[1][0]), Math.min(corners[0][1], corners[1][1]),
                      Math.max(corners[0][0], corners[1][0]), Math.max(corners[0][1], corners[1][1])];
         const v = arguments[0];
-        return {j, dims, box, point: v ? page([v[0], j, v[1]]) : null};""", voxel)
+        return {j, dims, box, point: v ? page([v[0], j, v[1]]) : null};""",
+        voxel,
+    )
 
 
 def _coloured_changes(before: np.ndarray, after: np.ndarray, box) -> int:
@@ -189,10 +207,12 @@ def _no_notifications(driver) -> None:
 
 
 def _point_count(driver) -> int:
-    return int(driver.execute_script("""
+    return int(
+        driver.execute_script("""
         const saved = window.cornerstoneTools.annotation.state.getAnnotationManager()
             .saveAnnotations(null, 'ProbeMONAILabel');
-        return Object.values(saved).reduce((n, g) => n + ((g && g.ProbeMONAILabel) || []).length, 0);"""))
+        return Object.values(saved).reduce((n, g) => n + ((g && g.ProbeMONAILabel) || []).length, 0);""")
+    )
 
 
 def _infer_requests(log: Path, model: str) -> list[dict]:
@@ -226,12 +246,16 @@ def test_an_annotator_segments_saves_and_trains_in_ohif(browser_app, browser, sh
         # 1. the study in the MONAI Label mode, the CT drawn; the panel connected to the app
         d.get(f"{app}/ohif/monai-label?StudyInstanceUIDs={uids['study']}")
         _wait("the MONAI Label panel", lambda: d.find_elements(By.ID, "monailabelServerURL"))
-        _wait("the CT in the coronal viewport", lambda: d.execute_script("""
+        _wait(
+            "the CT in the coronal viewport",
+            lambda: d.execute_script("""
             const e = window.cornerstone && window.cornerstone.getRenderingEngines()
                 .find(e => e.getViewport('mpr-coronal'));
             const vp = e && e.getViewport('mpr-coronal');
             const v = vp && vp.getImageData();
-            return !!(v && window.cornerstone.cache.getVolume(vp.getVolumeId()).loadStatus.loaded);"""), 180)
+            return !!(v && window.cornerstone.cache.getVolume(vp.getVolumeId()).loadStatus.loaded);"""),
+            180,
+        )
         for button in d.find_elements(By.XPATH, "//button[normalize-space()='Confirm and Hide']"):
             button.click()
         address = d.find_element(By.ID, "monailabelServerURL")
@@ -240,8 +264,10 @@ def test_an_annotator_segments_saves_and_trains_in_ohif(browser_app, browser, sh
         address.send_keys(f"{app}/")
         d.find_element(By.CSS_SELECTOR, ".monaiLabelPanel .settingsTable button.actionButton").click()
         _wait("the panel's tabs", lambda: d.find_elements(By.XPATH, "//label[normalize-space()='Point Prompts']"))
-        _wait("the panel's labelmap", lambda: d.execute_script(
-            "return !!window.services.segmentationService.getLabelmapVolume('1')"))
+        _wait(
+            "the panel's labelmap",
+            lambda: d.execute_script("return !!window.services.segmentationService.getLabelmapVolume('1')"),
+        )
         time.sleep(2)  # the panel colours its segments a second after connecting
         _no_notifications(d)
         bare = steps.shot("connected")
@@ -275,10 +301,13 @@ def test_an_annotator_segments_saves_and_trains_in_ohif(browser_app, browser, sh
         row = xpath(By.XPATH, "//tr[contains(@class,'clickable-row')][td[normalize-space()='urinary_bladder']]")
         # the panel is taller than the window: the row into view (which scrolls the whole layout too), a click on
         # it, then the layout back where it was (selenium's own click found the row "not interactable" at times)
-        rx, ry = d.execute_script("""const row = arguments[0];
+        rx, ry = d.execute_script(
+            """const row = arguments[0];
             row.scrollIntoView({block: 'center'});
             const r = row.cells[1].getBoundingClientRect();
-            return [r.x + r.width / 2, r.y + r.height / 2];""", row)
+            return [r.x + r.width / 2, r.y + r.height / 2];""",
+            row,
+        )
         _click(d, rx, ry)
         _wait("urinary_bladder selected", lambda: "darkblue" in (row.get_attribute("style") or ""), 10)
         d.execute_script("""for (const e of document.querySelectorAll('*')) {
@@ -326,13 +355,18 @@ def test_an_annotator_segments_saves_and_trains_in_ohif(browser_app, browser, sh
         sub = _wait("the segmentation's menu", lambda: d.find_elements(By.XPATH, item.format("Export & Download")))
         ActionChains(d).move_to_element(sub[0]).click().perform()
         _wait("Export DICOM SEG", lambda: d.find_elements(By.XPATH, item.format("Export DICOM SEG")))[0].click()
-        name = _wait("the report name", lambda: d.find_elements(
-            By.XPATH, "//*[normalize-space()='Enter the report name']/following::input[1]"))[0]
+        name = _wait(
+            "the report name",
+            lambda: d.find_elements(By.XPATH, "//*[normalize-space()='Enter the report name']/following::input[1]"),
+        )[0]
         name.send_keys(SEG_NAME)
         steps.shot("export_dicom_seg")
         xpath(By.XPATH, "//button[normalize-space()='Save']").click()
-        _wait("the viewer's 'Stored on the PACS'",
-              lambda: "Stored on the PACS" in d.execute_script("return document.body.innerText"), 60)
+        _wait(
+            "the viewer's 'Stored on the PACS'",
+            lambda: "Stored on the PACS" in d.execute_script("return document.body.innerText"),
+            60,
+        )
         time.sleep(1)
         steps.shot("seg_stored")
         segs = _get(f"{browser_app['orthanc']}/dicom-web/studies/{uids['study']}/series?Modality=SEG")
@@ -371,8 +405,10 @@ def test_an_annotator_segments_saves_and_trains_in_ohif(browser_app, browser, sh
         severe = [e["message"] for e in steps.read_console() if e["level"] == "SEVERE"]
         unexpected = [m for m in severe if not any(h in m for h in HARMLESS)]
         assert not unexpected, unexpected
-        print(f"browser test: sam3d_auto {auto_s:.0f} s, point prompt {point_s:.0f} s, training {train_s:.0f} s, "
-              f"all {time.monotonic() - started:.0f} s; {moved[0]}")
+        print(
+            f"browser test: sam3d_auto {auto_s:.0f} s, point prompt {point_s:.0f} s, training {train_s:.0f} s, "
+            f"all {time.monotonic() - started:.0f} s; {moved[0]}"
+        )
     except BaseException:
         with contextlib.suppress(Exception):
             steps.shot("failure")

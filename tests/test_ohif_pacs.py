@@ -37,8 +37,11 @@ def orthanc(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("orthanc")
     port = free_port()
-    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "orthanc.sh"), "start", "--dir", str(tmp), "--port",
-                             str(port)], stdout=open(tmp / "orthanc.log", "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "orthanc.sh"), "start", "--dir", str(tmp), "--port", str(port)],
+        stdout=open(tmp / "orthanc.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(60):
@@ -75,8 +78,12 @@ def pacs_server(orthanc, shared_data, tmp_path_factory, monkeypatch_module):
     tmp = tmp_path_factory.mktemp("pacs_app")
     uids, series_dir = ct_on_orthanc(url, shared_data, tmp, monkeypatch_module)
     (tmp / "client").mkdir()
-    conf = [("device", "cpu"), ("infers.sam3d_semantic_point", "null"), ("infers.sam3d_text", "null"),
-            ("infers.sam3d_auto", "null")]
+    conf = [
+        ("device", "cpu"),
+        ("infers.sam3d_semantic_point", "null"),
+        ("infers.sam3d_text", "null"),
+        ("infers.sam3d_auto", "null"),
+    ]
     with running_server(tmp, f"{url}/dicom-web", conf) as (server_url, proc, log):
         yield uids, series_dir, MONAILabelClient(server_url, tmpdir=str(tmp / "client")), log
 
@@ -174,8 +181,11 @@ def test_a_seg_stored_on_the_pacs_is_the_final_label_that_training_reads(pacs_se
         assert dice > 0.99, (name, dice)
 
     # the newest SEG deleted on the PACS: the older one is the final label again
-    found = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{url}/tools/lookup", data=seg_ids[-1].encode(), method="POST"), timeout=10).read())
+    found = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(f"{url}/tools/lookup", data=seg_ids[-1].encode(), method="POST"), timeout=10
+        ).read()
+    )
     urllib.request.urlopen(urllib.request.Request(f"{url}/series/{found[0]['ID']}", method="DELETE"), timeout=10)
     ds = _pacs_datastore(url, tmp_path / "cache")
     image_id, _, label_file = Sam3DTrainTask.sources(None, ds)[0]

@@ -21,8 +21,7 @@ OHIF = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress":
 
 def new_text_task(checkpoint) -> Sam3DTextInfer:
     cfg = {"preset": "refsam3d_tiny", "checkpoint": str(checkpoint), "spacing": [3.0, 3.0, 3.0], "max_windows": 2}
-    return Sam3DTextInfer(TaskSpec("sam3d_text", "refsam3d", cfg, "text task", dict(LABELS), kind="text"),
-                          device="cpu")
+    return Sam3DTextInfer(TaskSpec("sam3d_text", "refsam3d", cfg, "text task", dict(LABELS), kind="text"), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -67,23 +66,27 @@ def test_point_prompts_of_a_vista3d_model_refine_one_class(checkpoint, ct, tmp_p
     companion = Sam3DTextClassPrompts(new_text_task(checkpoint))
     req = {"image": ct, "label_prompt": [5], "points": [[60, 50, 56], [20, 20, 20]], "point_labels": [1, 0], **OHIF}
     out, res = companion(req)
-    same = new_text_task(checkpoint)({"image": ct, "label": "liver", "foreground": [[60, 50, 56]],
-                                      "background": [[20, 20, 20]]})[0]
+    same = new_text_task(checkpoint)(
+        {"image": ct, "label": "liver", "foreground": [[60, 50, 56]], "background": [[20, 20, 20]]}
+    )[0]
     data, _ = nrrd.read(out)
     np.testing.assert_array_equal(data == 5, np.asarray(nib.load(same).dataobj) > 0)
     assert res["label_names"] == {"liver": 5}
 
 
-@pytest.mark.parametrize("request_, fragment", [
-    ({"label_prompt": [77]}, "not a label"),
-    ({"label_prompt": "nonsense"}, "not a label"),
-    ({"label_prompt": []}, "list of label values"),
-    ({"label_prompt": [True]}, "not a label"),
-    ({"label_prompt": [5], "points": [[1, 2, 3]], "point_labels": [2]}, "point_labels"),
-    ({"label_prompt": [5], "points": [[1, 2, 3]]}, "point_labels"),
-    ({"label_prompt": [5, 1], "points": [[1, 2, 3]], "point_labels": [1]}, "one class"),
-    ({"label_prompt": [5], "points": [[1, 2]], "point_labels": [1]}, "points"),
-])
+@pytest.mark.parametrize(
+    "request_, fragment",
+    [
+        ({"label_prompt": [77]}, "not a label"),
+        ({"label_prompt": "nonsense"}, "not a label"),
+        ({"label_prompt": []}, "list of label values"),
+        ({"label_prompt": [True]}, "not a label"),
+        ({"label_prompt": [5], "points": [[1, 2, 3]], "point_labels": [2]}, "point_labels"),
+        ({"label_prompt": [5], "points": [[1, 2, 3]]}, "point_labels"),
+        ({"label_prompt": [5, 1], "points": [[1, 2, 3]], "point_labels": [1]}, "one class"),
+        ({"label_prompt": [5], "points": [[1, 2]], "point_labels": [1]}, "points"),
+    ],
+)
 def test_bad_class_prompts_are_422(text_task, ct, request_, fragment):
     err = _status(lambda: Sam3DTextClassPrompts(text_task)({"image": ct, **request_}))
     assert err.status_code == 422 and fragment in err.detail, err.detail
@@ -121,9 +124,15 @@ def server(shared_data, checkpoint, tmp_path_factory):
     shutil.copy(shared_data / "totalseg_ct" / "image.nii.gz", studies / "ct.nii.gz")
     (tmp / "client").mkdir()
     point_config, _ = write_tiny_model(tmp / "point")
-    conf = [("device", "cpu"), ("model", point_config), ("infers.sam3d_semantic_point", "null"),
-            ("infers.sam3d_auto", "null"), ("infers.sam3d_text.checkpoint", checkpoint),
-            ("infers.sam3d_text.spacing", "[3, 3, 3]"), ("infers.sam3d_text.max_windows", "2")]
+    conf = [
+        ("device", "cpu"),
+        ("model", point_config),
+        ("infers.sam3d_semantic_point", "null"),
+        ("infers.sam3d_auto", "null"),
+        ("infers.sam3d_text.checkpoint", checkpoint),
+        ("infers.sam3d_text.spacing", "[3, 3, 3]"),
+        ("infers.sam3d_text.max_windows", "2"),
+    ]
     with running_server(tmp, studies, conf) as (url, proc, log):
         yield studies, MONAILabelClient(url, tmpdir=str(tmp / "client"))
 

@@ -42,14 +42,17 @@ def test_a_path_and_the_same_array_give_the_same_mask(tiny_checkpoint, shared_da
     assert two.shape == img.shape
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda p: p.predict(points=[[1, 2, 3]], point_labels=[1], multimask=True), "one mask per prompt"),
-    (lambda p: p.predict(points=[[1, 2, 3]], text="liver"), "does not read text"),
-    (lambda p: p.predict(points=[[1, 2, 3]], point_labels=[2]), "point_labels"),
-    (lambda p: p.predict(points=[[1, 2, 3], [4, 5, 6]], point_labels=[1]), "2 points but 1"),
-    (lambda p: p.predict(box=[1, 2, 3]), "box must be"),
-    (lambda p: p.segment_all(), "needs an automatic model"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda p: p.predict(points=[[1, 2, 3]], point_labels=[1], multimask=True), "one mask per prompt"),
+        (lambda p: p.predict(points=[[1, 2, 3]], text="liver"), "does not read text"),
+        (lambda p: p.predict(points=[[1, 2, 3]], point_labels=[2]), "point_labels"),
+        (lambda p: p.predict(points=[[1, 2, 3], [4, 5, 6]], point_labels=[1]), "2 points but 1"),
+        (lambda p: p.predict(box=[1, 2, 3]), "box must be"),
+        (lambda p: p.segment_all(), "needs an automatic model"),
+    ],
+)
 def test_unsupported_prompts_are_refused_with_the_reason(tiny_checkpoint, call, message):
     predictor = Sam3DPredictor.from_pretrained(str(tiny_checkpoint))
     predictor.set_image(np.random.default_rng(0).normal(size=(20, 20, 20)))
@@ -71,8 +74,10 @@ def test_an_automatic_model_segments_all_and_refuses_prompts(shared_data):
     predictor = Sam3DPredictor.from_pretrained("autosam3d")  # the shipped 3D-SAutoMed weights
     predictor.set_image(shared_data / "totalseg_ct" / "image.nii.gz")
     labels, names = predictor.segment_all()
-    assert names["liver"] in np.unique(labels) and labels.shape == nib.load(
-        str(shared_data / "totalseg_ct" / "image.nii.gz")).shape
+    assert (
+        names["liver"] in np.unique(labels)
+        and labels.shape == nib.load(str(shared_data / "totalseg_ct" / "image.nii.gz")).shape
+    )
     with pytest.raises(ValueError, match="segment_all"):
         predictor.predict(points=[[60, 50, 56]])
 

@@ -81,15 +81,18 @@ def test_ohif_asks_for_uncompressed_uint8_nrrd():
     assert fmt == ResultFormat(".nrrd", "uint16", True)
 
 
-@pytest.mark.parametrize("request_, fragment", [
-    ({"result_extension": ".png"}, "result_extension"),
-    ({"result_extension": "../../etc/x.nii.gz"}, "result_extension"),
-    ({"result_extension": 3}, "result_extension"),
-    ({"result_dtype": "complex64"}, "result_dtype"),
-    ({"result_dtype": 8}, "result_dtype"),
-    ({"result_compress": "maybe"}, "result_compress"),
-    ({"result_compress": 2}, "result_compress"),
-])
+@pytest.mark.parametrize(
+    "request_, fragment",
+    [
+        ({"result_extension": ".png"}, "result_extension"),
+        ({"result_extension": "../../etc/x.nii.gz"}, "result_extension"),
+        ({"result_extension": 3}, "result_extension"),
+        ({"result_dtype": "complex64"}, "result_dtype"),
+        ({"result_dtype": 8}, "result_dtype"),
+        ({"result_compress": "maybe"}, "result_compress"),
+        ({"result_compress": 2}, "result_compress"),
+    ],
+)
 def test_a_format_this_server_cannot_write_is_422(request_, fragment):
     with pytest.raises(HTTPException) as e:
         ResultFormat.from_request(request_)
@@ -145,7 +148,7 @@ class StubEngine:
         self.calls.append(label)
         mask = np.zeros(self.shape, np.uint8)
         i, j, k = (int(v) for v in foreground[0])
-        mask[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2] = 1
+        mask[i - 1 : i + 2, j - 1 : j + 2, k - 1 : k + 2] = 1
         return SegmentResult(mask, self.affine, {"load": 0.0, "encode": 0.0, "decode": 0.0}, {"model": "stub"})
 
     def segment_text(self, image_path, text, foreground, background):
@@ -173,28 +176,36 @@ def mr(shared_data):
 
 
 def _spec(name, kind):
-    return TaskSpec(name, "stub", {"factory": "stub"}, f"{kind} task", {"liver": 5, "spleen": 1, "structure": 255},
-                    kind=kind)
+    return TaskSpec(
+        name, "stub", {"factory": "stub"}, f"{kind} task", {"liver": 5, "spleen": 1, "structure": 255}, kind=kind
+    )
 
 
 def tasks(image):
     img = nib.load(image)
-    point = Sam3DPointInfer(_spec("sam3d_point", "point"), device="cpu",
-                            engine_factory=lambda c, d: StubEngine(img.shape, img.affine))
-    text = Sam3DTextInfer(_spec("sam3d_text", "text"), device="cpu",
-                          engine_factory=lambda c, d: StubEngine(img.shape, img.affine))
-    auto = Sam3DAutoInfer(_spec("sam3d_auto", "auto"), device="cpu",
-                          engine_factory=lambda c, d: StubAutoEngine(img.shape, img.affine))
+    point = Sam3DPointInfer(
+        _spec("sam3d_point", "point"), device="cpu", engine_factory=lambda c, d: StubEngine(img.shape, img.affine)
+    )
+    text = Sam3DTextInfer(
+        _spec("sam3d_text", "text"), device="cpu", engine_factory=lambda c, d: StubEngine(img.shape, img.affine)
+    )
+    auto = Sam3DAutoInfer(
+        _spec("sam3d_auto", "auto"), device="cpu", engine_factory=lambda c, d: StubAutoEngine(img.shape, img.affine)
+    )
     return {"point": point, "text": text, "auto": auto}
 
 
-REQUESTS = {"point": {"foreground": [[40, 30, 10]]}, "text": {"label": "liver", "foreground": [[40, 30, 10]]},
-            "auto": {}}
+REQUESTS = {
+    "point": {"foreground": [[40, 30, 10]]},
+    "text": {"label": "liver", "foreground": [[40, 30, 10]]},
+    "auto": {},
+}
 
 
 @pytest.mark.parametrize("kind", ["point", "text", "auto"])
-@pytest.mark.parametrize("fmt", [{}, OHIF, {"result_extension": ".nii"}, {"result_extension": ".nrrd",
-                                                                            "result_compress": True}])
+@pytest.mark.parametrize(
+    "fmt", [{}, OHIF, {"result_extension": ".nii"}, {"result_extension": ".nrrd", "result_compress": True}]
+)
 def test_every_task_answers_in_the_asked_format(kind, fmt, mr, results_dir):
     task = tasks(mr)[kind]
     out, res = task({"image": mr, **REQUESTS[kind], **fmt})
@@ -236,12 +247,26 @@ def server(shared_data, tmp_path_factory):
     shutil.copy(shared_data / "totalseg_ct" / "image.nii.gz", studies / "ct.nii.gz")
     shutil.copy(shared_data / "totalseg_mr" / "image.nii.gz", studies / "mr.nii.gz")
     ball = tmp / "ball.yaml"
-    ball.write_text(yaml.safe_dump({"factory": "fakes:build_ball_model", "ball_radius": 3, "spacing": [1.5] * 3,
-                                    "intensity": {"clip": None, "normalize": "zscore_foreground"}, "cache_mb": 64,
-                                    "max_windows": 4}))
+    ball.write_text(
+        yaml.safe_dump(
+            {
+                "factory": "fakes:build_ball_model",
+                "ball_radius": 3,
+                "spacing": [1.5] * 3,
+                "intensity": {"clip": None, "normalize": "zscore_foreground"},
+                "cache_mb": 64,
+                "max_windows": 4,
+            }
+        )
+    )
     (tmp / "client").mkdir()
-    conf = [("model", ball), ("device", "cpu"), ("infers.sam3d_semantic_point", "null"),
-            ("infers.sam3d_text", "null"), ("infers.sam3d_auto", "null")]
+    conf = [
+        ("model", ball),
+        ("device", "cpu"),
+        ("infers.sam3d_semantic_point", "null"),
+        ("infers.sam3d_text", "null"),
+        ("infers.sam3d_auto", "null"),
+    ]
     with running_server(tmp, studies, conf) as (url, proc, log):
         yield studies, MONAILabelClient(url, tmpdir=str(tmp / "client"))
 

@@ -22,8 +22,13 @@ SERVER = "http://127.0.0.1:8000"
 
 
 def started_app() -> FastAPI:
-    app = FastAPI(middleware=[Middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True,
-                                         allow_methods=["*"], allow_headers=["*"])])
+    app = FastAPI(
+        middleware=[
+            Middleware(
+                CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"]
+            )
+        ]
+    )
 
     @app.get("/info/")
     def info():
@@ -48,13 +53,16 @@ def policy(conf=None, host="127.0.0.1", environ=None) -> security.Policy:
     return security.policy_for(conf or {}, ["monailabel", "start_server", "--app", "a", "--host", host], environ or {})
 
 
-@pytest.mark.parametrize("argv, host", [
-    (["start_server", "--app", "a", "--host", "10.1.2.3"], "10.1.2.3"),
-    (["start_server", "-i", "::1", "--port", "8080"], "::1"),
-    (["start_server", "--conf", "host", "10.1.2.3"], "0.0.0.0"),  # a --conf value is not the bind host
-    (["start_server", "--studies", "s"], "0.0.0.0"),  # MONAI Label's default
-    (["uvicorn", "monailabel.app:app"], None),  # not started by MONAI Label: unknown
-])
+@pytest.mark.parametrize(
+    "argv, host",
+    [
+        (["start_server", "--app", "a", "--host", "10.1.2.3"], "10.1.2.3"),
+        (["start_server", "-i", "::1", "--port", "8080"], "::1"),
+        (["start_server", "--conf", "host", "10.1.2.3"], "0.0.0.0"),  # a --conf value is not the bind host
+        (["start_server", "--studies", "s"], "0.0.0.0"),  # MONAI Label's default
+        (["uvicorn", "monailabel.app:app"], None),  # not started by MONAI Label: unknown
+    ],
+)
 def test_bind_host_is_read_as_monai_label_reads_it(argv, host):
     assert security.bind_host(["monailabel", *argv]) == host
 
@@ -83,8 +91,12 @@ def test_the_documented_conf_keys_are_known_to_the_app_config(tmp_path, caplog):
     """The server's whole --conf goes to the app config as well: the security keys are not warned about, the
     limits are read, and a misspelt key is warned about with the keys that exist (the security ones included)."""
     (tmp_path / "token").write_text(TOKEN)
-    conf = {"auth_token_file": str(tmp_path / "token"), "insecure_no_auth": "true", "limits.max_points": "7",
-            "limits.infer_queue": "3"}
+    conf = {
+        "auth_token_file": str(tmp_path / "token"),
+        "insecure_no_auth": "true",
+        "limits.max_points": "7",
+        "limits.infer_queue": "3",
+    }
     with caplog.at_level(logging.WARNING, logger="sam3d.monailabel.app_config"):
         c = load_app_config(conf, REPO / "configs")
     assert caplog.messages == [] and (c.limits.max_points, c.limits.infer_queue) == (7, 3)

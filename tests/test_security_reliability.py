@@ -26,8 +26,20 @@ TOKEN = "reliability-test-token-0123456789"
 
 
 def server_command(studies: Path, host: str, port: int, conf) -> list[str]:
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
-           "--host", host, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(APP),
+        "--studies",
+        str(studies),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     for key, value in conf:
         cmd += ["--conf", key, str(value)]
     return cmd
@@ -37,9 +49,13 @@ def server_env(workdir: Path, extra: dict | None) -> dict:
     """The server's environment: sam3d and tests/ importable, its temp files and sessions inside `workdir`, and
     MONAI Label's defaults otherwise (automatic scoring on)."""
     (workdir / "server_tmp").mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(APP.parents[1] / "lib"), str(TESTS)]),
-            "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"), "TMPDIR": str(workdir / "server_tmp"),
-            **(extra or {})}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(APP.parents[1] / "lib"), str(TESTS)]),
+        "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
+        "TMPDIR": str(workdir / "server_tmp"),
+        **(extra or {}),
+    }
 
 
 def http(url: str, path: str, method: str = "GET", headers: dict | None = None, data: bytes | None = None):
@@ -58,8 +74,13 @@ def started_server(workdir: Path, studies: Path, conf=(), host: str = "127.0.0.1
     port = free_port()
     log = workdir / f"server-{port}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(server_command(studies.resolve(), host, port, conf), cwd=workdir,
-                                env=server_env(workdir, env), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            server_command(studies.resolve(), host, port, conf),
+            cwd=workdir,
+            env=server_env(workdir, env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -90,8 +111,9 @@ def test_a_loopback_server_gives_other_origins_nothing(tmp_path):
         foreign = {"Origin": "http://evil.example"}
         status, headers, _ = http(url, "/info/", headers=foreign)
         assert status == 403 and "access-control-allow-origin" not in headers
-        status, headers, _ = http(url, "/datastore/?output=all", "OPTIONS",
-                               {**foreign, "Access-Control-Request-Method": "DELETE"})
+        status, headers, _ = http(
+            url, "/datastore/?output=all", "OPTIONS", {**foreign, "Access-Control-Request-Method": "DELETE"}
+        )
         assert status == 400 and "access-control-allow-origin" not in headers
         # a form POST needs no preflight: refused before it runs (it would lease an image)
         form = {**foreign, "Content-Type": "application/x-www-form-urlencoded"}
@@ -103,8 +125,14 @@ def test_a_loopback_server_gives_other_origins_nothing(tmp_path):
 
 def test_all_interfaces_need_a_token_and_get_one(tmp_path, monkeypatch):
     studies, conf = tiny_setup(tmp_path)
-    refused = subprocess.run(server_command(studies.resolve(), "0.0.0.0", free_port(), conf), cwd=tmp_path,
-                             env=server_env(tmp_path, None), capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(
+        server_command(studies.resolve(), "0.0.0.0", free_port(), conf),
+        cwd=tmp_path,
+        env=server_env(tmp_path, None),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = refused.stdout + refused.stderr
     assert refused.returncode != 0
     assert "sam3d: not starting: refusing to listen on 0.0.0.0 without authentication" in output

@@ -9,9 +9,19 @@ import torch
 from sam3d.models import PRESETS, Sam3DConfig, build_sam3d
 from sam3d.models.segsam3d import LayerAggregation, SemanticPointPrompt, sample_features, sinusoidal_code
 
-TINY = dict(img_size=32, patch_size=8, encoder_embed_dim=48, encoder_depth=3, encoder_num_heads=2,
-            encoder_global_attn_indexes=(0, 1, 2), prompt_embed_dim=48, decoder_num_heads=4, decoder_mlp_dim=64,
-            iou_head_hidden_dim=16, mask_in_chans=8)
+TINY = dict(
+    img_size=32,
+    patch_size=8,
+    encoder_embed_dim=48,
+    encoder_depth=3,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=(0, 1, 2),
+    prompt_embed_dim=48,
+    decoder_num_heads=4,
+    decoder_mlp_dim=64,
+    iou_head_hidden_dim=16,
+    mask_in_chans=8,
+)
 
 
 def _tiny(**more):
@@ -22,12 +32,20 @@ def _tiny(**more):
 def test_sinusoidal_code_is_eq3_on_hand_computed_points():
     code = sinusoidal_code(torch.tensor([[0.0, 32.0, 64.0], [16.0, 96.0, 112.0]]), 128)
     s2 = math.sqrt(0.5)
-    expected = torch.tensor([[0, 1, 1, 0, 0, -1],  # 0, pi/2, pi
-                             [s2, s2, -1, 0, -s2, s2]])  # pi/4, 3pi/2, 7pi/4
+    expected = torch.tensor(
+        [
+            [0, 1, 1, 0, 0, -1],  # 0, pi/2, pi
+            [s2, s2, -1, 0, -s2, s2],
+        ]
+    )  # pi/4, 3pi/2, 7pi/4
     torch.testing.assert_close(code, expected, atol=1e-6, rtol=0)
     # per-axis sizes (W, H, D of eq. 3)
-    torch.testing.assert_close(sinusoidal_code(torch.tensor([8.0, 8.0, 8.0]), (32, 16, 64))[0::2],
-                               torch.sin(torch.tensor([math.pi / 2, math.pi, math.pi / 4])), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        sinusoidal_code(torch.tensor([8.0, 8.0, 8.0]), (32, 16, 64))[0::2],
+        torch.sin(torch.tensor([math.pi / 2, math.pi, math.pi / 4])),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 def test_sampled_feature_at_a_cell_centre_is_that_cell():
@@ -120,8 +138,10 @@ def test_segsam3d_turbo_starts_from_turbo_weights():
     """The turbo layout keeps every key of the published model; only SegSAM-3D's own modules are new."""
     turbo = build_sam3d("sam_med3d_turbo", **{**TINY, "encoder_depth": 4, "encoder_global_attn_indexes": (1, 3)})
     turbo_keys = set(turbo.state_dict())
-    seg = build_sam3d("segsam3d_turbo", **{**TINY, "encoder_depth": 4, "encoder_global_attn_indexes": (1, 3),
-                                          "feature_stages": (1, 3)})
+    seg = build_sam3d(
+        "segsam3d_turbo",
+        **{**TINY, "encoder_depth": 4, "encoder_global_attn_indexes": (1, 3), "feature_stages": (1, 3)},
+    )
     new = set(seg.state_dict()) - turbo_keys
     assert turbo_keys <= set(seg.state_dict())
     assert new and all(k.startswith(("semantic_prompt.", "image_encoder.aggregation.")) for k in new)

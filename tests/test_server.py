@@ -85,9 +85,16 @@ def server(shared_data, tmp_path_factory):
         yield Server(url, proc, log, tmp, studies, MONAILabelClient(url, tmpdir=str(tmp / "client")))
 
 
-TINY_SEGSAM3D = {"encoder_embed_dim": 48, "encoder_depth": 2, "encoder_num_heads": 2,
-                 "encoder_global_attn_indexes": [0, 1], "feature_stages": [0, 1], "prompt_embed_dim": 48,
-                 "decoder_mlp_dim": 64, "iou_head_hidden_dim": 16}
+TINY_SEGSAM3D = {
+    "encoder_embed_dim": 48,
+    "encoder_depth": 2,
+    "encoder_num_heads": 2,
+    "encoder_global_attn_indexes": [0, 1],
+    "feature_stages": [0, 1],
+    "prompt_embed_dim": 48,
+    "decoder_mlp_dim": 64,
+    "iou_head_hidden_dim": 16,
+}
 
 
 def _tiny_segsam3d(path: Path) -> Path:
@@ -271,8 +278,9 @@ def test_segsam3d_task_answers_clicks_as_the_library_does(server):
     assert out.shape == src.shape and np.allclose(out.affine, src.affine, atol=1e-4)
     cfg = load_model_config("segsam3d", REPO / "configs", str(server.tmp / "segsam3d.safetensors"))
     engine = InteractiveEngine(load_model(cfg), EngineConfig.from_dict(cfg), device="cpu")
-    expected = engine.segment(str(server.studies / "ct.nii.gz"), request["foreground"], request["background"],
-                              None, "liver").mask
+    expected = engine.segment(
+        str(server.studies / "ct.nii.gz"), request["foreground"], request["background"], None, "liver"
+    ).mask
     np.testing.assert_array_equal(np.asarray(out.dataobj), expected)
 
 

@@ -75,9 +75,11 @@ def test_open_clip_clip_tower_by_config(no_network, tmp_path):  # noqa: F811
 
     import open_clip
 
-    cfg = {"embed_dim": 32,
-           "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 32, "patch_size": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 32, "patch_size": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     (tmp_path / "tiny-clip-test.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path / "tiny-clip-test.json")
     enc = load_text_encoder("tiny-clip-test")

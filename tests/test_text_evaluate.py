@@ -55,9 +55,26 @@ def test_text_protocol_gives_the_name_first_then_center_clicks(shared_data):
 
 def test_evaluate_cli_text_protocol(tmp_path, shared_data, tiny_refsam3d):
     out = tmp_path / "eval"
-    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--quiet", "--model", "refsam3d", "--checkpoint",
-           str(tiny_refsam3d), "--data", str(shared_data / "totalseg_ct"), "--labels", "liver", "kidney_left",
-           "--protocol", "text", "--clicks", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "evaluate.py"),
+        "--quiet",
+        "--model",
+        "refsam3d",
+        "--checkpoint",
+        str(tiny_refsam3d),
+        "--data",
+        str(shared_data / "totalseg_ct"),
+        "--labels",
+        "liver",
+        "kidney_left",
+        "--protocol",
+        "text",
+        "--clicks",
+        "2",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "results.csv") as f:
@@ -122,11 +139,26 @@ def test_text_phrasings_scores_every_phrasing_and_gates_unknown_text(tmp_path, s
     (case / "label_names.json").write_text((shared_data / "totalseg_ct" / "label_names.json").read_text())
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.safetensors"
-    save_checkpoint(build_network("refsam3d_tiny", vocabulary=["liver", "spleen"]), ckpt,
-                    {"preset": "refsam3d_tiny", "network": {"vocabulary": ["liver", "spleen"]}})
+    save_checkpoint(
+        build_network("refsam3d_tiny", vocabulary=["liver", "spleen"]),
+        ckpt,
+        {"preset": "refsam3d_tiny", "network": {"vocabulary": ["liver", "spleen"]}},
+    )
     out = tmp_path / "phrasings"
-    cmd = [sys.executable, str(REPO / "scripts" / "text_phrasings.py"), "--checkpoint", str(ckpt), "--data",
-           str(case.parent), "--label", "liver", "--text", "femur", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "text_phrasings.py"),
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(case.parent),
+        "--label",
+        "liver",
+        "--text",
+        "femur",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "phrasings.csv") as f:
@@ -138,6 +170,7 @@ def test_text_phrasings_scores_every_phrasing_and_gates_unknown_text(tmp_path, s
     assert float(rows["femur"]["dice"]) == 0.0 and float(rows["femur"]["similarity"]) < 0.4  # gated: empty mask
     assert rows["femur"]["kind"] == "extra" and rows["Liver"]["kind"] == "name"
     assert (out / "phrasings.png").stat().st_size > 0 and "hepatic parenchyma" in (out / "phrasings.md").read_text()
-    bad = subprocess.run([*cmd[:-4], "--label", "femur_left", "--out", str(out)], capture_output=True, text=True,
-                         timeout=600, cwd=REPO)
+    bad = subprocess.run(
+        [*cmd[:-4], "--label", "femur_left", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
     assert bad.returncode != 0 and "no case" in bad.stderr

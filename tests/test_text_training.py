@@ -39,8 +39,12 @@ def test_the_vocabulary_is_what_the_recipe_targets():
 def test_zoom_out_samples_hold_the_whole_structure(shared_data):
     from sam3d.data.training import SamplingConfig, WindowDataset, load_volume
 
-    vol = load_volume("totalseg_ct", str(shared_data / "totalseg_ct" / "image.nii.gz"),
-                      str(shared_data / "totalseg_ct" / "label.nii.gz"), (3.0, 3.0, 3.0))
+    vol = load_volume(
+        "totalseg_ct",
+        str(shared_data / "totalseg_ct" / "image.nii.gz"),
+        str(shared_data / "totalseg_ct" / "label.nii.gz"),
+        (3.0, 3.0, 3.0),
+    )
     windows = WindowDataset([vol], EngineConfig(spacing=(3.0,) * 3), SamplingConfig(size=32, min_voxels=8), seed=0)
     ds = ZoomOutDataset(windows, prob=1.0)
     item = ds[3]
@@ -59,8 +63,12 @@ def test_zoom_out_samples_hold_the_whole_structure(shared_data):
 def test_thin_samples_are_a_centred_slab_through_the_target(shared_data):
     from sam3d.data.training import SamplingConfig, WindowDataset, load_volume
 
-    vol = load_volume("totalseg_ct", str(shared_data / "totalseg_ct" / "image.nii.gz"),
-                      str(shared_data / "totalseg_ct" / "label.nii.gz"), (3.0, 3.0, 3.0))
+    vol = load_volume(
+        "totalseg_ct",
+        str(shared_data / "totalseg_ct" / "image.nii.gz"),
+        str(shared_data / "totalseg_ct" / "label.nii.gz"),
+        (3.0, 3.0, 3.0),
+    )
     cfg = SamplingConfig(size=32, min_voxels=8, synth_prob=0.0, intensity_aug_prob=0.0, thin_prob=1.0, thin_slices=3)
     windows = WindowDataset([vol], EngineConfig(spacing=(3.0,) * 3), cfg, seed=0)
     for item in (windows[5], ZoomOutDataset(windows, prob=1.0)[5]):
@@ -136,15 +144,31 @@ def test_training_teaches_the_text_to_pick_the_structure(tmp_path, no_network): 
         nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(folder / "image.nii.gz"))
         nib.save(nib.Nifti1Image(label, np.diag([2.0, 2.0, 2.0, 1.0])), str(folder / "label.nii.gz"))
     (tmp_path / "cases" / "label_names.json").write_text(json.dumps({"1": "liver", "2": "spleen", "3": "kidney_left"}))
-    sampling = ("sampling={min_voxels: 8, synth_prob: 0.0, deform_prob: 0.0, random_window_prob: 0.0, jitter: 0.05, "
-                "merge_prob: 0.0, intensity_aug_prob: 0.0}")
-    recipe = load_recipe(SMOKE, [f"output={tmp_path / 'run'}", f"data.dir={tmp_path / 'cases'}", "data.cases=null",
-                                 "train.steps=450", "checkpoint.every=450", "optim.freeze=[]", "optim.lr=2.0e-3",
-                                 "optim.warmup_steps=10", "model.spacing=[2.0, 2.0, 2.0]", "text.refine_rounds=0",
-                                 "text.zoom_out_prob=0.0", sampling])
+    sampling = (
+        "sampling={min_voxels: 8, synth_prob: 0.0, deform_prob: 0.0, random_window_prob: 0.0, jitter: 0.05, "
+        "merge_prob: 0.0, intensity_aug_prob: 0.0}"
+    )
+    recipe = load_recipe(
+        SMOKE,
+        [
+            f"output={tmp_path / 'run'}",
+            f"data.dir={tmp_path / 'cases'}",
+            "data.cases=null",
+            "train.steps=450",
+            "checkpoint.every=450",
+            "optim.freeze=[]",
+            "optim.lr=2.0e-3",
+            "optim.warmup_steps=10",
+            "model.spacing=[2.0, 2.0, 2.0]",
+            "text.refine_rounds=0",
+            "text.zoom_out_prob=0.0",
+            sampling,
+        ],
+    )
     train(0, recipe, REPO)
-    engine = TextEngine(load_model({"checkpoint": str(tmp_path / "run" / "model.safetensors")}),
-                        EngineConfig(spacing=(2.0, 2.0, 2.0)))
+    engine = TextEngine(
+        load_model({"checkpoint": str(tmp_path / "run" / "model.safetensors")}), EngineConfig(spacing=(2.0, 2.0, 2.0))
+    )
     label = np.asarray(nib.load(str(tmp_path / "cases" / "case1" / "label.nii.gz")).dataobj)
 
     def dice(a, b):

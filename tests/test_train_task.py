@@ -42,17 +42,20 @@ def _task(tmp_path, conf=None, labelled=(0, 1)) -> tuple[Sam3DTrainTask, LocalDa
     return task, LocalDatastore(str(studies)), ckpt
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"trainable": "encoder"}, "unknown trainable part"),
-    ({"epochs": -1}, "epochs must be >= 0"),
-    ({"epochs": 0, "steps": 0}, "nothing to train"),
-    ({"epochs": 1.5}, "epochs must be an integer"),
-    ({"lr": 0}, "lr must be > 0"),
-    ({"val_split": 1}, "val_split must be in [0, 1)"),
-    ({"promote": "maybe"}, "unknown promote policy"),
-    ({"device": "tpu"}, "unknown device"),
-    ({"labels": ["liver", "brian"]}, "unknown label names ['brian']"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"trainable": "encoder"}, "unknown trainable part"),
+        ({"epochs": -1}, "epochs must be >= 0"),
+        ({"epochs": 0, "steps": 0}, "nothing to train"),
+        ({"epochs": 1.5}, "epochs must be an integer"),
+        ({"lr": 0}, "lr must be > 0"),
+        ({"val_split": 1}, "val_split must be in [0, 1)"),
+        ({"promote": "maybe"}, "unknown promote policy"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"labels": ["liver", "brian"]}, "unknown label names ['brian']"),
+    ],
+)
 def test_bad_parameters_are_refused_with_the_reason(params, message):
     with pytest.raises(TrainRequestError) as e:
         parse_train_params(params, DEFAULTS, {"liver": 5, "brain": 90})
@@ -60,11 +63,14 @@ def test_bad_parameters_are_refused_with_the_reason(params, message):
 
 
 def test_parameters_defaults_aliases_and_choice_lists():
-    p = parse_train_params({"learning_rate": "3e-4", "trainable": ["decoder", "all"], "steps": 7, "client_id": "x"},
-                           {**DEFAULTS, "promote": "always"})
+    p = parse_train_params(
+        {"learning_rate": "3e-4", "trainable": ["decoder", "all"], "steps": 7, "client_id": "x"},
+        {**DEFAULTS, "promote": "always"},
+    )
     assert (p.lr, p.trainable, p.steps, p.promote, p.device) == (3e-4, "decoder", 7, "always", "cpu")
-    assert p.labels is None and parse_train_params({"labels": "liver, brain"}, DEFAULTS, {"liver": 5, "brain": 90}
-                                                   ).labels == ["liver", "brain"]
+    assert p.labels is None and parse_train_params(
+        {"labels": "liver, brain"}, DEFAULTS, {"liver": 5, "brain": 90}
+    ).labels == ["liver", "brain"]
 
 
 def test_split_keeps_each_image_on_its_side():
@@ -259,8 +265,9 @@ def test_learning_while_annotating_through_the_server(tmp_path):
         joined = _train(client, {"steps": 1})
         assert queued["status"] == "SUBMITTED" and joined["id"] == queued["id"]
         before = set(runs.glob("*"))
-        long_run = _wait("the long run's first step", lambda: next((r for r in set(runs.glob("*")) - before
-                                                                    if _rows(r)), None))
+        long_run = _wait(
+            "the long run's first step", lambda: next((r for r in set(runs.glob("*")) - before if _rows(r)), None)
+        )
         stopped = client.train_stop()
         assert stopped["id"] == long["id"] and stopped["status"] == "STOPPED"
         assert file_sha256(ckpt) == new and load_model({"checkpoint": str(ckpt)}).model.img_size == 32
@@ -286,8 +293,14 @@ def test_scheduled_retraining_and_the_cron_script(tmp_path):
     studies = tmp_path / "studies"
     ids = write_studies(studies, 3)
     model_yaml, ckpt = write_tiny_model(tmp_path / "models")
-    conf = [("model", model_yaml), ("device", "cpu"), ("retrain_every", 2), ("train.steps", 2),
-            ("train.promote", "never"), *QUICK.items()]
+    conf = [
+        ("model", model_yaml),
+        ("device", "cpu"),
+        ("retrain_every", 2),
+        ("train.steps", 2),
+        ("train.promote", "never"),
+        *QUICK.items(),
+    ]
     (tmp_path / "client").mkdir()
     with running_server(tmp_path, studies, conf) as (url, proc, log):
         client = MONAILabelClient(url, tmpdir=str(tmp_path / "client"))
@@ -301,12 +314,22 @@ def test_scheduled_retraining_and_the_cron_script(tmp_path):
         assert task["request"]["model"] == "sam3d"
         assert _wait("the scheduled run", lambda: _finished(client, task["id"]))["status"] == "DONE", log_tail(log)
 
-        script = [sys.executable, str(REPO / "scripts" / "retrain.py"), "--server", url, "--wait", "--poll", "0.5",
-                  "--param", "promote=always"]
+        script = [
+            sys.executable,
+            str(REPO / "scripts" / "retrain.py"),
+            "--server",
+            url,
+            "--wait",
+            "--poll",
+            "0.5",
+            "--param",
+            "promote=always",
+        ]
         out = subprocess.run(script, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr + log_tail(log)
         assert ": DONE" in out.stdout and '"promoted": true' in out.stdout
         assert file_sha256(ckpt) == client.info()["train_stats"]["sam3d"]["served_sha256"]
-        refused = subprocess.run(script[:4] + ["--param", "trainable=everything"], capture_output=True, text=True,
-                                 timeout=120)
+        refused = subprocess.run(
+            script[:4] + ["--param", "trainable=everything"], capture_output=True, text=True, timeout=120
+        )
         assert refused.returncode == 2 and "unknown trainable part" in refused.stderr

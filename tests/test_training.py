@@ -65,19 +65,25 @@ def test_recipe_base_and_overrides(tmp_path):
         assert load_recipe(REPO / "configs" / "train" / f"{name}.yaml")["train"]["steps"] > 0
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "configs" / "train").glob("*.yaml")) +
-                         sorted((REPO / "tests" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "recipe",
+    sorted((REPO / "configs" / "train").glob("*.yaml")) + sorted((REPO / "tests" / "recipes").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
 def test_every_shipped_recipe_uses_only_known_keys(recipe):
     assert load_recipe(recipe)["name"] == recipe.stem
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.stpes=3", "unknown recipe key train.'stpes'; did you mean 'steps'?"),
-    ("sampling.min_voxel=3", "sampling.'min_voxel'; did you mean 'min_voxels'?"),
-    ("optimm.lr=1", "unknown recipe key 'optimm'; did you mean 'optim'?"),
-    ("validation.data.dirr=x", "validation.data.'dirr'"),
-    ("train=3", "section 'train' must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stpes=3", "unknown recipe key train.'stpes'; did you mean 'steps'?"),
+        ("sampling.min_voxel=3", "sampling.'min_voxel'; did you mean 'min_voxels'?"),
+        ("optimm.lr=1", "unknown recipe key 'optimm'; did you mean 'optim'?"),
+        ("validation.data.dirr=x", "validation.data.'dirr'"),
+        ("train=3", "section 'train' must be a mapping"),
+    ],
+)
 def test_a_misspelt_recipe_key_is_an_error_that_names_it(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         load_recipe(SMOKE, [override])
@@ -165,8 +171,9 @@ def test_size_power_makes_a_large_structure_a_frequent_target():
     vol = Volume("two", None, label)
 
     def share_of_large(power):
-        cfg = SamplingConfig(size=32, min_voxels=8, random_window_prob=0.0, deform_prob=0.0, merge_prob=0.0,
-                             size_power=power)
+        cfg = SamplingConfig(
+            size=32, min_voxels=8, random_window_prob=0.0, deform_prob=0.0, merge_prob=0.0, size_power=power
+        )
         ds = WindowDataset([vol], EngineConfig(), cfg, seed=0)
         return np.mean([ds[i]["target"] == "1" for i in range(40)])
 
@@ -199,8 +206,17 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, tiny_cases):
     full = tmp_path / "full"
     _train(_smoke(full, tiny_cases, *steps))
     crashed = tmp_path / "crashed"
-    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(SMOKE), f"output={crashed}",
-           f"data.dir={tiny_cases}", "data.cases=null", *steps, "debug.exit_at_step=3"]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        "--config",
+        str(SMOKE),
+        f"output={crashed}",
+        f"data.dir={tiny_cases}",
+        "data.cases=null",
+        *steps,
+        "debug.exit_at_step=3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert torch.load(crashed / "state.pt", weights_only=True)["step"] == 2
@@ -224,8 +240,13 @@ def test_stop_at_step_ends_a_leg_there_and_the_next_leg_goes_on(tmp_path, tiny_c
 
 
 def test_accumulation_matches_one_big_batch(tmp_path, tiny_cases):
-    common = ["train.steps=2", "train.batch_size=2", "validation.every=0", "log.tensorboard=false",
-              "checkpoint.every=2"]
+    common = [
+        "train.steps=2",
+        "train.batch_size=2",
+        "validation.every=0",
+        "log.tensorboard=false",
+        "checkpoint.every=2",
+    ]
     _train(_smoke(tmp_path / "one", tiny_cases, *common, "train.accumulate=1"))
     _train(_smoke(tmp_path / "acc", tiny_cases, *common, "train.accumulate=2"))
     a = load_file(str(tmp_path / "one" / "model.safetensors"))
@@ -247,9 +268,22 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path, tiny_cases):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           str(REPO / "scripts" / "train.py"), "--config", str(SMOKE), f"output={tmp_path / 'two'}",
-           f"data.dir={tiny_cases}", "data.cases=null", *common]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port),
+        str(REPO / "scripts" / "train.py"),
+        "--config",
+        str(SMOKE),
+        f"output={tmp_path / 'two'}",
+        f"data.dir={tiny_cases}",
+        "data.cases=null",
+        *common,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "model.safetensors"))
@@ -292,9 +326,19 @@ def test_sigkill_at_any_moment_leaves_whole_files_and_resumes(tmp_path, tiny_cas
     import time
 
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(SMOKE), f"output={out}",
-           f"data.dir={tiny_cases}", "data.cases=null", "train.steps=60", "checkpoint.every=1",
-           "validation.every=0", "log.tensorboard=false"]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        "--config",
+        str(SMOKE),
+        f"output={out}",
+        f"data.dir={tiny_cases}",
+        "data.cases=null",
+        "train.steps=60",
+        "checkpoint.every=1",
+        "validation.every=0",
+        "log.tensorboard=false",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     last_step = 0
     for delay in (0.0, 0.13, 0.29):
@@ -319,8 +363,9 @@ def test_sigkill_at_any_moment_leaves_whole_files_and_resumes(tmp_path, tiny_cas
         last_step = state["step"]
         loaded = load_model({"checkpoint": str(out / "model.safetensors")})
         assert loaded.model.img_size == 32
-    out_final = _train(_smoke(out, tiny_cases, "train.steps=60", "checkpoint.every=1", "validation.every=0",
-                              "log.tensorboard=false"))
+    out_final = _train(
+        _smoke(out, tiny_cases, "train.steps=60", "checkpoint.every=1", "validation.every=0", "log.tensorboard=false")
+    )
     assert out_final["step"] == 60
     assert not list(out.glob(".*.tmp"))  # what the kills left behind is cleaned up
     logged = [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:]]
@@ -336,8 +381,17 @@ def test_zoom_shows_a_structure_larger_than_the_window_whole():
     vol = Volume("large", None, label)
 
     def samples(zoom_prob):
-        cfg = SamplingConfig(size=32, min_voxels=8, random_window_prob=0.0, deform_prob=0.0, merge_prob=0.0,
-                             zoom_prob=zoom_prob, zoom_max=4.0, zoom_fill=(0.6, 0.9), targets={"large": [1]})
+        cfg = SamplingConfig(
+            size=32,
+            min_voxels=8,
+            random_window_prob=0.0,
+            deform_prob=0.0,
+            merge_prob=0.0,
+            zoom_prob=zoom_prob,
+            zoom_max=4.0,
+            zoom_fill=(0.6, 0.9),
+            targets={"large": [1]},
+        )
         ds = WindowDataset([vol], EngineConfig(), cfg, seed=0)
         return [ds[i] for i in range(6)]
 

@@ -33,9 +33,15 @@ CHUNK = 1 << 16  # huggingface_hub writes what it received in chunks of this siz
 CONF = REPO.parent / "shared" / "conformance"
 SETUP = REPO / "scripts" / "setup.sh"
 
-HUB_ENTRY = dataclasses.replace(REGISTRY["sam_med3d_turbo"], name="tiny_hub", filename="tiny_hub.pth",
-                                repo_id="tests/tiny", preset="clicknet_small", model_config="clicknet",
-                                known_sha256=None)
+HUB_ENTRY = dataclasses.replace(
+    REGISTRY["sam_med3d_turbo"],
+    name="tiny_hub",
+    filename="tiny_hub.pth",
+    repo_id="tests/tiny",
+    preset="clicknet_small",
+    model_config="clicknet",
+    known_sha256=None,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -110,8 +116,9 @@ def test_vit_b_check_is_segment_anythings_image_encoder():
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if k.startswith("image_encoder.")}
     assert wr.expected_shapes(REGISTRY["sam_vit_b"]) == want
     other = {k: v for k, v in ref.state_dict().items() if not k.startswith("image_encoder.")}
-    assert other and not wr.compare_state_dict(REGISTRY["sam_vit_b"], {**{k: torch.empty(s, device="meta")
-                                                                          for k, s in want.items()}, **other})
+    assert other and not wr.compare_state_dict(
+        REGISTRY["sam_vit_b"], {**{k: torch.empty(s, device="meta") for k, s in want.items()}, **other}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the hub
@@ -178,8 +185,11 @@ def test_a_file_that_is_not_the_presets_state_dict_is_refused(hub, small_ckpt, t
     dest = tmp_path / "weights"
     with pytest.raises(WeightsCheckError) as e:
         wr.fetch("tiny_hub", dest, registry=registry(HUB_ENTRY))
-    expected = {"missing key": f"1 missing keys: {key}", "other shape": f"other shapes: {key} [3, 3]",
-                "not weights only": "not loadable as weights only"}
+    expected = {
+        "missing key": f"1 missing keys: {key}",
+        "other shape": f"other shapes: {key} [3, 3]",
+        "not weights only": "not loadable as weights only",
+    }
     assert expected[change] in str(e.value)
     assert installed(dest) == []
 
@@ -250,8 +260,14 @@ def vit_files(tmp_path):
     path = tmp_path / "published.pth"
     torch.save(state, path)
     prefix = sha256_of(path)[:6]
-    entry = dataclasses.replace(REGISTRY["sam_vit_b"], name="tiny_vit", filename=f"sam_tiny_{prefix}.pth",
-                                sha256_prefix=prefix, preset="autosam3d_tiny", network={"lora_rank": 0})
+    entry = dataclasses.replace(
+        REGISTRY["sam_vit_b"],
+        name="tiny_vit",
+        filename=f"sam_tiny_{prefix}.pth",
+        sha256_prefix=prefix,
+        preset="autosam3d_tiny",
+        network={"lora_rank": 0},
+    )
     return path, entry
 
 
@@ -339,8 +355,9 @@ def test_a_file_placed_by_hand_is_checked_without_network(monkeypatch, small_ckp
 def test_recipes_take_a_registry_name_where_they_take_a_checkpoint(tmp_path):
     from sam3d.training import load_recipe
 
-    recipe = load_recipe(REPO / "configs" / "train" / "sam_med3d_finetune.yaml",
-                         ["model.init_checkpoint=sam_med3d_turbo"])
+    recipe = load_recipe(
+        REPO / "configs" / "train" / "sam_med3d_finetune.yaml", ["model.init_checkpoint=sam_med3d_turbo"]
+    )
     with pytest.raises(FileNotFoundError, match="bash scripts/setup.sh fetch sam_med3d_turbo"):
         wr.resolve_recipe(recipe, dest=tmp_path)  # nothing is downloaded at run time
     (tmp_path / "sam_med3d_turbo.pth").write_bytes(b"")
@@ -391,8 +408,13 @@ def quick_venv(folder: Path) -> Path:
     (venv / "lib").symlink_to(real / "lib")
     for exe in ("python", "monailabel"):
         (venv / "bin" / exe).symlink_to(real / "bin" / exe)
-    stamp = subprocess.run(f"cat {REPO}/requirements.txt {REPO}/pyproject.toml | sha256sum | cut -d' ' -f1",
-                           shell=True, capture_output=True, text=True, check=True).stdout.strip()
+    stamp = subprocess.run(
+        f"cat {REPO}/requirements.txt {REPO}/pyproject.toml | sha256sum | cut -d' ' -f1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (venv / ".sam3d-requirements.sha256").write_text(stamp + "\n")
     return venv
 
@@ -424,7 +446,8 @@ def rel(got, ref) -> float:
 
 
 def test_setup_fetch_installs_turbo_from_the_hub_and_the_served_config_reproduces_the_golden_outputs(
-        turbo_ckpt, small_ckpt, tmp_path, monkeypatch):
+    turbo_ckpt, small_ckpt, tmp_path, monkeypatch
+):
     from sam3d.engine.checkpoint import load_model
     from sam3d.monailabel.app_config import load_app_config
 
@@ -446,8 +469,9 @@ def test_setup_fetch_installs_turbo_from_the_hub_and_the_served_config_reproduce
 
     # the app's config path: --conf model sam_med3d_turbo --conf weights sam_med3d_turbo
     monkeypatch.setenv("SAM3D_WEIGHTS_DIR", str(dest))
-    spec = load_app_config({"model": "sam_med3d_turbo", "weights": "sam_med3d_turbo"}, REPO / "configs"
-                           ).infers["sam3d_point"]
+    spec = load_app_config({"model": "sam_med3d_turbo", "weights": "sam_med3d_turbo"}, REPO / "configs").infers[
+        "sam3d_point"
+    ]
     assert spec.error is None
     loaded = load_model(spec.model_config)
     assert loaded.checkpoint == str(dest / "sam_med3d_turbo.pth")
@@ -467,9 +491,11 @@ def test_setup_fetch_installs_turbo_from_the_hub_and_the_served_config_reproduce
 def test_setup_server_with_published_weights_offline_fails_at_once(tmp_path):
     venv = quick_venv(tmp_path)
     started = time.monotonic()
-    done = setup_sh(["server", "--weights", "sam_med3d_turbo", "--studies", str(tmp_path)],
-                    {"SAM3D_VENV": str(venv), "HF_HUB_OFFLINE": "1", "SAM3D_WEIGHTS_DIR": str(tmp_path / "w")},
-                    timeout=120)
+    done = setup_sh(
+        ["server", "--weights", "sam_med3d_turbo", "--studies", str(tmp_path)],
+        {"SAM3D_VENV": str(venv), "HF_HUB_OFFLINE": "1", "SAM3D_WEIGHTS_DIR": str(tmp_path / "w")},
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr
     assert "place it by hand" in done.stderr and str(tmp_path / "w" / "sam_med3d_turbo.pth") in done.stderr
     assert "start_server" not in done.stderr  # no server was started
@@ -478,7 +504,8 @@ def test_setup_server_with_published_weights_offline_fails_at_once(tmp_path):
 
 @pytest.mark.slow
 def test_setup_server_fetches_and_serves_turbo_and_answers_clicks_as_the_engine(
-        turbo_ckpt, shared_data, tmp_path, monkeypatch):
+    turbo_ckpt, shared_data, tmp_path, monkeypatch
+):
     import requests
     from monailabel.client import MONAILabelClient
 
@@ -495,14 +522,38 @@ def test_setup_server_fetches_and_serves_turbo_and_answers_clicks_as_the_engine(
     (tmp_path / "server_tmp").mkdir()
     with FakeHub() as hub:
         hub.publish("blueyo0/SAM-Med3D", "sam_med3d_turbo.pth", turbo_ckpt)
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hf_cache"),
-               "SAM3D_VENV": str(quick_venv(tmp_path)), "SAM3D_WEIGHTS_DIR": str(weights),
-               "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"), "TMPDIR": str(tmp_path / "server_tmp"),
-               "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "OMP_NUM_THREADS": "2"}
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_CACHE": str(tmp_path / "hf_cache"),
+            "SAM3D_VENV": str(quick_venv(tmp_path)),
+            "SAM3D_WEIGHTS_DIR": str(weights),
+            "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"),
+            "TMPDIR": str(tmp_path / "server_tmp"),
+            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+            "OMP_NUM_THREADS": "2",
+        }
         with open(log, "wb") as out:
-            proc = subprocess.Popen(["bash", str(SETUP), "server", "--weights", "sam_med3d_turbo", "--studies",
-                                     str(studies), "--port", str(port), "--conf", "device", "cpu"],
-                                    cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [
+                    "bash",
+                    str(SETUP),
+                    "server",
+                    "--weights",
+                    "sam_med3d_turbo",
+                    "--studies",
+                    str(studies),
+                    "--port",
+                    str(port),
+                    "--conf",
+                    "device",
+                    "cpu",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 300
@@ -523,7 +574,8 @@ def test_setup_server_fetches_and_serves_turbo_and_answers_clicks_as_the_engine(
             click = {"foreground": [[60, 50, 56]], "label": "liver"}
             (tmp_path / "client").mkdir()
             result, params = MONAILabelClient(url, tmpdir=str(tmp_path / "client")).infer(
-                "sam3d_point", "ct", dict(click))
+                "sam3d_point", "ct", dict(click)
+            )
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -531,8 +583,9 @@ def test_setup_server_fetches_and_serves_turbo_and_answers_clicks_as_the_engine(
 
     served = np.asarray(nib.load(result).dataobj)
     monkeypatch.setenv("SAM3D_WEIGHTS_DIR", str(weights))
-    spec = load_app_config({"model": "sam_med3d_turbo", "weights": "sam_med3d_turbo"}, REPO / "configs"
-                           ).infers["sam3d_point"]
+    spec = load_app_config({"model": "sam_med3d_turbo", "weights": "sam_med3d_turbo"}, REPO / "configs").infers[
+        "sam3d_point"
+    ]
     engine = load_engine(spec.model_config, "cpu", "point")
     ours = engine.segment(str(studies / "ct.nii.gz"), foreground=click["foreground"], label="liver")
     assert served.shape == ours.mask.shape and served.any()

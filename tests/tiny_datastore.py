@@ -59,7 +59,15 @@ def write_tiny_model(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     ckpt = folder / "tiny.safetensors"
     save_checkpoint(build_sam3d("sam3d_small", **net), ckpt, {"preset": "sam3d_small", "network": net})
     config = folder / "tiny_config.yaml"  # not tiny.yaml: that is the checkpoint's sidecar
-    config.write_text(yaml.safe_dump({"preset": "sam3d_small", "network": net, "checkpoint": str(ckpt),
-                                      "spacing": [1.5, 1.5, 1.5],
-                                      "intensity": {"clip": None, "normalize": "zscore_foreground"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "sam3d_small",
+                "network": net,
+                "checkpoint": str(ckpt),
+                "spacing": [1.5, 1.5, 1.5],
+                "intensity": {"clip": None, "normalize": "zscore_foreground"},
+            }
+        )
+    )
     return config, ckpt

@@ -125,8 +125,11 @@ class MyApp(MONAILabelApp):
             lifecycle.exit_with_server()  # a task process: no-op unless a server started it
         self.leases = LeaseStore(self.state_dir / "leases.json", self.app_config.lease_minutes)
         self.scores = ScoreCache(self.state_dir / "uncertainty.json")
-        self.retrain = RetrainPolicy(self.app_config.retrain_every, self.state_dir / "retrain.json",
-                                     lambda: train_api.submit_training(self, "sam3d", None))
+        self.retrain = RetrainPolicy(
+            self.app_config.retrain_every,
+            self.state_dir / "retrain.json",
+            lambda: train_api.submit_training(self, "sam3d", None),
+        )
         logger.info(f"sam3d: app config {self.app_config.source}; tasks {list(self.app_config.infers)}")
         super().__init__(
             app_dir=app_dir,
@@ -182,8 +185,10 @@ class MyApp(MONAILabelApp):
         skipped = why_unscorable(spec)
         if skipped:
             if self.fastapi_app is not None:
-                logger.info(f"sam3d uncertainty: off ({skipped}); Next Sample hands out images at random until "
-                            "the model can score (a restart registers the scoring method)")
+                logger.info(
+                    f"sam3d uncertainty: off ({skipped}); Next Sample hands out images at random until "
+                    "the model can score (a restart registers the scoring method)"
+                )
             return {}
         c = self.app_config
         return {"uncertainty": UncertaintyScoring(spec, self.scores, c.uncertainty, c.device)}

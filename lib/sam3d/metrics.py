@@ -30,6 +30,7 @@ METRICS = ("dice", "iou", "hd95", "assd", "nsd", "volume_error")
 
 def dice(pred, target) -> float:
     """Hard Dice of two binary masks (numpy or torch, any shape); 1 when both are empty."""
+
     def as_tensor(x):
         return x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
 

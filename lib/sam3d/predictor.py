@@ -81,8 +81,9 @@ class Sam3DPredictor:
         self._count = 0
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "clicknet", device: str = "cpu",
-                        configs_dir: str | Path | None = None) -> "Sam3DPredictor":
+    def from_pretrained(
+        cls, name_or_path: str = "clicknet", device: str = "cpu", configs_dir: str | Path | None = None
+    ) -> "Sam3DPredictor":
         """A model config name (`configs/models/<name>.yaml`), a model config YAML, or a checkpoint file
         (`.safetensors` of ours, SAM-Med3D's `.pth`). Raises `sam3d.engine.WeightsMissingError` without weights."""
         configs_dir = Path(configs_dir) if configs_dir else CONFIGS
@@ -137,8 +138,16 @@ class Sam3DPredictor:
 
     # ---- prompts ----------------------------------------------------------------------------------------------
 
-    def predict(self, points=None, point_labels=None, box=None, mask_input=None, text: str | None = None,
-                multimask: bool = False, label: str = "structure") -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self,
+        points=None,
+        point_labels=None,
+        box=None,
+        mask_input=None,
+        text: str | None = None,
+        multimask: bool = False,
+        label: str = "structure",
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(mask (X, Y, Z) uint8, scores (1,)): the structure at the prompts, on the image's grid.
 
         points (N, 3) voxel indices with point_labels (N,) 1/0; box (6,) inclusive corners; mask_input a 0/1 mask

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         "commit": git_commit(["lib/sam3d", "configs"]),
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "hardware": f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}; "
-                    f"device {args.device}",
+        f"device {args.device}",
         "trained in this run": ", ".join(trained) or "none (existing checkpoints)",
         "wall time": f"{time.perf_counter() - t0:.0f} s",
     }

@@ -106,9 +106,13 @@ class Bare:
         if not self.medim:
             return m.decode(emb, points=points, mask_input=mask_input, multimask_output=False)
         sparse, dense = m.prompt_encoder(points=points, boxes=None, masks=mask_input)
-        return m.mask_decoder(image_embeddings=emb, image_pe=m.prompt_encoder.get_dense_pe(),
-                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                              multimask_output=False)
+        return m.mask_decoder(
+            image_embeddings=emb,
+            image_pe=m.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
 
     @property
     def params_m(self) -> float:
@@ -218,9 +222,10 @@ def bench_engine(args, device: torch.device) -> list[str]:
             res = engine.segment(str(ENGINE_IMAGE), [ENGINE_CLICK, ENGINE_NEXT], [], label="liver")
             nxt.append(time.perf_counter() - t)
             assert res.info["embedding_cached"]
-        first, nxt = first[args.warmup:], nxt[args.warmup:]
-        split = ", ".join(f"{k} {statistics.median(v[args.warmup:]) * 1e3:.0f} ms" for k, v in parts.items()
-                          if k != "total")
+        first, nxt = first[args.warmup :], nxt[args.warmup :]
+        split = ", ".join(
+            f"{k} {statistics.median(v[args.warmup :]) * 1e3:.0f} ms" for k, v in parts.items() if k != "total"
+        )
         rows.append(f"| engine {preset} ({weights}) | {device} | {_ms(first)} | {_ms(nxt)} | {split} |")
         loaded.model.cpu()
     return rows
@@ -229,17 +234,20 @@ def bench_engine(args, device: torch.device) -> list[str]:
 def engine_table(rows: list[str], args) -> str:
     if not rows:
         return ""
-    return "\n".join([
-        "",
-        f"Through the engine (`{ENGINE_IMAGE.relative_to(REPO.parent)}`, 122x101x112 at 3 mm -> 243x201x223 at "
-        "1.5 mm), median (min) of " f"{args.runs} runs after {args.warmup} warm-up:",
-        "",
-        "| engine | device | **first click** (nothing cached) | **next click** (embedding cached) "
-        "| first click split |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
-    ])
+    return "\n".join(
+        [
+            "",
+            f"Through the engine (`{ENGINE_IMAGE.relative_to(REPO.parent)}`, 122x101x112 at 3 mm -> 243x201x223 at "
+            "1.5 mm), median (min) of "
+            f"{args.runs} runs after {args.warmup} warm-up:",
+            "",
+            "| engine | device | **first click** (nothing cached) | **next click** (embedding cached) "
+            "| first click split |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -277,8 +285,9 @@ def markdown_table(rows: list[Row], args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: cpu, and cuda when available (default)")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cpu, and cuda when available (default)"
+    )
     p.add_argument("--runs", type=int, default=7, help="timed encoder runs (default 7)")
     p.add_argument("--decode-runs", type=int, default=50, help="timed decoder runs (default 50)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
@@ -325,8 +334,13 @@ def main(argv=None) -> int:
             engine_rows.extend(bench_engine(args, dev))
 
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    report = (head + f"\n* 1-min load average after the run: {load_after:.2f}\n\n" + markdown_table(rows, args) + "\n"
-              + engine_table(engine_rows, args))
+    report = (
+        head
+        + f"\n* 1-min load average after the run: {load_after:.2f}\n\n"
+        + markdown_table(rows, args)
+        + "\n"
+        + engine_table(engine_rows, args)
+    )
     print(report)
     if args.out:
         with open(args.out, "a") as f:

@@ -62,11 +62,19 @@ def _s(ts: list[float]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="autosam3d", help="model config (name in configs/models or YAML path): the "
-                   "grid, intensity window and slice order (default autosam3d)")
+    p.add_argument(
+        "--model",
+        default="autosam3d",
+        help="model config (name in configs/models or YAML path): the "
+        "grid, intensity window and slice order (default autosam3d)",
+    )
     p.add_argument("--presets", nargs="+", choices=sorted(AUTOSAM3D_PRESETS), default=["autosam3d_small"])
-    p.add_argument("--checkpoint", type=Path, default=None, help="trained weights instead of random ones "
-                   "(their network replaces --presets)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="trained weights instead of random ones (their network replaces --presets)",
+    )
     p.add_argument("--images", nargs="+", type=Path, default=IMAGES)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--runs", type=int, default=3)
@@ -86,27 +94,32 @@ def main(argv=None) -> int:
     config = EngineConfig.from_dict({**mc, "cache_mb": 0})  # every run computes the volume again
 
     rows = []
-    for preset in ([None] if args.checkpoint else args.presets):
+    for preset in [None] if args.checkpoint else args.presets:
         loaded, name = model_for(preset, args.checkpoint)
-        engine = AutoEngine(loaded, config, device=device, order=mc.get("order", "middle"),
-                            encode_batch=int(mc.get("encode_batch", 8)))
+        engine = AutoEngine(
+            loaded, config, device=device, order=mc.get("order", "middle"), encode_batch=int(mc.get("encode_batch", 8))
+        )
         for image in args.images:
             label = f"{image.name} (DICOM)" if image.is_dir() else f"{image.parent.name}/{image.name}"
             sess = ImageSession(str(image), config.spacing, config.max_voxels)
             totals, parts = time_volume(engine, image, args.runs, args.warmup, f"{name} {label}")
             split = ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in parts.items())
             grid = "x".join(map(str, sess.volume.shape))
-            rows.append(f"| {name} | {device} | {label}: {'x'.join(map(str, sess.shape))} "
-                        f"-> {grid} ({sess.volume.shape[2]} slices) | **{_s(totals)}** | {split} |")
-    table = "\n".join([
-        f"Time per volume of `sam3d_auto` (model config `{args.model}`: {config.spacing[0]:g} mm grid, order "
-        f"{mc.get('order', 'middle')}), median (min) of {args.runs} runs after {args.warmup} warm-up, float32:",
-        "",
-        "| weights | device | image -> model grid | **per volume** | split (s) |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
-    ])
+            rows.append(
+                f"| {name} | {device} | {label}: {'x'.join(map(str, sess.shape))} "
+                f"-> {grid} ({sess.volume.shape[2]} slices) | **{_s(totals)}** | {split} |"
+            )
+    table = "\n".join(
+        [
+            f"Time per volume of `sam3d_auto` (model config `{args.model}`: {config.spacing[0]:g} mm grid, order "
+            f"{mc.get('order', 'middle')}), median (min) of {args.runs} runs after {args.warmup} warm-up, float32:",
+            "",
+            "| weights | device | image -> model grid | **per volume** | split (s) |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     print(table)
     if args.out:
         gpu = torch.cuda.get_device_name(0) if device == "cuda" else None

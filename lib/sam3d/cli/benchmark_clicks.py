@@ -17,8 +17,13 @@ import numpy as np
 
 from .provenance import report_header
 
-TIMED_CODE = ["lib/sam3d/engine", "lib/sam3d/models", "lib/sam3d/predictor.py", "configs/models",
-              "lib/sam3d/cli/benchmark_clicks.py"]
+TIMED_CODE = [
+    "lib/sam3d/engine",
+    "lib/sam3d/models",
+    "lib/sam3d/predictor.py",
+    "configs/models",
+    "lib/sam3d/cli/benchmark_clicks.py",
+]
 
 
 def main(argv=None) -> int:
@@ -60,13 +65,23 @@ def main(argv=None) -> int:
                 predictor.set_image(str(case.image))
             pred, _ = predictor.predict(points=points, point_labels=labels, label=str(value))
             (first if it == 1 else later).append(time.perf_counter() - t)
-    rows = [("first click on a fresh image (load, resample, network)", first),
-            ("next click (same image, one more click)", later)]
+    rows = [
+        ("first click on a fresh image (load, resample, network)", first),
+        ("next click (same image, one more click)", later),
+    ]
     table = ["| click | n | median (s) | p95 (s) |", "|---|---|---|---|"]
     table += [f"| {name} | {len(v)} | {np.median(v):.3f} | {np.percentile(v, 95):.3f} |" for name, v in rows if v]
-    report = "\n".join([header, "",
-                        f"model `{args.model}`, case `{case.name}` ({len(values)} targets, {args.clicks} clicks each, "
-                        f"`center` protocol), torch threads {args.threads}", "", *table, ""])
+    report = "\n".join(
+        [
+            header,
+            "",
+            f"model `{args.model}`, case `{case.name}` ({len(values)} targets, {args.clicks} clicks each, "
+            f"`center` protocol), torch threads {args.threads}",
+            "",
+            *table,
+            "",
+        ]
+    )
     print(report)
     if args.out:
         with open(args.out, "a") as f:

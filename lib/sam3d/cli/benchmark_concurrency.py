@@ -37,8 +37,13 @@ from sam3d.monailabel.api_client import auth_headers
 from . import REPO
 from .provenance import report_header
 
-TIMED_CODE = ["lib/sam3d/monailabel", "lib/sam3d/engine", "apps/sam3d", "configs",
-              "lib/sam3d/cli/benchmark_concurrency.py"]
+TIMED_CODE = [
+    "lib/sam3d/monailabel",
+    "lib/sam3d/engine",
+    "apps/sam3d",
+    "configs",
+    "lib/sam3d/cli/benchmark_concurrency.py",
+]
 DEFAULT_LABELS = "spleen,kidney_right,kidney_left,liver,stomach,pancreas"
 
 
@@ -68,8 +73,13 @@ class Samples:
 def click(url: str, image_id: str, params: dict, samples: Samples) -> np.ndarray:
     """One click as the annotator meets it: sent again after each 429's Retry-After; the returned mask."""
     while True:
-        r = requests.post(f"{url}/infer/sam3d_point", params={"image": image_id, "output": "image"},
-                          files={"params": (None, json.dumps(params))}, headers=auth_headers(), timeout=600)
+        r = requests.post(
+            f"{url}/infer/sam3d_point",
+            params={"image": image_id, "output": "image"},
+            files={"params": (None, json.dumps(params))},
+            headers=auth_headers(),
+            timeout=600,
+        )
         if r.status_code != 429:
             r.raise_for_status()
             return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj) > 0
@@ -119,9 +129,23 @@ def run_round(url, n, image_ids, targets, loaded, args) -> Samples:
         workers = []
         for i in range(n):
             value, name = targets[i % len(targets)]
-            workers.append(threading.Thread(target=annotate, args=(url, image_ids[i], loaded.label == value,
-                                                                   loaded.spacing, name, args, i, samples, n,
-                                                                   progress)))
+            workers.append(
+                threading.Thread(
+                    target=annotate,
+                    args=(
+                        url,
+                        image_ids[i],
+                        loaded.label == value,
+                        loaded.spacing,
+                        name,
+                        args,
+                        i,
+                        samples,
+                        n,
+                        progress,
+                    ),
+                )
+            )
             workers[-1].start()
         for w in workers:
             w.join()
@@ -137,14 +161,20 @@ def percentiles(values: list[float]) -> str:
 
 
 def write_report(rounds: dict[int, Samples], header: str, args, out: Path) -> str:
-    table = ["| annotators | clicks | 429s | errors | click p50 (s) | click p95 (s) | /info p50 (s) | /info p95 (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| annotators | clicks | 429s | errors | click p50 (s) | click p95 (s) | /info p50 (s) | /info p95 (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for n, s in rounds.items():
-        table.append(f"| {n} | {len(s.seconds('click'))} | {s.refused} | {len(s.errors)} | "
-                     f"{percentiles(s.seconds('click'))} | {percentiles(s.seconds('info'))} |")
-    settings = (f"case `{args.data}`, {args.clicks} clicks per annotator (`center` protocol), {args.think} s between "
-                f"clicks, /info every {args.probe} s; server {args.url or 'started by this script'}"
-                + (f" with --conf {' '.join(f'{k} {v}' for k, v in args.conf)}" if args.conf else ""))
+        table.append(
+            f"| {n} | {len(s.seconds('click'))} | {s.refused} | {len(s.errors)} | "
+            f"{percentiles(s.seconds('click'))} | {percentiles(s.seconds('info'))} |"
+        )
+    settings = (
+        f"case `{args.data}`, {args.clicks} clicks per annotator (`center` protocol), {args.think} s between "
+        f"clicks, /info every {args.probe} s; server {args.url or 'started by this script'}"
+        + (f" with --conf {' '.join(f'{k} {v}' for k, v in args.conf)}" if args.conf else "")
+    )
     report = "\n".join([header, "", settings, "", *table, ""])
     (out / "concurrency.md").write_text(report)
     with open(out / "concurrency.csv", "w", newline="") as f:
@@ -191,8 +221,11 @@ def datastore_of_copies(image: Path, folder: Path, annotators: list[int]) -> dic
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "totalseg_ct"),
-                    help="one case folder (image.nii.gz + label.*)")
+    ap.add_argument(
+        "--data",
+        default=str(REPO.parent / "shared" / "data" / "totalseg_ct"),
+        help="one case folder (image.nii.gz + label.*)",
+    )
     ap.add_argument("--labels", default=DEFAULT_LABELS, help="structures to click on, values or names")
     ap.add_argument("--annotators", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--clicks", type=int, default=5, help="clicks per annotator")
@@ -200,8 +233,14 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", type=float, default=0.5, help="seconds between /info requests")
     ap.add_argument("--url", help="a running server instead of starting one")
     ap.add_argument("--image", help="with --url: the datastore image id every annotator clicks on")
-    ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                    help="the started server's --conf (e.g. device cpu, limits.infer_threads 2)")
+    ap.add_argument(
+        "--conf",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="the started server's --conf (e.g. device cpu, limits.infer_threads 2)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "benchmark_concurrency")
     args = ap.parse_args(argv)
     if args.url and not args.image:

@@ -40,20 +40,33 @@ from . import REPO
 from .provenance import command_line, cpu_model, git_commit
 
 # what an evaluation runs: a commit stamp is flagged when any of it has uncommitted changes
-EVALUATED_CODE = ["lib/sam3d/evaluation", "lib/sam3d/data", "lib/sam3d/engine", "lib/sam3d/models", "configs/models",
-                  "lib/sam3d/cli/evaluate.py"]
+EVALUATED_CODE = [
+    "lib/sam3d/evaluation",
+    "lib/sam3d/data",
+    "lib/sam3d/engine",
+    "lib/sam3d/models",
+    "configs/models",
+    "lib/sam3d/cli/evaluate.py",
+]
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", help="configs/models name (sam3d_small, sam_med3d_turbo), a model YAML, or baseline")
     p.add_argument("--checkpoint", help="weights; overrides the model config's checkpoint")
     p.add_argument("--data", required=True, help="a case folder or a folder of case folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--clicks", type=int, default=10, help="click budget (iterations) per target (default 10)")
-    p.add_argument("--protocol", choices=(*PROTOCOLS, "text"), default="center",
-                   help="click protocol (default center); text: the structure's name first (a RefSAM3D model), "
-                        "then center clicks")
+    p.add_argument(
+        "--protocol",
+        choices=(*PROTOCOLS, "text"),
+        default="center",
+        help="click protocol (default center); text: the structure's name first (a RefSAM3D model), then center clicks",
+    )
     p.add_argument("--labels", nargs="*", help="label values or names (comma or space separated; default all)")
     p.add_argument("--names-key", help="table of a label_names.json with several (e.g. total_mr)")
     p.add_argument("--seed", type=int, default=0)
@@ -64,8 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-masks", action="store_true", help="write the last mask of every target")
     p.add_argument("--server", metavar="URL", help="evaluate a running sam3d MONAI Label server instead")
     p.add_argument("--server-model", default="sam3d_point", help="the server's infer task (default sam3d_point)")
-    p.add_argument("--server-upload", choices=("missing", "always", "never"), default="missing",
-                   help="upload images missing from the datastore (default), always, or never")
+    p.add_argument(
+        "--server-upload",
+        choices=("missing", "always", "never"),
+        default="missing",
+        help="upload images missing from the datastore (default), always, or never",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for summary.md (repeatable)")
     p.add_argument("--configs", default=str(REPO / "configs"), help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -104,15 +121,20 @@ def _software() -> str:
     import skimage
     import torch
 
-    return f"Python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}, " \
-           f"scikit-image {skimage.__version__}"
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}, "
+        f"scikit-image {skimage.__version__}"
+    )
 
 
 def build_segmenters(args, device: str) -> list:
     segmenters = []
     if args.server:
-        segmenters.append(ServerSegmenter(args.server, args.server_model, upload=args.server_upload,
-                                          send_text=args.protocol == "text"))
+        segmenters.append(
+            ServerSegmenter(
+                args.server, args.server_model, upload=args.server_upload, send_text=args.protocol == "text"
+            )
+        )
     elif args.model != "baseline":
         from sam3d.engine import WeightsMissingError
 
@@ -140,8 +162,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = EvalConfig(
-        protocol=args.protocol, clicks=args.clicks, seed=args.seed, labels=args.labels or None,
-        near_mm=args.near_mm, box_jitter_mm=args.box_jitter_mm,
+        protocol=args.protocol,
+        clicks=args.clicks,
+        seed=args.seed,
+        labels=args.labels or None,
+        near_mm=args.near_mm,
+        box_jitter_mm=args.box_jitter_mm,
         save_masks=out / "masks" if args.save_masks else None,
     )
     started = datetime.datetime.now(datetime.UTC)

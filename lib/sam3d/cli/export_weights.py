@@ -45,8 +45,10 @@ def main(argv=None) -> int:
     exported = load_model({"checkpoint": args.dst}).model
     a, b = probe(loaded.model), probe(exported)
     agree = float(((a > 0) == (b > 0)).float().mean())
-    print(f"{args.dst}: step {side.get('step')}, max |logit diff| {float((a - b).abs().max()):.2e}, "
-          f"sign agreement {agree:.6f}")
+    print(
+        f"{args.dst}: step {side.get('step')}, max |logit diff| {float((a - b).abs().max()):.2e}, "
+        f"sign agreement {agree:.6f}"
+    )
     return 0
 
 

@@ -31,11 +31,17 @@ def main(argv=None) -> int:
     print("| checkpoint | Dice, image | Dice, zeros | Dice, noise | agreement image/zeros |\n|---|---|---|---|---|")
     for path in args.checkpoints:
         model = load_model({**model_cfg, "checkpoint": path}).model
-        sampling = replace(SamplingConfig.from_dict(recipe.get("sampling")), size=model.img_size, case_weights=None,
-                           size_power=0.0)  # the trainer's validation windows
+        sampling = replace(
+            SamplingConfig.from_dict(recipe.get("sampling")), size=model.img_size, case_weights=None, size_power=0.0
+        )  # the trainer's validation windows
         dataset = WindowDataset(volumes, engine_cfg, sampling, seed=recipe.get("seed", 0) + 7919, augment=False)
-        r = image_dependence(model, dataset, args.samples, engine_cfg.spacing[0],
-                             precision_context(engine_cfg.precision, torch.device("cpu")))
+        r = image_dependence(
+            model,
+            dataset,
+            args.samples,
+            engine_cfg.spacing[0],
+            precision_context(engine_cfg.precision, torch.device("cpu")),
+        )
         print(f"| {path} | {r['real']:.3f} | {r['zeros']:.3f} | {r['noise']:.3f} | {r['agreement']:.3f} |")
     return 0
 

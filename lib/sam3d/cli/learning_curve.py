@@ -45,9 +45,16 @@ def main(argv=None) -> int:
     if not pool:
         ap.error(f"no pool cases in {args.pool}")
     heldout = [HeldOut(Path(h).name, find_cases(h), args.heldout_labels) for h in args.heldout]
-    cfg = CurveConfig(pool=pool, heldout=heldout, checkpoint=Path(args.checkpoint).resolve(),
-                      configs_dir=REPO / "configs", model=args.model, clicks=args.clicks,
-                      train_params=dict(args.train_param), device=args.device)
+    cfg = CurveConfig(
+        pool=pool,
+        heldout=heldout,
+        checkpoint=Path(args.checkpoint).resolve(),
+        configs_dir=REPO / "configs",
+        model=args.model,
+        clicks=args.clicks,
+        train_params=dict(args.train_param),
+        device=args.device,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.UTC)
@@ -62,14 +69,21 @@ def main(argv=None) -> int:
         w.writerows(rows)
     plot_curves(rows, out / "learning_curve.png", args.clicks)
     last = f"dice_{args.clicks}"
-    lines = ["# Learning curve", "",
-             f"* command: `{command_line('learning_curve', argv)}`",
-             f"* commit: {git_commit(['lib/sam3d', 'configs', 'apps'])}", f"* date: {started:%Y-%m-%d %H:%M UTC}",
-             f"* hardware: {cpu_model()}, {os.cpu_count()} logical CPUs; device {args.device}",
-             f"* pool: {', '.join(c.name for c in pool)}; held out: {', '.join(h.name for h in heldout)}", "",
-             f"| order | labelled | added | Dice@1 | Dice@{args.clicks} |", "|---|---|---|---|---|"]
-    lines += [f"| {r['order']} | {r['labelled']} | {r['added'] or '-'} | {r['dice_1']:.3f} | {r[last]:.3f} |"
-              for r in rows]
+    lines = [
+        "# Learning curve",
+        "",
+        f"* command: `{command_line('learning_curve', argv)}`",
+        f"* commit: {git_commit(['lib/sam3d', 'configs', 'apps'])}",
+        f"* date: {started:%Y-%m-%d %H:%M UTC}",
+        f"* hardware: {cpu_model()}, {os.cpu_count()} logical CPUs; device {args.device}",
+        f"* pool: {', '.join(c.name for c in pool)}; held out: {', '.join(h.name for h in heldout)}",
+        "",
+        f"| order | labelled | added | Dice@1 | Dice@{args.clicks} |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['order']} | {r['labelled']} | {r['added'] or '-'} | {r['dice_1']:.3f} | {r[last]:.3f} |" for r in rows
+    ]
     lines += ["", "![learning curve](learning_curve.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
     print(f"{len(rows)} points -> {out / 'curve.csv'}, {out / 'learning_curve.png'}, {out / 'summary.md'}")

@@ -31,8 +31,11 @@ def merge_masks(masks: list[tuple[str, Path]]) -> tuple[np.ndarray, dict, dict[i
         data, h = nrrd.read(str(path))
         if label is None:
             label, header = np.zeros(data.shape, np.uint8), h
-        elif data.shape != label.shape or not np.allclose(h["space origin"], header["space origin"]) or \
-                not np.allclose(h["space directions"], header["space directions"]):
+        elif (
+            data.shape != label.shape
+            or not np.allclose(h["space origin"], header["space origin"])
+            or not np.allclose(h["space directions"], header["space directions"])
+        ):
             raise ValueError(f"{path}: not on the grid of {masks[0][1]}")
         label[data != 0] = value
         names[value] = name
@@ -69,8 +72,10 @@ def main(argv=None) -> int:
         image, image_affine = load_array(tmp / "image")
         merged, label_affine = load_array(tmp / "label.nrrd")
         if image.shape != merged.shape or not np.allclose(image_affine, label_affine, atol=1e-3):
-            raise SystemExit(f"the masks' grid {merged.shape} does not match the series' {image.shape} (or its "
-                             f"affine); nothing written")
+            raise SystemExit(
+                f"the masks' grid {merged.shape} does not match the series' {image.shape} (or its "
+                f"affine); nothing written"
+            )
         tmp.rename(args.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,14 +39,29 @@ def main(argv=None) -> int:
             if f.name.startswith(("image", "label")):
                 _link(f, out / group / case / f.name)
     dcm = shared / "dcmqi_ct3slice"
-    subprocess.run([sys.executable, "-m", "sam3d.cli.make_dicom_case", "--series", str(dcm),
-                    "--mask", f"liver={dcm / 'liver_seg.nrrd'}", "--mask", f"heart={dcm / 'heart_seg.nrrd'}",
-                    "--mask", f"spine={dcm / 'spine_seg.nrrd'}", "--out", str(out / "ct_dicom" / "dcmqi_ct3slice")],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sam3d.cli.make_dicom_case",
+            "--series",
+            str(dcm),
+            "--mask",
+            f"liver={dcm / 'liver_seg.nrrd'}",
+            "--mask",
+            f"heart={dcm / 'heart_seg.nrrd'}",
+            "--mask",
+            f"spine={dcm / 'spine_seg.nrrd'}",
+            "--out",
+            str(out / "ct_dicom" / "dcmqi_ct3slice"),
+        ],
+        check=True,
+    )
     rad = shared / "pyradiomics_small"
-    for case, image, label in (("breast1", "breast1_image.nrrd", "breast1_label.nrrd"),
-                               ("prostate_phantom", "prostate_phantom_subvolume.nrrd",
-                                "prostate_phantom_subvolume-label.nrrd")):
+    for case, image, label in (
+        ("breast1", "breast1_image.nrrd", "breast1_label.nrrd"),
+        ("prostate_phantom", "prostate_phantom_subvolume.nrrd", "prostate_phantom_subvolume-label.nrrd"),
+    ):
         _link(rad / image, out / "mr_lesion" / case / "image.nrrd")
         _link(rad / label, out / "mr_lesion" / case / "label.nrrd")
     names_file = args.sample / "label_names.json"

@@ -44,11 +44,19 @@ def main(argv=None) -> int:
         samples = [int(r["step"]) * batch for r in rows]
         colour = f"C{i}"
         ax.plot(samples, [float(r["dice_1"]) for r in rows], "--o", color=colour, label=f"{folder.name}: 1 click")
-        ax.plot(samples, [float(r[f"dice_{clicks[-1]}"]) for r in rows], "-o", color=colour,
-                label=f"{folder.name}: {clicks[-1]} clicks")
+        ax.plot(
+            samples,
+            [float(r[f"dice_{clicks[-1]}"]) for r in rows],
+            "-o",
+            color=colour,
+            label=f"{folder.name}: {clicks[-1]} clicks",
+        )
         for r, n in zip(rows, samples):
-            table.append(f"| {folder.name} | {r['step']} | {n} | " + " | ".join(f"{float(r[f'dice_{c}']):.3f}"
-                                                                         for c in clicks) + " |")
+            table.append(
+                f"| {folder.name} | {r['step']} | {n} | "
+                + " | ".join(f"{float(r[f'dice_{c}']):.3f}" for c in clicks)
+                + " |"
+            )
     ax.set_xlabel("training samples seen")
     ax.set_ylabel("validation Dice")
     ax.set_ylim(0, 1)

@@ -14,10 +14,12 @@ from . import REPO
 def git_commit(paths: list[str]) -> str:
     """Short HEAD, flagged when `paths` (what the measurement runs) have uncommitted changes."""
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", *paths], capture_output=True,
-                               text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", *paths], capture_output=True, text=True
+        ).stdout.strip()
         return commit + (f" + uncommitted changes in {', '.join(paths)}" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -31,8 +33,9 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
     name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.machine())
     flags = set(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), []))
-    simd = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
-                None)
+    simd = next(
+        (label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags), None
+    )
     return f"{name} ({simd})" if simd else name
 
 
@@ -62,12 +65,14 @@ def report_header(name: str, timed_code: list[str], gpu_name: str | None = None,
     if gpu_name:
         hw += f"; GPU {gpu_name} (CUDA {torch.version.cuda})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return "\n".join([
-        f"## {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        "",
-        f"* command: `{command_line(name, argv)}`",
-        f"* commit: {git_commit(timed_code)}",
-        f"* hardware: {hw}",
-        f"* software: torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
-        f"* 1-min load average before the run: {load:.2f}",
-    ])
+    return "\n".join(
+        [
+            f"## {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+            "",
+            f"* command: `{command_line(name, argv)}`",
+            f"* commit: {git_commit(timed_code)}",
+            f"* hardware: {hw}",
+            f"* software: torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
+            f"* 1-min load average before the run: {load:.2f}",
+        ]
+    )

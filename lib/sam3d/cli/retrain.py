@@ -35,8 +35,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--server", required=True, help="the MONAI Label server, e.g. http://127.0.0.1:8000")
     ap.add_argument("--model", default="sam3d", help="the train task (default sam3d)")
-    ap.add_argument("--param", action="append", type=parse_param, default=[],
-                    help="a train parameter KEY=VALUE (epochs, steps, lr, trainable, device, val_split, promote)")
+    ap.add_argument(
+        "--param",
+        action="append",
+        type=parse_param,
+        default=[],
+        help="a train parameter KEY=VALUE (epochs, steps, lr, trainable, device, val_split, promote)",
+    )
     ap.add_argument("--wait", action="store_true", help="wait until the run has finished and print its result")
     ap.add_argument("--timeout", type=float, default=24 * 3600, help="give up waiting after this many seconds")
     ap.add_argument("--poll", type=float, default=5.0, help="seconds between two looks at the run")

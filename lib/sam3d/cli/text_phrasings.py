@@ -31,8 +31,11 @@ TIMED_CODE = ["lib/sam3d/engine", "lib/sam3d/models", "lib/sam3d/text", "lib/sam
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="refsam3d", help="a configs/models name or YAML (default refsam3d)")
     p.add_argument("--checkpoint", help="weights; overrides the model config's checkpoint")
     p.add_argument("--data", required=True, help="a case folder or a folder of case folders")
@@ -93,10 +96,20 @@ def main(argv=None) -> int:
         for text in tqdm(list(dict.fromkeys(variants + args.text)), desc=case.name):
             res = engine.segment_text(str(case.image), text)
             m = segmentation_metrics(res.mask > 0, reference, loaded.spacing)
-            rows.append({"case": case.name, "label": name, "text": text,
-                         "kind": "name" if text in variants else "extra", "dice": m["dice"], "hd95": m["hd95"],
-                         "closest_name": res.info.get("closest_name"), "similarity": res.info.get("text_similarity"),
-                         "score": res.info.get("score"), "seconds": res.timings["total"]})
+            rows.append(
+                {
+                    "case": case.name,
+                    "label": name,
+                    "text": text,
+                    "kind": "name" if text in variants else "extra",
+                    "dice": m["dice"],
+                    "hd95": m["hd95"],
+                    "closest_name": res.info.get("closest_name"),
+                    "similarity": res.info.get("text_similarity"),
+                    "score": res.info.get("score"),
+                    "seconds": res.timings["total"],
+                }
+            )
     if not rows:
         raise SystemExit(f"no case in {args.data} holds a label {args.label!r}")
     with open(out / "phrasings.csv", "w", newline="") as f:
@@ -105,15 +118,23 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     title = f"{engine.model_name}: '{args.label}' phrased {len(set(r['text'] for r in rows))} ways"
     plot(rows, out / "phrasings.png", title)
-    lines = [report_header("text_phrasings", TIMED_CODE), "", f"* model: {engine.model_name} ({engine.checkpoint})", "",
-             "| case | text | Dice | HD95 (mm) | matched name (similarity) |", "|---|---|---|---|---|"]
+    lines = [
+        report_header("text_phrasings", TIMED_CODE),
+        "",
+        f"* model: {engine.model_name} ({engine.checkpoint})",
+        "",
+        "| case | text | Dice | HD95 (mm) | matched name (similarity) |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         sim = f"{r['similarity']:.2f}" if r["similarity"] is not None else "-"
         lines.append(f"| {r['case']} | {r['text']} | {r['dice']:.3f} | {r['hd95']:.1f} | {r['closest_name']} ({sim}) |")
     for case in dict.fromkeys(r["case"] for r in rows):
         dice = np.array([r["dice"] for r in rows if r["case"] == case and r["kind"] == "name"])
-        lines.append(f"\n{case}: Dice over the {len(dice)} phrasings of the name (not the --text extras): mean "
-                     f"{dice.mean():.3f}, min {dice.min():.3f}, max {dice.max():.3f}")
+        lines.append(
+            f"\n{case}: Dice over the {len(dice)} phrasings of the name (not the --text extras): mean "
+            f"{dice.mean():.3f}, min {dice.min():.3f}, max {dice.max():.3f}"
+        )
     (out / "phrasings.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

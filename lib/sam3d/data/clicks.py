@@ -188,8 +188,9 @@ def near_band(gt, near_mm: float, spacing=None) -> np.ndarray:
     return band
 
 
-def jittered_box(gt, rng: np.random.Generator | None = None, jitter_mm: float = 0.0,
-                 spacing=None) -> tuple[Point, Point]:
+def jittered_box(
+    gt, rng: np.random.Generator | None = None, jitter_mm: float = 0.0, spacing=None
+) -> tuple[Point, Point]:
     """The reference's bounding box (inclusive corners), each face moved by up to `jitter_mm`, clipped."""
     gt = _as_bool(gt)
     box = _bbox(gt)
@@ -216,8 +217,9 @@ class ClickSimulator:
     prediction (None before the first one); an empty `Prompt` means the prediction is already perfect.
     """
 
-    def __init__(self, protocol: str = "center", seed=0, spacing=None, near_mm: float = 10.0,
-                 box_jitter_mm: float = 0.0) -> None:
+    def __init__(
+        self, protocol: str = "center", seed=0, spacing=None, near_mm: float = 10.0, box_jitter_mm: float = 0.0
+    ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown click protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
         self.protocol = protocol

@@ -77,8 +77,12 @@ class RandWindowDeformd(Randomizable, MapTransform):
             m = _rotation(self._angles) @ np.diag(1.0 / self._scales) if self._do else np.eye(3)
             mesh = (mesh - c) @ torch.as_tensor(m * zoom, dtype=torch.float32).T + c
         if self._do:
-            disp = F.interpolate(torch.as_tensor(self._field, dtype=torch.float32)[None], size=(s, s, s),
-                                 mode="trilinear", align_corners=True)[0]
+            disp = F.interpolate(
+                torch.as_tensor(self._field, dtype=torch.float32)[None],
+                size=(s, s, s),
+                mode="trilinear",
+                align_corners=True,
+            )[0]
             mesh = mesh + disp.permute(1, 2, 3, 0) * zoom
         for ax in range(3):
             if self._flips[ax]:
@@ -171,8 +175,12 @@ class SynthesizeFromLabelsd(Randomizable, MapTransform):
             img = F.interpolate(F.adaptive_avg_pool3d(img, low), size=shape, mode="trilinear", align_corners=False)
         if self._sigma > 0.05:
             img = _gaussian_blur(img, self._sigma)
-        bias = F.interpolate(torch.as_tensor(self._bias, dtype=torch.float32)[None, None], size=shape,
-                             mode="trilinear", align_corners=True)
+        bias = F.interpolate(
+            torch.as_tensor(self._bias, dtype=torch.float32)[None, None],
+            size=shape,
+            mode="trilinear",
+            align_corners=True,
+        )
         img = img * torch.exp(bias)
         img = img.clamp_min(0)
         img = img / img.max().clamp_min(1e-6)

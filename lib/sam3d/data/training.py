@@ -141,8 +141,16 @@ def load_volume(name: str, image_path: str | None, label_path: str, spacing) -> 
 
 def shape_volumes(count: int, size: int, seed: int = 0) -> list[Volume]:
     """`count` generated scenes of shapes (`sam3d.data.shapes`), named `shapes_<i>`, the same for a seed."""
-    return [Volume(f"shapes_{i}", None, torch.from_numpy(shape_label_map(size, np.random.default_rng(
-        derive_seed(seed, "shapes", i))))[None].contiguous()) for i in range(int(count))]
+    return [
+        Volume(
+            f"shapes_{i}",
+            None,
+            torch.from_numpy(shape_label_map(size, np.random.default_rng(derive_seed(seed, "shapes", i))))[
+                None
+            ].contiguous(),
+        )
+        for i in range(int(count))
+    ]
 
 
 def load_volumes(data: dict, spacing, seed: int = 0) -> list[Volume]:
@@ -230,8 +238,15 @@ def _plain(x) -> torch.Tensor:
 class WindowDataset(Dataset):
     """`length` deterministic samples (index -> sample) from the volumes; see the module's docstring."""
 
-    def __init__(self, volumes: list[Volume], engine_config: EngineConfig, sampling: SamplingConfig,
-                 seed: int = 0, length: int = 10**9, augment: bool = True) -> None:
+    def __init__(
+        self,
+        volumes: list[Volume],
+        engine_config: EngineConfig,
+        sampling: SamplingConfig,
+        seed: int = 0,
+        length: int = 10**9,
+        augment: bool = True,
+    ) -> None:
         self.volumes, self.engine_config, self.cfg = volumes, engine_config, sampling
         self.seed, self.length, self.augment = int(seed), int(length), augment
         for v in volumes:
@@ -253,19 +268,26 @@ class WindowDataset(Dataset):
         weights = np.array([_case_weight(sampling.case_weights, v.name) for v in volumes], dtype=np.float64)
         self.weights = weights / weights.sum()
         c = sampling
-        self.deform = RandWindowDeformd(size=c.size, prob=c.deform_prob if augment else 0.0, rotate_deg=c.rotate_deg,
-                                        scale=c.scale, elastic_voxels=c.elastic_voxels,
-                                        flip_prob=c.flip_prob if augment else 0.0)
+        self.deform = RandWindowDeformd(
+            size=c.size,
+            prob=c.deform_prob if augment else 0.0,
+            rotate_deg=c.rotate_deg,
+            scale=c.scale,
+            elastic_voxels=c.elastic_voxels,
+            flip_prob=c.flip_prob if augment else 0.0,
+        )
         self.synth = SynthesizeFromLabelsd(prob=c.synth_prob if augment else 0.0)
         self.synth_always = SynthesizeFromLabelsd(prob=1.0)  # label maps without an image
         p = c.intensity_aug_prob if augment else 0.0
-        self.intensity = Compose([
-            RandScaleIntensityd("image", factors=0.1, prob=p),
-            RandShiftIntensityd("image", offsets=0.1, prob=p),
-            RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=p),
-            RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0), prob=p / 3),
-            RandGaussianNoised("image", std=0.05, prob=p),
-        ])
+        self.intensity = Compose(
+            [
+                RandScaleIntensityd("image", factors=0.1, prob=p),
+                RandShiftIntensityd("image", offsets=0.1, prob=p),
+                RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=p),
+                RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0), prob=p / 3),
+                RandGaussianNoised("image", std=0.05, prob=p),
+            ]
+        )
 
     def __len__(self) -> int:
         return self.length
@@ -318,8 +340,11 @@ class WindowDataset(Dataset):
         chosen = [target]
         if rng.random() < c.merge_prob:
             ring = ndimage.binary_dilation(mask, iterations=2) & ~mask
-            neighbours = [int(v) for v in np.unique(lab[ring]) if v != 0 and v != target
-                          and (vol.name not in self.allowed or v in self.allowed[vol.name])]
+            neighbours = [
+                int(v)
+                for v in np.unique(lab[ring])
+                if v != 0 and v != target and (vol.name not in self.allowed or v in self.allowed[vol.name])
+            ]
             if neighbours:
                 extra = rng.choice(neighbours, size=int(rng.integers(1, min(3, len(neighbours)) + 1)), replace=False)
                 chosen += [int(v) for v in extra]

@@ -69,8 +69,14 @@ class SliceGeometry:
 class AutoEngine:
     """Thread-safe; one per served model. `segment(image)` -> a label volume of every class (a `SegmentResult`)."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, device: str = "cpu",
-                 order: str = "middle", encode_batch: int = 8) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        device: str = "cpu",
+        order: str = "middle",
+        encode_batch: int = 8,
+    ) -> None:
         if order not in ORDERS:
             raise ValueError(f"unknown slice order {order!r}: use one of {', '.join(ORDERS)}")
         self.config = config or EngineConfig()
@@ -110,8 +116,9 @@ class AutoEngine:
         slices = geo.to_model(vol.permute(2, 0, 1), fill=float(vol.min())).to(self.device)
         timings["load"], t = time.perf_counter() - t0, time.perf_counter()
 
-        feats = torch.cat([self.model.encode(slices[i : i + self.encode_batch])
-                           for i in range(0, len(slices), self.encode_batch)])
+        feats = torch.cat(
+            [self.model.encode(slices[i : i + self.encode_batch]) for i in range(0, len(slices), self.encode_batch)]
+        )
         self._synchronize()
         timings["encode"], t = time.perf_counter() - t, time.perf_counter()
 
@@ -120,9 +127,15 @@ class AutoEngine:
 
         mask = self._to_image_grid(sess, labels)
         timings["resample"] = time.perf_counter() - t
-        info = {"model": self.model_name, "checkpoint": self.checkpoint, "order": order, "slices": len(slices),
-                "label_names": self.label_names, "cached": False,
-                "voxels": {n: int((mask == v).sum()) for n, v in self.label_names.items()}}
+        info = {
+            "model": self.model_name,
+            "checkpoint": self.checkpoint,
+            "order": order,
+            "slices": len(slices),
+            "label_names": self.label_names,
+            "cached": False,
+            "voxels": {n: int((mask == v).sum()) for n, v in self.label_names.items()},
+        }
         return SegmentResult(mask, sess.affine, timings, info)
 
     def _run_slices(self, feats: torch.Tensor, geo: SliceGeometry, order: str) -> torch.Tensor:
@@ -138,8 +151,14 @@ class AutoEngine:
             present = None if prev[0][2] is None else torch.cat([p[2] for p in prev])
             if history is None:
                 history = self.model.initial_history(len(ts))
-            res = self.model.step(feats[[max(t - 1, 0) for t in ts]], feats[ts], feats[[min(t + 1, n - 1) for t in ts]],
-                                  history, boxes, present)
+            res = self.model.step(
+                feats[[max(t - 1, 0) for t in ts]],
+                feats[ts],
+                feats[[min(t + 1, n - 1) for t in ts]],
+                history,
+                boxes,
+                present,
+            )
             low = res["logits"].argmax(1)  # the prediction's own grid: the boxes the next slice starts from
             new_boxes, new_present = label_boxes(low, k)
             for i, (_, b) in enumerate(step):
@@ -167,5 +186,10 @@ class AutoEngine:
 
 def auto_engine_from_config(model_config: dict, device: str = "cpu") -> AutoEngine:
     """The model config's network and weights as an `AutoEngine` (keys `order`, `encode_batch`, the engine's)."""
-    return AutoEngine(load_model(model_config), EngineConfig.from_dict(model_config), device=device,
-                      order=model_config.get("order", "middle"), encode_batch=int(model_config.get("encode_batch", 8)))
+    return AutoEngine(
+        load_model(model_config),
+        EngineConfig.from_dict(model_config),
+        device=device,
+        order=model_config.get("order", "middle"),
+        encode_batch=int(model_config.get("encode_batch", 8)),
+    )

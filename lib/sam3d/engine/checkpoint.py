@@ -78,8 +78,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, config: dict, hal
     path.parent.mkdir(parents=True, exist_ok=True)
     # fine-tuning LoRA folded in: the network's own keys; each tensor its own copy, since safetensors refuses
     # tensors that share memory (MONAI's DynUNet lists one block under two names)
-    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone().contiguous()
-               for k, v in merged_state_dict(model).items()}
+    tensors = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone().contiguous()
+        for k, v in merged_state_dict(model).items()
+    }
     # the network travels inside the weights file, so one atomic replace updates both; the YAML is for people
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_CONFIG_KEY: json.dumps(config)}))
     atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))

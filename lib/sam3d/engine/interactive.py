@@ -185,8 +185,15 @@ class InteractiveEngine:
 
     # ---- one request ---------------------------------------------------------------------------------------
 
-    def segment(self, image_path: str, foreground=None, background=None, roi=None, label: str = "structure",
-                prior: np.ndarray | None = None):
+    def segment(
+        self,
+        image_path: str,
+        foreground=None,
+        background=None,
+        roi=None,
+        label: str = "structure",
+        prior: np.ndarray | None = None,
+    ):
         """`prior`: a 0/1 mask on the image's grid (e.g. one class of an automatic result) that the first click of a
         new click sequence on (image, label) refines, as if it were the previous answer; later requests that
         extend the sequence continue from their own previous answer."""
@@ -213,7 +220,8 @@ class InteractiveEngine:
         for p in points:
             if np.any(p < 0) or np.any(p > np.asarray(shape) - 1):
                 raise Sam3DInputError(
-                    f"{name} point {p.astype(int).tolist()} is outside the image of shape {list(shape)}")
+                    f"{name} point {p.astype(int).tolist()} is outside the image of shape {list(shape)}"
+                )
 
     @staticmethod
     def _parse_roi(roi, shape: tuple) -> np.ndarray | None:
@@ -285,8 +293,11 @@ class InteractiveEngine:
                 primary = window_start(fg_m[-1], size, sess.volume.shape)
 
         # where no window of this request looks, the previous answer (or the prior) stays as it was
-        canvas = state.canvas.clone() if state is not None else torch.full(sess.volume.shape, _EMPTY_LOGIT,
-                                                                            dtype=torch.float16)
+        canvas = (
+            state.canvas.clone()
+            if state is not None
+            else torch.full(sess.volume.shape, _EMPTY_LOGIT, dtype=torch.float16)
+        )
         covered = torch.zeros(sess.volume.shape, dtype=torch.bool)  # what this request's windows have answered
         timings = {"encode": 0.0, "decode": 0.0}
         windows, low_res_out, scores = [], OrderedDict(), []

@@ -72,8 +72,9 @@ def zoom_out_window(volume: torch.Tensor, size: int, config: EngineConfig) -> to
 def zoom_out_logits_to_volume(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The coarse pass's (size,)^3 logits back on the volume's (X, Y, Z) grid."""
     where, _ = zoom_out_layout(shape, logits.shape[-1])
-    return F.interpolate(logits[..., where[0], where[1], where[2]].float(), size=tuple(shape), mode="trilinear",
-                         align_corners=False)[0, 0]
+    return F.interpolate(
+        logits[..., where[0], where[1], where[2]].float(), size=tuple(shape), mode="trilinear", align_corners=False
+    )[0, 0]
 
 
 class TextBound:
@@ -92,8 +93,15 @@ class TextBound:
 class TextEngine(InteractiveEngine):
     """The point engine plus `segment_text`; the network must take text (`RefSam3D`)."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, device: str = "cpu",
-                 text_encoder=None, min_similarity: float = 0.4, text_model=None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        device: str = "cpu",
+        text_encoder=None,
+        min_similarity: float = 0.4,
+        text_model=None,
+    ) -> None:
         super().__init__(loaded, config, device)
         if not getattr(self.model, "supports_text", False):
             raise ValueError(f"{self.model_name} does not take text prompts (use a RefSAM3D checkpoint)")
@@ -136,12 +144,22 @@ class TextEngine(InteractiveEngine):
             self._check_inside(bg, sess.shape, "background")
             closest, similarity = self._closest_name(text)
             timings = {"encode": 0.0, "decode": 0.0}
-            info = {"model": self.model_name, "checkpoint": self.checkpoint, "text": text, "closest_name": closest,
-                    "text_similarity": similarity, "spacing": list(self.config.spacing), "windows": []}
+            info = {
+                "model": self.model_name,
+                "checkpoint": self.checkpoint,
+                "text": text,
+                "closest_name": closest,
+                "text_similarity": similarity,
+                "spacing": list(self.config.spacing),
+                "windows": [],
+            }
             if similarity < self.min_similarity:
                 mask = np.zeros(sess.shape, dtype=np.uint8)
-                info.update(score=similarity, voxels=0,
-                            message=f"{text!r} is not a structure this model knows (closest: {closest!r})")
+                info.update(
+                    score=similarity,
+                    voxels=0,
+                    message=f"{text!r} is not a structure this model knows (closest: {closest!r})",
+                )
                 return self._result(mask, sess, info, timings, t_start, t_loaded, cached_session)
             prompt = self._text_prompt(text)
             state_key = (key, ("text", text))
@@ -288,6 +306,11 @@ def text_engine_from_config(model_config: dict, device: str = "cpu", text_encode
     """The model config's network and weights as a `TextEngine`. Keys: `text_min_similarity` (the unknown-text
     gate), `text_model` (where the network's text model is on this machine, see `sam3d.text.encoder`)."""
     loaded = load_model(model_config)
-    return TextEngine(loaded, EngineConfig.from_dict(model_config), device=device, text_encoder=text_encoder,
-                      min_similarity=float(model_config.get("text_min_similarity", 0.4)),
-                      text_model=model_config.get("text_model"))
+    return TextEngine(
+        loaded,
+        EngineConfig.from_dict(model_config),
+        device=device,
+        text_encoder=text_encoder,
+        min_similarity=float(model_config.get("text_min_similarity", 0.4)),
+        text_model=model_config.get("text_model"),
+    )

@@ -93,9 +93,15 @@ class PublishedWeights:
 
     def checks(self, source_sha256: bool = True) -> str:
         """How a download is checked; `source_sha256`: its source stated a SHA-256 (the hub does for LFS files)."""
-        sha = (f"SHA-256 {self.sha256}" if self.sha256 else f"SHA-256 starting {self.sha256_prefix} (its name)"
-               if self.sha256_prefix else "SHA-256 as the hub states it" if source_sha256
-               else "no SHA-256 (its source stated none)")
+        sha = (
+            f"SHA-256 {self.sha256}"
+            if self.sha256
+            else f"SHA-256 starting {self.sha256_prefix} (its name)"
+            if self.sha256_prefix
+            else "SHA-256 as the hub states it"
+            if source_sha256
+            else "no SHA-256 (its source stated none)"
+        )
         part = f"`{self.key_prefix}*` keys" if self.key_prefix else "keys"
         return f"{sha}; torch.load(weights_only=True); {part} and shapes of preset {self.preset}, exactly"
 
@@ -113,7 +119,7 @@ REGISTRY: dict[str, PublishedWeights] = {
             known_sha256="899a46d04d3b70f723282ceb489149373558bf0aaba389a346f5ab57da5cdd3c",
             size="402 MB",
             serves="sam3d_point with the model config sam_med3d_turbo; recipes sam_med3d_finetune and refsam3d "
-                   "(model.init_checkpoint), the preset segsam3d_turbo (model.init_strict=false)",
+            "(model.init_checkpoint), the preset segsam3d_turbo (model.init_strict=false)",
             preset="sam_med3d_turbo",
             model_config="sam_med3d_turbo",
         ),
@@ -127,7 +133,7 @@ REGISTRY: dict[str, PublishedWeights] = {
             sha256_prefix="01ec64",
             size="375 MB",
             serves="the 3D-SAutoMed ViT-B slice encoder: recipe autosam3d with model.preset=autosam3d_vit_b "
-                   "auto.sam_checkpoint=sam_vit_b",
+            "auto.sam_checkpoint=sam_vit_b",
             preset="autosam3d_vit_b",
             network={"img_size": 1024, "lora_rank": 0},  # the published 1024-pixel encoder, before resizing
             module="encoder",
@@ -177,11 +183,18 @@ def _offline() -> bool:
 
 def how_to_place_by_hand(entry: PublishedWeights, final: Path, dest=None) -> str:
     where = f" --dest {final.parent}" if dest else ""
-    sha = (f" (SHA-256 {entry.sha256})" if entry.sha256 else f" (its SHA-256 starts with {entry.sha256_prefix})"
-           if entry.sha256_prefix else "")
-    return (f"to place it by hand: download {entry.source_url()}{sha} on a machine with internet access, copy it "
-            f"to {final}, then run `bash scripts/setup.sh fetch {entry.name}{where}`, which checks it there "
-            "without network")
+    sha = (
+        f" (SHA-256 {entry.sha256})"
+        if entry.sha256
+        else f" (its SHA-256 starts with {entry.sha256_prefix})"
+        if entry.sha256_prefix
+        else ""
+    )
+    return (
+        f"to place it by hand: download {entry.source_url()}{sha} on a machine with internet access, copy it "
+        f"to {final}, then run `bash scripts/setup.sh fetch {entry.name}{where}`, which checks it there "
+        "without network"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the checks
@@ -202,8 +215,11 @@ def expected_shapes(entry: PublishedWeights) -> dict[str, tuple[int, ...]]:
 def compare_state_dict(entry: PublishedWeights, state: dict) -> list[str]:
     """What differs between the file's state_dict and the preset's keys and shapes (empty: they match exactly)."""
     want = expected_shapes(entry)
-    got = {k: tuple(v.shape) for k, v in state.items()
-           if not (entry.ignored_prefixes and k.startswith(entry.ignored_prefixes))}
+    got = {
+        k: tuple(v.shape)
+        for k, v in state.items()
+        if not (entry.ignored_prefixes and k.startswith(entry.ignored_prefixes))
+    }
     problems = []
     missing = [k for k in want if k not in got]
     unexpected = [k for k in got if k not in want]
@@ -226,8 +242,10 @@ def check_file(entry: PublishedWeights, path: Path, sha256: str | None = None, w
     if want and digest != want:
         raise WeightsCheckError(f"{entry.name}: the file's SHA-256 is {digest}, not {want}{whence}")
     if entry.sha256_prefix and not digest.startswith(entry.sha256_prefix):
-        raise WeightsCheckError(f"{entry.name}: the file's SHA-256 is {digest}; the published file's starts with "
-                                f"{entry.sha256_prefix} (the hex digits in its name)")
+        raise WeightsCheckError(
+            f"{entry.name}: the file's SHA-256 is {digest}; the published file's starts with "
+            f"{entry.sha256_prefix} (the hex digits in its name)"
+        )
     try:
         state = read_state_dict(path)  # torch.load(weights_only=True): tensors only, never arbitrary objects
     except Exception as e:  # noqa: BLE001 - a pickle with objects, a truncated zip, not a torch file at all
@@ -256,8 +274,13 @@ class _Remote:
 def _network_error_types() -> tuple[type[BaseException], ...]:
     import httpx2
 
-    return (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError,
-            ConnectionError)
+    return (
+        httpx2.ConnectError,
+        httpx2.TimeoutException,
+        httpx2.NetworkError,
+        httpx2.RemoteProtocolError,
+        ConnectionError,
+    )
 
 
 def _remote(entry: PublishedWeights, revision: str, final: Path, dest) -> _Remote:
@@ -271,11 +294,19 @@ def _remote(entry: PublishedWeights, revision: str, final: Path, dest) -> _Remot
         cached = try_to_load_from_cache(entry.repo_id, entry.filename, revision=revision)
         if isinstance(cached, str) and os.path.isfile(cached):
             blob = Path(cached).resolve().name  # the cache names an LFS blob by its SHA-256
-            return _Remote(cached, f"{cached} (huggingface_hub's cache)", os.path.getsize(cached),
-                           blob if SHA256_RE.fullmatch(blob) else None, f"cache:{blob}", local=Path(cached))
+            return _Remote(
+                cached,
+                f"{cached} (huggingface_hub's cache)",
+                os.path.getsize(cached),
+                blob if SHA256_RE.fullmatch(blob) else None,
+                f"cache:{blob}",
+                local=Path(cached),
+            )
     if _offline():
-        raise WeightsOfflineError(f"{entry.name} is not installed ({final}) and HF_HUB_OFFLINE is set; "
-                                  + how_to_place_by_hand(entry, final, dest))
+        raise WeightsOfflineError(
+            f"{entry.name} is not installed ({final}) and HF_HUB_OFFLINE is set; "
+            + how_to_place_by_hand(entry, final, dest)
+        )
     headers = build_hf_headers()
     try:
         if entry.repo_id:
@@ -285,8 +316,15 @@ def _remote(entry: PublishedWeights, revision: str, final: Path, dest) -> _Remot
             if _origin(meta.location) != _origin(shown):
                 headers.pop("authorization", None)  # a signed CDN address: the token stays on the hub
             etag = meta.etag or ""
-            return _Remote(meta.location, shown, meta.size, etag if SHA256_RE.fullmatch(etag) else None,
-                           f"{entry.repo_id}@{meta.commit_hash or revision}:{etag}", meta.commit_hash, headers)
+            return _Remote(
+                meta.location,
+                shown,
+                meta.size,
+                etag if SHA256_RE.fullmatch(etag) else None,
+                f"{entry.repo_id}@{meta.commit_hash or revision}:{etag}",
+                meta.commit_hash,
+                headers,
+            )
         from huggingface_hub.utils import get_session, hf_raise_for_status
 
         headers.pop("authorization", None)  # a plain host gets no Hugging Face token
@@ -294,11 +332,20 @@ def _remote(entry: PublishedWeights, revision: str, final: Path, dest) -> _Remot
         hf_raise_for_status(response)
         size = response.headers.get("Content-Length")
         tag = response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
-        return _Remote(str(response.url), shown, int(size) if size and size.isdigit() else None, None,
-                       f"{shown}:{tag}", None, headers)
+        return _Remote(
+            str(response.url),
+            shown,
+            int(size) if size and size.isdigit() else None,
+            None,
+            f"{shown}:{tag}",
+            None,
+            headers,
+        )
     except _network_error_types() as e:
-        raise WeightsOfflineError(f"{entry.name} is not installed ({final}) and {shown} cannot be reached "
-                                  f"({type(e).__name__}: {e}); " + how_to_place_by_hand(entry, final, dest)) from None
+        raise WeightsOfflineError(
+            f"{entry.name} is not installed ({final}) and {shown} cannot be reached "
+            f"({type(e).__name__}: {e}); " + how_to_place_by_hand(entry, final, dest)
+        ) from None
     except HfHubHTTPError as e:
         raise WeightsError(f"{entry.name}: {shown} answered {_status(e)}: {_first_line(e)}") from None
 
@@ -342,8 +389,14 @@ def _transfer(remote: _Remote, part: Path, state_path: Path, filename: str) -> N
     with open(part, "r+b" if have else "wb") as f:
         f.seek(have)
         try:
-            http_get(remote.url, f, resume_size=have, headers=remote.headers, expected_size=remote.size,
-                     displayed_filename=filename)
+            http_get(
+                remote.url,
+                f,
+                resume_size=have,
+                headers=remote.headers,
+                expected_size=remote.size,
+                displayed_filename=filename,
+            )
         except HfHubHTTPError as e:
             if getattr(e.response, "status_code", None) == 416 and have and remote.size is None:
                 return  # the part was complete already (the host did not say the size)
@@ -392,24 +445,38 @@ def _fetch_locked(entry: PublishedWeights, folder: Path, revision: str | None, d
         _transfer(remote, part, state_path, entry.filename)
     except Exception as e:  # noqa: BLE001 - the network, the host (HTTP errors), a short read, the disk
         raise WeightsError(_interrupted(entry, remote, part, e)) from None
-    whence = (f" (as {remote.shown} states it)" if remote.sha256 and not entry.sha256 else "")
+    whence = f" (as {remote.shown} states it)" if remote.sha256 and not entry.sha256 else ""
     try:
         digest = check_file(entry, part, remote.sha256, whence)
     except WeightsCheckError as e:
         part.unlink(missing_ok=True)
         state_path.unlink(missing_ok=True)
-        raise WeightsCheckError(f"{e}. Refused: nothing was installed at {final} and the download was deleted"
-                                ) from None
+        raise WeightsCheckError(
+            f"{e}. Refused: nothing was installed at {final} and the download was deleted"
+        ) from None
     checked = entry.checks(source_sha256=bool(remote.sha256))
-    _install(entry, part, final, state_path, {
-        "source": remote.shown if remote.local is None else entry.source_url(revision),
-        "revision": revision, "commit": remote.commit, "sha256": digest, "checked": checked,
-    })
-    log(f"installed {entry.name}: {final} ({part_size(final)}, {time.monotonic() - started:.0f} s); "
-        f"checked: {checked}; licence {entry.licence} ({entry.licence_source})")
+    _install(
+        entry,
+        part,
+        final,
+        state_path,
+        {
+            "source": remote.shown if remote.local is None else entry.source_url(revision),
+            "revision": revision,
+            "commit": remote.commit,
+            "sha256": digest,
+            "checked": checked,
+        },
+    )
+    log(
+        f"installed {entry.name}: {final} ({part_size(final)}, {time.monotonic() - started:.0f} s); "
+        f"checked: {checked}; licence {entry.licence} ({entry.licence_source})"
+    )
     if entry.known_sha256 and digest != entry.known_sha256:
-        log(f"note: its SHA-256 {digest} differs from the file this registry was written against "
-            f"({entry.known_sha256}); the publisher may have updated it. It passed every check.")
+        log(
+            f"note: its SHA-256 {digest} differs from the file this registry was written against "
+            f"({entry.known_sha256}); the publisher may have updated it. It passed every check."
+        )
     return final
 
 
@@ -420,18 +487,28 @@ def part_size(path: Path) -> str:
 def _interrupted(entry: PublishedWeights, remote: _Remote, part: Path, e: BaseException) -> str:
     have = part.stat().st_size if part.exists() else 0
     of = f" of {remote.size:,}" if remote.size else ""
-    return (f"{entry.name}: the download from {remote.shown} stopped after {have:,}{of} bytes "
-            f"({type(e).__name__}: {_first_line(e)}). Nothing was installed; the bytes so far are kept in {part}: "
-            "run the same command again to continue")
+    return (
+        f"{entry.name}: the download from {remote.shown} stopped after {have:,}{of} bytes "
+        f"({type(e).__name__}: {_first_line(e)}). Nothing was installed; the bytes so far are kept in {part}: "
+        "run the same command again to continue"
+    )
 
 
 def _write_sidecar(entry: PublishedWeights, final: Path, facts: dict) -> None:
     """`<file>.json` beside the weights: where they came from, their SHA-256, their licence, how they were checked."""
     from .checkpoint import atomic_write
 
-    sidecar = {"name": entry.name, "file": entry.filename, **facts, "licence": entry.licence,
-               "licence_source": entry.licence_source, "publisher": entry.publisher, "checked": entry.checks(),
-               **facts, "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    sidecar = {
+        "name": entry.name,
+        "file": entry.filename,
+        **facts,
+        "licence": entry.licence,
+        "licence_source": entry.licence_source,
+        "publisher": entry.publisher,
+        "checked": entry.checks(),
+        **facts,
+        "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     atomic_write(final.with_name(final.name + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1)))
 
 
@@ -451,14 +528,16 @@ def _check_installed(entry: PublishedWeights, final: Path, log) -> Path:
     try:
         digest = check_file(entry, final, sidecar.get("sha256"), " (when it was installed)")
     except WeightsCheckError as e:
-        raise WeightsCheckError(f"{final} is in place but fails the checks: {e}. Delete it and fetch again"
-                                ) from None
+        raise WeightsCheckError(f"{final} is in place but fails the checks: {e}. Delete it and fetch again") from None
     if not sidecar:  # placed by hand: describe it, as fetch would have
-        _write_sidecar(entry, final, {"source": "placed by hand", "sha256": digest,
-                                      "checked": entry.checks(source_sha256=False)})
+        _write_sidecar(
+            entry, final, {"source": "placed by hand", "sha256": digest, "checked": entry.checks(source_sha256=False)}
+        )
         if entry.known_sha256 and digest != entry.known_sha256:
-            log(f"note: its SHA-256 {digest} differs from the published file this registry was written against "
-                f"({entry.known_sha256}); its keys and shapes are right")
+            log(
+                f"note: its SHA-256 {digest} differs from the published file this registry was written against "
+                f"({entry.known_sha256}); its keys and shapes are right"
+            )
     log(f"{entry.name} is installed and passes the checks: {final}")
     return final
 
@@ -494,8 +573,9 @@ def resolve_reference(value, dest=None, registry=None):
         return value
     final = installed_path(value, dest, registry)
     if not final.is_file():
-        raise FileNotFoundError(f"weights {value!r} are not installed ({final}): run "
-                                f"`bash scripts/setup.sh fetch {value}` first")
+        raise FileNotFoundError(
+            f"weights {value!r} are not installed ({final}): run `bash scripts/setup.sh fetch {value}` first"
+        )
     return str(final)
 
 
@@ -521,8 +601,10 @@ def apply_to_model_config(model_config: dict, registry=None) -> str | None:
     if not entry.model_config:
         return f"weights {name!r} serve no task ({entry.serves})"
     if model_config.get("preset") != entry.preset:
-        return (f"weights {name!r} fit the model config {entry.model_config!r} (preset {entry.preset}), not preset "
-                f"{model_config.get('preset')!r}: add `--conf model {entry.model_config}`")
+        return (
+            f"weights {name!r} fit the model config {entry.model_config!r} (preset {entry.preset}), not preset "
+            f"{model_config.get('preset')!r}: add `--conf model {entry.model_config}`"
+        )
     if not model_config.get("checkpoint"):
         model_config["checkpoint"] = str(installed_path(str(name), registry=registry))
     return None
@@ -534,8 +616,13 @@ def weights_info(model_config: dict, registry=None) -> dict | None:
     entry = (REGISTRY if registry is None else registry).get(str(name)) if name else None
     if entry is None:
         return None
-    info = {"name": entry.name, "source": entry.source, "publisher": entry.publisher, "licence": entry.licence,
-            "licence_source": entry.licence_source}
+    info = {
+        "name": entry.name,
+        "source": entry.source,
+        "publisher": entry.publisher,
+        "licence": entry.licence,
+        "licence_source": entry.licence_source,
+    }
     if model_config.get("checkpoint"):
         sidecar = read_sidecar(Path(model_config["checkpoint"]))
         info.update({k: sidecar[k] for k in ("commit", "sha256", "installed_at") if sidecar.get(k)})
@@ -551,13 +638,17 @@ def how_to_fetch(model_config: dict) -> str | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sam3d.engine.weights_registry",
-                                 description="Published weights: list, fetch (download, check, install), ensure.")
+    ap = argparse.ArgumentParser(
+        prog="python -m sam3d.engine.weights_registry",
+        description="Published weights: list, fetch (download, check, install), ensure.",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the registry: name, source, licence, size, what it serves")
-    for cmd, text in (("fetch", "download, check and install (or check the installed file again)"),
-                      ("ensure", "the installed file's path; fetched only when missing"),
-                      ("server-conf", "ensure, then print the start_server --conf arguments that serve it")):
+    for cmd, text in (
+        ("fetch", "download, check and install (or check the installed file again)"),
+        ("ensure", "the installed file's path; fetched only when missing"),
+        ("server-conf", "ensure, then print the start_server --conf arguments that serve it"),
+    ):
         p = sub.add_parser(cmd, help=text)
         p.add_argument("name", choices=sorted(REGISTRY))
         p.add_argument("--dest", help="folder (default: $SAM3D_WEIGHTS_DIR or ~/.cache/sam3d/weights)")

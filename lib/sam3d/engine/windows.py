@@ -41,8 +41,13 @@ def touched_faces(mask: torch.Tensor, start: tuple[int, ...], volume_shape: tupl
     return faces
 
 
-def changed_faces(before: torch.Tensor, after: torch.Tensor, start: tuple[int, ...], volume_shape: tuple[int, ...],
-                  tolerance: float = 0.1) -> list[tuple[int, int]]:
+def changed_faces(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    start: tuple[int, ...],
+    volume_shape: tuple[int, ...],
+    tolerance: float = 0.1,
+) -> list[tuple[int, int]]:
     """Faces where a correction moved the mask's edge: either mask reaches the face and more than `tolerance` of
     their union there changed. Only across these does the neighbour's earlier answer need another look."""
     size = after.shape[0]

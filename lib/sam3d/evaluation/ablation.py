@@ -33,8 +33,20 @@ from ..training.config import load_layered_yaml
 from .report import plot_dice_per_structure, plot_dice_vs_clicks
 from .runner import COLUMNS, EvalConfig, run_evaluation
 
-KNOWN = {"runs", "sets", "protocols", "clicks", "report_clicks", "plots", "baseline", "variants", "seed", "near_mm",
-         "name", "per_class"}
+KNOWN = {
+    "runs",
+    "sets",
+    "protocols",
+    "clicks",
+    "report_clicks",
+    "plots",
+    "baseline",
+    "variants",
+    "seed",
+    "near_mm",
+    "name",
+    "per_class",
+}
 
 
 def load_spec(path, overrides=()) -> dict:
@@ -67,8 +79,14 @@ def train_command(spec: dict, name: str, root: Path) -> list[str] | None:
         return None
     t = v["train"]
     out = _resolve(spec["runs"], root) / name
-    return [sys.executable, str(root / "scripts" / "train.py"), "--config", str(_resolve(t["config"], root)),
-            *[str(o) for o in t.get("overrides") or []], f"output={out}"]
+    return [
+        sys.executable,
+        str(root / "scripts" / "train.py"),
+        "--config",
+        str(_resolve(t["config"], root)),
+        *[str(o) for o in t.get("overrides") or []],
+        f"output={out}",
+    ]
 
 
 def train_missing(spec: dict, root: Path, force: bool = False) -> list[str]:
@@ -109,8 +127,9 @@ def build_variant_segmenters(spec: dict, root: Path, device: str, protocol: str 
 
     segs = []
     for name, v in spec["variants"].items():
-        cfg = load_model_config(str(v.get("model", "sam3d_small")), root / "configs",
-                                str(checkpoint_of(spec, name, root)))
+        cfg = load_model_config(
+            str(v.get("model", "sam3d_small")), root / "configs", str(checkpoint_of(spec, name, root))
+        )
         cfg.update(v.get("engine") or {})  # engine settings per variant, e.g. {order: top_down} for the auto model
         reads_text = protocol == "text" and v.get("text", True)
         seg = segmenter_from_config(cfg, device=device, name=name, protocol="text" if reads_text else "center")
@@ -129,9 +148,13 @@ def run_ablation(spec: dict, root: Path, device: str = "cpu", progress: bool = T
         for s in spec["sets"]:
             cases = find_cases(_resolve(s["data"], root), names_key=s.get("names_key"))
             labels = s.get("labels")
-            config = EvalConfig(protocol=protocol, clicks=int(spec.get("clicks", 5)), seed=int(spec.get("seed", 0)),
-                                labels=[str(v) for v in labels] if labels else None,
-                                near_mm=float(spec.get("near_mm", 10.0)))
+            config = EvalConfig(
+                protocol=protocol,
+                clicks=int(spec.get("clicks", 5)),
+                seed=int(spec.get("seed", 0)),
+                labels=[str(v) for v in labels] if labels else None,
+                near_mm=float(spec.get("near_mm", 10.0)),
+            )
             for r in run_evaluation(cases, segmenters, config, progress=progress):
                 rows.append({**r, "set": s.get("name", Path(str(s["data"])).name), "protocol": protocol})
     return rows
@@ -149,8 +172,13 @@ def ablation_table(rows: list[dict], report_clicks, per_class: bool = False) -> 
         key = (r["set"], r["protocol"], r["method"]) + ((r["label_name"],) if per_class else ())
         groups.setdefault(key, []).append(r)
     clicks = list(report_clicks)
-    head = (["set", "protocol", "method"] + (["structure"] if per_class else []) + ["targets"]
-            + [f"Dice@{k}" for k in clicks] + [f"HD95@{k} (mm)" for k in clicks])
+    head = (
+        ["set", "protocol", "method"]
+        + (["structure"] if per_class else [])
+        + ["targets"]
+        + [f"Dice@{k}" for k in clicks]
+        + [f"HD95@{k} (mm)" for k in clicks]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (set_name, protocol, method, *structure), rs in groups.items():
         targets = len({(r["case"], r["label"]) for r in rs})
@@ -158,8 +186,13 @@ def ablation_table(rows: list[dict], report_clicks, per_class: bool = False) -> 
         dice = [_mean([r["dice"] if not math.isnan(r["dice"]) else 0.0 for r in rs if r["click"] == k]) for k in clicks]
         hd = [_mean([r["hd95"] for r in rs if r["click"] == k]) for k in clicks]
         cells = [f"{d:.3f}" for d in dice] + ["n/a" if math.isnan(h) else f"{h:.1f}" for h in hd]
-        lines.append(f"| {set_name} | {protocol} | `{method}` | " + "".join(f"{n} | " for n in structure)
-                     + f"{targets} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {set_name} | {protocol} | `{method}` | "
+            + "".join(f"{n} | " for n in structure)
+            + f"{targets} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 

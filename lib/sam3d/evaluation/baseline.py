@@ -78,8 +78,9 @@ class RandomWalkerSegmenter:
         return random_walker_segment(image, spacing, foreground, background, roi, self.config)
 
 
-def random_walker_segment(image: np.ndarray, spacing, foreground=None, background=None, roi=None,
-                          config: RandomWalkerConfig | None = None) -> np.ndarray:
+def random_walker_segment(
+    image: np.ndarray, spacing, foreground=None, background=None, roi=None, config: RandomWalkerConfig | None = None
+) -> np.ndarray:
     """The baseline's mask (uint8, the image's shape) for these prompts; see the module's docstring."""
     from skimage.segmentation import random_walker
 
@@ -153,8 +154,9 @@ def random_walker_segment(image: np.ndarray, spacing, foreground=None, backgroun
         run_seeds = seeds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "probability range outside [0, 1]" at this beta: labels still sound
-        labels = random_walker(data, run_seeds, beta=cfg.beta, mode="cg_j", tol=cfg.tol,
-                               spacing=tuple(float(s) * stride for s in spacing))
+        labels = random_walker(
+            data, run_seeds, beta=cfg.beta, mode="cg_j", tol=cfg.tol, spacing=tuple(float(s) * stride for s in spacing)
+        )
     mask = labels == 1
     if stride > 1:
         for axis in range(3):

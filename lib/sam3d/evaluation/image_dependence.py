@@ -25,12 +25,16 @@ def image_dependence(model, dataset, samples: int, spacing_mm: float, autocast=c
         points = (torch.tensor([[point]], dtype=torch.float32), torch.tensor([[1]]))
         image = item["image"][None]
         masks = {}
-        for name, window in (("real", image), ("zeros", torch.zeros_like(image)),
-                             ("noise", torch.randn(image.shape, generator=g))):
+        for name, window in (
+            ("real", image),
+            ("zeros", torch.zeros_like(image)),
+            ("noise", torch.randn(image.shape, generator=g)),
+        ):
             size = model.low_res_size
             with autocast():
-                logits, _ = model.decode(model.encode_image(window), points=points,
-                                         mask_input=torch.zeros((1, 1, size, size, size)))
+                logits, _ = model.decode(
+                    model.encode_image(window), points=points, mask_input=torch.zeros((1, 1, size, size, size))
+                )
             masks[name] = logits[0, 0].float().numpy() > 0
             scores[name].append(dice(masks[name], gt))
         scores["agreement"].append(dice(masks["real"], masks["zeros"]))

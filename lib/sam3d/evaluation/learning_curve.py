@@ -77,9 +77,12 @@ def measure(cfg: CurveConfig, checkpoint: Path) -> dict[str, float]:
     seg = PredictorSegmenter.from_config(model_cfg, device=cfg.device)
     rows = []
     for h in cfg.heldout:
-        rows += run_evaluation(h.cases, [seg], EvalConfig(protocol="center", clicks=cfg.clicks,
-                                                          labels=[str(v) for v in h.labels] if h.labels else None),
-                               progress=False)
+        rows += run_evaluation(
+            h.cases,
+            [seg],
+            EvalConfig(protocol="center", clicks=cfg.clicks, labels=[str(v) for v in h.labels] if h.labels else None),
+            progress=False,
+        )
 
     def dice(k: int) -> float:  # a failed call counts as Dice 0, as in the harness's curves
         return float(np.mean([r["dice"] if not np.isnan(r["dice"]) else 0.0 for r in rows if r["click"] == k]))
@@ -103,8 +106,13 @@ def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[di
     sidecar = Path(cfg.checkpoint).with_suffix(".yaml")
     if sidecar.is_file():
         shutil.copy(sidecar, served.with_suffix(".yaml"))
-    conf = [("model", cfg.model), ("checkpoint", served), ("device", cfg.device), ("train.val_split", 0),
-            ("train.promote", "always")]
+    conf = [
+        ("model", cfg.model),
+        ("checkpoint", served),
+        ("device", cfg.device),
+        ("train.val_split", 0),
+        ("train.promote", "always"),
+    ]
     rows = [{"order": order, "labelled": 0, "added": "", **measure(cfg, served), "model_sha256": file_sha256(served)}]
     log(f"[{order}] 0 labelled: {rows[-1]}")
     with running_server(workdir, studies, conf) as (url, _proc, _log):
@@ -114,15 +122,22 @@ def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[di
                 _score_now(client)
             sample = client.next_sample(order, {})
             if "id" not in sample:
-                raise RuntimeError(f"/activelearning/{order} handed out no image with {len(cfg.pool) - n + 1} "
-                                   f"unlabelled: {sample}")
+                raise RuntimeError(
+                    f"/activelearning/{order} handed out no image with {len(cfg.pool) - n + 1} unlabelled: {sample}"
+                )
             image_id = sample["id"]
             client.save_label(image_id, str(labels[image_id]), tag="final")
             t0 = time.monotonic()
             stats = _train_and_wait(client, dict(cfg.train_params), cfg.train_timeout_s)
-            row = {"order": order, "labelled": n, "added": image_id, **measure(cfg, served),
-                   "model_sha256": file_sha256(served), "train_seconds": round(time.monotonic() - t0, 1),
-                   "promoted": stats.get("promoted")}
+            row = {
+                "order": order,
+                "labelled": n,
+                "added": image_id,
+                **measure(cfg, served),
+                "model_sha256": file_sha256(served),
+                "train_seconds": round(time.monotonic() - t0, 1),
+                "promoted": stats.get("promoted"),
+            }
             rows.append(row)
             log(f"[{order}] {n} labelled (+{image_id}): {row}")
     return rows

@@ -55,8 +55,11 @@ def dice_curves(rows: list[dict]) -> dict[str, list[float]]:
     """method -> mean Dice after each click (over targets; a failed call counts as Dice 0)."""
     out = {}
     for m in _methods(rows):
-        series = [[r["dice"] if not math.isnan(r["dice"]) else 0.0 for r in trace]
-                  for (mm, _, _), trace in _by_target(rows).items() if mm == m]
+        series = [
+            [r["dice"] if not math.isnan(r["dice"]) else 0.0 for r in trace]
+            for (mm, _, _), trace in _by_target(rows).items()
+            if mm == m
+        ]
         n = min(len(s) for s in series)
         out[m] = [float(np.mean([s[i] for s in series])) for i in range(n)]
     return out
@@ -106,30 +109,65 @@ def summary_markdown(rows: list[dict], meta: dict, budget: int) -> str:
         lines.append(f"  - `{name}`: {parts}")
     for note in meta.get("notes") or []:
         lines.append(f"- **note**: {note}")
-    lines += ["", "Metrics after the last click unless the column says otherwise. HD95 and ASSD in mm (means over",
-              "the finite values; `(k inf)` counts empty predictions), NSD at 2 mm, volume error (|P| - |G|) / |G|.",
-              f"NoC@t: clicks to reach Dice >= t, capped at {budget}; `(k fail)` counts targets that never did.",
-              "Seconds: wall time of one call (first click includes loading the image and encoding).", "",
-              "## Mean over targets", ""]
-    head = ["method", "targets", *(f"Dice@{k}" for k in _dice_columns(budget)), "IoU", "HD95", "ASSD", "NSD",
-            "vol. err.", "NoC@80", "NoC@85", "NoC@90", "s/click", "s first", "s later"]
+    lines += [
+        "",
+        "Metrics after the last click unless the column says otherwise. HD95 and ASSD in mm (means over",
+        "the finite values; `(k inf)` counts empty predictions), NSD at 2 mm, volume error (|P| - |G|) / |G|.",
+        f"NoC@t: clicks to reach Dice >= t, capped at {budget}; `(k fail)` counts targets that never did.",
+        "Seconds: wall time of one call (first click includes loading the image and encoding).",
+        "",
+        "## Mean over targets",
+        "",
+    ]
+    head = [
+        "method",
+        "targets",
+        *(f"Dice@{k}" for k in _dice_columns(budget)),
+        "IoU",
+        "HD95",
+        "ASSD",
+        "NSD",
+        "vol. err.",
+        "NoC@80",
+        "NoC@85",
+        "NoC@90",
+        "s/click",
+        "s first",
+        "s later",
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         s = ms[m]
-        cells = [f"`{m}`", str(s["targets"]), *(_fmt(s[f"dice@{k}"]) for k in _dice_columns(budget)),
-                 _fmt(s["iou"][0]), _fmt(s["hd95"][0], 1, s["hd95"][1]), _fmt(s["assd"][0], 2, s["assd"][1]),
-                 _fmt(s["nsd"][0]), _fmt(s["volume_error"][0], 3, s["volume_error"][1])]
+        cells = [
+            f"`{m}`",
+            str(s["targets"]),
+            *(_fmt(s[f"dice@{k}"]) for k in _dice_columns(budget)),
+            _fmt(s["iou"][0]),
+            _fmt(s["hd95"][0], 1, s["hd95"][1]),
+            _fmt(s["assd"][0], 2, s["assd"][1]),
+            _fmt(s["nsd"][0]),
+            _fmt(s["volume_error"][0], 3, s["volume_error"][1]),
+        ]
         for thr in NOC_THRESHOLDS:
             n, fails = s[f"noc@{round(thr * 100)}"]
             cells.append(f"{n:.2f} ({fails} fail)")
         cells += [_fmt(s["seconds"], 2), _fmt(s["seconds_first"], 2), _fmt(s["seconds_later"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     if any(ms[m]["errors"] for m in methods):
-        lines += ["", "Failed calls: " + ", ".join(f"`{m}` {ms[m]['errors']}" for m in methods if ms[m]["errors"])
-                  + " (see the `error` column of results.csv)."]
+        lines += [
+            "",
+            "Failed calls: "
+            + ", ".join(f"`{m}` {ms[m]['errors']}" for m in methods if ms[m]["errors"])
+            + " (see the `error` column of results.csv).",
+        ]
 
-    lines += ["", "## Per structure", "",
-              f"Dice after click 1 and click {budget}, NoC@90 and HD95 (mm) after click {budget}, for each method.", ""]
+    lines += [
+        "",
+        "## Per structure",
+        "",
+        f"Dice after click 1 and click {budget}, NoC@90 and HD95 (mm) after click {budget}, for each method.",
+        "",
+    ]
     head = ["case", "label", "structure"]
     for m in methods:
         head += [f"`{m}` Dice@1", f"Dice@{budget}", "NoC@90", "HD95"]

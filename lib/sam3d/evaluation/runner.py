@@ -29,8 +29,23 @@ from ..metrics import METRICS, segmentation_metrics
 logger = logging.getLogger(__name__)
 
 # the columns in its order after `method`, then the extras
-COLUMNS = ("method", "case", "label", "label_name", "click", "dice", "iou", "hd95", "assd", "nsd", "seconds",
-           "volume_error", "n_foreground", "n_background", "error")
+COLUMNS = (
+    "method",
+    "case",
+    "label",
+    "label_name",
+    "click",
+    "dice",
+    "iou",
+    "hd95",
+    "assd",
+    "nsd",
+    "seconds",
+    "volume_error",
+    "n_foreground",
+    "n_background",
+    "error",
+)
 
 
 @dataclass
@@ -80,14 +95,25 @@ def run_target(segmenter, loaded, value: int, config: EvalConfig, progress=None)
     name = case.label_name(value)
     gt = loaded.label == value
     text = config.protocol == "text"  # iteration 1 is the structure's name alone, then `center` clicks
-    sim = ClickSimulator("center" if text else config.protocol, derive_seed(config.seed, case.name, value),
-                         spacing=loaded.spacing, near_mm=config.near_mm, box_jitter_mm=config.box_jitter_mm)
+    sim = ClickSimulator(
+        "center" if text else config.protocol,
+        derive_seed(config.seed, case.name, value),
+        spacing=loaded.spacing,
+        near_mm=config.near_mm,
+        box_jitter_mm=config.box_jitter_mm,
+    )
     trace = Trace()
     pred, last_metrics = None, None
     for it in range(1, config.clicks + 1):
         prompt = Prompt() if text and it == 1 else sim.next(gt, pred, it)
-        row = {"method": segmenter.name, "case": case.name, "label": value, "label_name": name, "click": it,
-               "error": ""}
+        row = {
+            "method": segmenter.name,
+            "case": case.name,
+            "label": value,
+            "label_name": name,
+            "click": it,
+            "error": "",
+        }
         if not prompt and pred is not None:  # perfect already: nothing to click on
             row.update(last_metrics, seconds=0.0)
         else:
@@ -107,15 +133,22 @@ def run_target(segmenter, loaded, value: int, config: EvalConfig, progress=None)
                 row.update(last_metrics, seconds=seconds)
             except Exception as e:  # noqa: BLE001 - one failed call must not lose the whole run
                 logger.warning(f"{segmenter.name} on {case.name}/{name}, click {it}: {e}")
-                row.update({m: math.nan for m in METRICS}, seconds=time.perf_counter() - t,
-                           error=f"{type(e).__name__}: {e}"[:300])
+                row.update(
+                    {m: math.nan for m in METRICS},
+                    seconds=time.perf_counter() - t,
+                    error=f"{type(e).__name__}: {e}"[:300],
+                )
         row["n_foreground"], row["n_background"] = len(trace.foreground), len(trace.background)
         trace.rows.append(row)
         if progress is not None:
             progress.update(1)
     if config.save_masks is not None and pred is not None:
-        _save_mask(pred, loaded, Path(config.save_masks) / _safe(segmenter.name) / _safe(case.name),
-                   f"{value}_{_safe(name)}.nii.gz")
+        _save_mask(
+            pred,
+            loaded,
+            Path(config.save_masks) / _safe(segmenter.name) / _safe(case.name),
+            f"{value}_{_safe(name)}.nii.gz",
+        )
     return trace
 
 
@@ -136,8 +169,12 @@ def run_evaluation(cases: list[Case], segmenters: list, config: EvalConfig, prog
 
     rows = []
     n_labels = len(config.labels) if config.labels else 0
-    bar = tqdm(total=len(cases) * n_labels * len(segmenters) * config.clicks, unit="click", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(cases) * n_labels * len(segmenters) * config.clicks,
+        unit="click",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         for case in cases:
             bar.set_description(f"{case.name}: loading")

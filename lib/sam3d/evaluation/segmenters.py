@@ -49,8 +49,9 @@ class PredictorSegmenter:
         self._image: str | None = None
 
     @classmethod
-    def from_config(cls, model_config: dict, device: str = "cpu", name: str | None = None,
-                    protocol: str = "center") -> "PredictorSegmenter":
+    def from_config(
+        cls, model_config: dict, device: str = "cpu", name: str | None = None, protocol: str = "center"
+    ) -> "PredictorSegmenter":
         """Raises `sam3d.engine.WeightsMissingError` when the checkpoint is not set or not there."""
         from ..predictor import Sam3DPredictor
 
@@ -64,9 +65,12 @@ class PredictorSegmenter:
 
     def describe(self) -> dict:
         e, kind = self.engine, self.predictor.kind
-        out = {"method": f"sam3d {kind} model through Sam3DPredictor, network {e.model_name}",
-               "checkpoint": e.checkpoint, "checkpoint sha256": e.model_id if e.checkpoint else None,
-               "device": str(e.device)}
+        out = {
+            "method": f"sam3d {kind} model through Sam3DPredictor, network {e.model_name}",
+            "checkpoint": e.checkpoint,
+            "checkpoint sha256": e.model_id if e.checkpoint else None,
+            "device": str(e.device),
+        }
         if self.read_text:
             out["text model"] = e.text_encoder.name
         if kind == "auto":
@@ -84,8 +88,13 @@ class PredictorSegmenter:
             return (volume == value).astype(np.uint8) if value else np.zeros_like(volume, dtype=np.uint8)
         points = [*foreground, *background]
         box = None if roi is None else [roi[0], roi[1], roi[4], roi[2], roi[3], roi[5]]  # MONAI Label's roi order
-        mask, _ = p.predict(points=points, point_labels=[1] * len(foreground) + [0] * len(background), box=box,
-                            text=label if self.read_text else None, label=label)
+        mask, _ = p.predict(
+            points=points,
+            point_labels=[1] * len(foreground) + [0] * len(background),
+            box=box,
+            text=label if self.read_text else None,
+            label=label,
+        )
         return mask
 
 
@@ -123,8 +132,16 @@ class ServerSegmenter:
     sent as `text`, the prompt of a `sam3d_text` task.
     """
 
-    def __init__(self, url: str, model: str = "sam3d_point", upload: str = "missing", image_prefix: str = "",
-                 fallback_label: str = "structure", tmpdir: str | None = None, send_text: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str = "sam3d_point",
+        upload: str = "missing",
+        image_prefix: str = "",
+        fallback_label: str = "structure",
+        tmpdir: str | None = None,
+        send_text: bool = False,
+    ) -> None:
         from ..monailabel.api_client import Sam3DClient
 
         if upload not in ("missing", "always", "never"):

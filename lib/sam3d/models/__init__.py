@@ -7,9 +7,12 @@ from .sam3d import PRESETS, Sam3D, Sam3DConfig, build_sam3d
 
 # each variant: its presets, its config class, its network class, and its kind: what a user gives it
 # (point: clicks and boxes; text: a name, then clicks; auto: nothing, every class at once)
-_VARIANTS = ((PRESETS, Sam3DConfig, Sam3D, "point"), (REFSAM3D_PRESETS, RefSam3DConfig, RefSam3D, "text"),
-             (AUTOSAM3D_PRESETS, AutoSam3DConfig, AutoSam3D, "auto"),
-             (CLICKNET_PRESETS, ClickNetConfig, ClickNet3D, "point"))
+_VARIANTS = (
+    (PRESETS, Sam3DConfig, Sam3D, "point"),
+    (REFSAM3D_PRESETS, RefSam3DConfig, RefSam3D, "text"),
+    (AUTOSAM3D_PRESETS, AutoSam3DConfig, AutoSam3D, "auto"),
+    (CLICKNET_PRESETS, ClickNetConfig, ClickNet3D, "point"),
+)
 KINDS = ("point", "text", "auto")
 
 
@@ -30,6 +33,21 @@ def build_network(preset: str, **overrides):
     raise ValueError(f"unknown model preset {preset!r}; known: {known}")
 
 
-__all__ = ["AUTOSAM3D_PRESETS", "AutoSam3D", "AutoSam3DConfig", "CLICKNET_PRESETS", "ClickNet3D", "ClickNetConfig",
-           "PRESETS", "REFSAM3D_PRESETS", "RefSam3D",
-           "RefSam3DConfig", "Sam3D", "Sam3DConfig", "KINDS", "build_network", "build_sam3d", "model_kind"]
+__all__ = [
+    "AUTOSAM3D_PRESETS",
+    "AutoSam3D",
+    "AutoSam3DConfig",
+    "CLICKNET_PRESETS",
+    "ClickNet3D",
+    "ClickNetConfig",
+    "PRESETS",
+    "REFSAM3D_PRESETS",
+    "RefSam3D",
+    "RefSam3DConfig",
+    "Sam3D",
+    "Sam3DConfig",
+    "KINDS",
+    "build_network",
+    "build_sam3d",
+    "model_kind",
+]

@@ -82,15 +82,28 @@ class ClickNetConfig:
 
 
 def _segresnet(c: ClickNetConfig, in_channels: int) -> nn.Module:
-    return SegResNet(spatial_dims=3, init_filters=c.filters, in_channels=in_channels, out_channels=1,
-                     blocks_down=c.blocks_down, blocks_up=(1,) * (len(c.blocks_down) - 1))
+    return SegResNet(
+        spatial_dims=3,
+        init_filters=c.filters,
+        in_channels=in_channels,
+        out_channels=1,
+        blocks_down=c.blocks_down,
+        blocks_up=(1,) * (len(c.blocks_down) - 1),
+    )
 
 
 def _dynunet(c: ClickNetConfig, in_channels: int) -> nn.Module:
     n = len(c.blocks_down)
-    return DynUNet(spatial_dims=3, in_channels=in_channels, out_channels=1, kernel_size=[3] * n,
-                   strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1),
-                   filters=[c.filters * 2**i for i in range(n)], res_block=True)
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=1,
+        kernel_size=[3] * n,
+        strides=[1] + [2] * (n - 1),
+        upsample_kernel_size=[2] * (n - 1),
+        filters=[c.filters * 2**i for i in range(n)],
+        res_block=True,
+    )
 
 
 BACKBONES = {"segresnet": _segresnet, "dynunet": _dynunet}
@@ -132,8 +145,9 @@ class StageAggregation(nn.Module):
 
     def forward(self, bottleneck: torch.Tensor, stage_outputs: list[torch.Tensor]) -> torch.Tensor:
         grid = bottleneck.shape[-3:]
-        features = [proj(nn.functional.adaptive_avg_pool3d(stage_outputs[i], grid))
-                    for proj, i in zip(self.proj, self.stages)]
+        features = [
+            proj(nn.functional.adaptive_avg_pool3d(stage_outputs[i], grid)) for proj, i in zip(self.proj, self.stages)
+        ]
         return bottleneck + self.mix(features)
 
 
@@ -165,8 +179,13 @@ class ClickNet3D(nn.Module):
         self.config = config
         self.net = BACKBONES[config.backbone](config, 1 + PROMPT_CHANNELS)
         width = config.bottleneck_channels
-        self.aggregation = (StageAggregation(config.feature_stages, [config.filters * 2**i for i in
-                                             range(len(config.blocks_down))], width) if config.feature_stages else None)
+        self.aggregation = (
+            StageAggregation(
+                config.feature_stages, [config.filters * 2**i for i in range(len(config.blocks_down))], width
+            )
+            if config.feature_stages
+            else None
+        )
         self.click_modulation = ClickModulation(width, config.img_size) if config.semantic_prompts else None
         self.geodesic_in = None
         if config.geodesic_maps:  # added to the first convolution's output; zero-initialised, as the SegSAM-3D parts
@@ -196,8 +215,9 @@ class ClickNet3D(nn.Module):
         maps = grid.new_zeros((batch, PROMPT_CHANNELS, s, s, s))
         if mask_input is not None:
             if mask_input.shape[-3:] != (s, s, s):
-                mask_input = nn.functional.interpolate(mask_input.float(), size=(s, s, s), mode="trilinear",
-                                                       align_corners=False)
+                mask_input = nn.functional.interpolate(
+                    mask_input.float(), size=(s, s, s), mode="trilinear", align_corners=False
+                )
             maps[:, 0] = (mask_input[:, 0] > 0).float()
         if points is not None:
             coords, labels = points  # (B, N, 3) window voxel indices, (B, N): 1 positive, 0 negative, -1 padding
@@ -207,20 +227,27 @@ class ClickNet3D(nn.Module):
                 maps[:, channel] = (balls * chosen).amax(1).view(batch, s, s, s) if coords.shape[1] else 0
         if boxes is not None:  # (B, 2, 3) inclusive corners (lo, hi) in window voxel indices
             lo, hi = boxes[:, 0].float(), boxes[:, 1].float()
-            inside = ((grid[None] >= lo[:, None, None, None] - 0.5)
-                      & (grid[None] <= hi[:, None, None, None] + 0.5)).all(-1)
+            inside = (
+                (grid[None] >= lo[:, None, None, None] - 0.5) & (grid[None] <= hi[:, None, None, None] + 0.5)
+            ).all(-1)
             maps[:, 3] = inside.float()
         return maps
 
-    def decode(self, image_embedding: torch.Tensor, points=None, boxes=None, mask_input=None,
-               multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, image_embedding: torch.Tensor, points=None, boxes=None, mask_input=None, multimask_output: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts in window voxel indices -> (logits (B, 1, S, S, S), confidence (B, 1)).
 
         The confidence is the mean probability over the voxels called foreground (0 when none is), a cheap
         stand-in for SAM's IoU head.
         """
-        x = torch.cat([image_embedding, self.prompt_maps(image_embedding.shape[0], points, boxes, mask_input)
-                       .to(image_embedding.dtype)], dim=1)
+        x = torch.cat(
+            [
+                image_embedding,
+                self.prompt_maps(image_embedding.shape[0], points, boxes, mask_input).to(image_embedding.dtype),
+            ],
+            dim=1,
+        )
         logits = self._run_network(x, points, image_embedding)
         with torch.no_grad():
             prob = torch.sigmoid(logits.float())

@@ -18,8 +18,17 @@ UP_STEPS = 4  # 2^4 = the patch size 16
 
 
 class FullResMaskDecoder(nn.Module):
-    def __init__(self, transformer_dim: int, depth: int, num_heads: int, mlp_dim: int, stage_dim: int,
-                 channels: tuple[int, ...], iou_head_hidden_dim: int, in_chans: int = 1) -> None:
+    def __init__(
+        self,
+        transformer_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_dim: int,
+        stage_dim: int,
+        channels: tuple[int, ...],
+        iou_head_hidden_dim: int,
+        in_chans: int = 1,
+    ) -> None:
         super().__init__()
         if len(channels) != UP_STEPS:
             raise ValueError(f"the full-resolution decoder needs {UP_STEPS} channel counts, got {channels}")
@@ -33,17 +42,32 @@ class FullResMaskDecoder(nn.Module):
         )
         # a stage's features (on the token grid) to step k's scale: 1x1 conv, then trilinear upsampling
         self.skip = nn.ModuleList(
-            UpSample(3, stage_dim, o, scale_factor=2 ** (k + 1), mode="nontrainable", interp_mode="trilinear",
-                     align_corners=False)
+            UpSample(
+                3,
+                stage_dim,
+                o,
+                scale_factor=2 ** (k + 1),
+                mode="nontrainable",
+                interp_mode="trilinear",
+                align_corners=False,
+            )
             for k, o in enumerate(channels)
         )
-        self.image_fusion = Convolution(3, channels[-1] + in_chans, channels[-1], kernel_size=3, act="GELU",
-                                        norm="instance")
+        self.image_fusion = Convolution(
+            3, channels[-1] + in_chans, channels[-1], kernel_size=3, act="GELU", norm="instance"
+        )
         self.hypernetwork = MLP(transformer_dim, transformer_dim, channels[-1], 3)
         self.iou_head = MLP(transformer_dim, iou_head_hidden_dim, 1, 3)
 
-    def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                dense: torch.Tensor, stages: list[torch.Tensor], image: torch.Tensor):
+    def forward(
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        stages: list[torch.Tensor],
+        image: torch.Tensor,
+    ):
         """Mask logits at the image's resolution (B, 1, S, S, S) and the IoU prediction (B, 1).
 
         image_embedding, dense: (B|1, C, g, g, g); sparse: (B, N, C); stages: shallow to deep, (B|1, C_s, g, g, g);

@@ -19,8 +19,15 @@ class LoRALinear(nn.Linear):
     B starts at zero: before training the layer computes exactly the pretrained projection.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,
-                 alpha: float = 1.0, merge_on_export: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        rank: int = 0,
+        alpha: float = 1.0,
+        merge_on_export: bool = False,
+    ) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.rank = int(rank)
         self.merge_on_export = merge_on_export  # added for fine-tuning: not part of the network's checkpoints
@@ -55,14 +62,19 @@ def add_lora(model: nn.Module, modules: list[str], layers: list[str], rank: int,
     LoRA layers with the same weights; returns their names. Freezing is the caller's (the recipe's `freeze`)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in layers
-               and any(name == p or name.startswith(p + ".") for p in modules)]
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear
+        and name.rsplit(".", 1)[-1] in layers
+        and any(name == p or name.startswith(p + ".") for p in modules)
+    ]
     if not targets:
         raise ValueError(f"no linear layer named {list(layers)} under {list(modules)}: nothing to add LoRA to")
     for name, old in targets:
-        new = LoRALinear(old.in_features, old.out_features, bias=old.bias is not None, rank=rank, alpha=alpha,
-                         merge_on_export=True).to(old.weight.device)
+        new = LoRALinear(
+            old.in_features, old.out_features, bias=old.bias is not None, rank=rank, alpha=alpha, merge_on_export=True
+        ).to(old.weight.device)
         new.load_state_dict(old.state_dict(), strict=False)  # weight and bias; the low-rank pair starts as init
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -57,8 +57,9 @@ class RefSam3DConfig(Sam3DConfig):
             problems.append("RefSAM3D's decoder upsamples 4 x 2x: patch_size must be 16")
         if len(self.decoder_channels) != 4:
             problems.append("decoder_channels needs 4 values (one per 2x step)")
-        if self.stage_indexes and (len(self.stage_indexes) != NUM_STAGES
-                                   or not all(0 <= i < self.encoder_depth for i in self.stage_indexes)):
+        if self.stage_indexes and (
+            len(self.stage_indexes) != NUM_STAGES or not all(0 <= i < self.encoder_depth for i in self.stage_indexes)
+        ):
             problems.append(f"stage_indexes needs {NUM_STAGES} block indexes below encoder_depth")
         if self.feature_stages or self.semantic_prompts:
             problems.append("feature_stages/semantic_prompts belong to SegSAM-3D, not RefSAM3D")
@@ -90,13 +91,25 @@ REFSAM3D_PRESETS: dict[str, RefSam3DConfig] = {
     # the compact network's sizes (its encoder weights load into it): CPU-sized
     "refsam3d_small": _preset("sam3d_small", adapter_dim=32, decoder_channels=(96, 48, 24, 12)),
     # SAM-Med3D-turbo's encoder and prompt encoder (its weights load with strict=False); for a GPU
-    "refsam3d_turbo": _preset("sam_med3d_turbo", adapter_dim=64, num_point_embeddings=4,
-                              decoder_channels=(128, 64, 32, 16)),
+    "refsam3d_turbo": _preset(
+        "sam_med3d_turbo", adapter_dim=64, num_point_embeddings=4, decoder_channels=(128, 64, 32, 16)
+    ),
     # a few thousand parameters around the text tower, for tests
-    "refsam3d_tiny": _preset("sam3d_small", img_size=32, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                             encoder_global_attn_indexes=(0, 1), prompt_embed_dim=48, decoder_num_heads=4,
-                             decoder_mlp_dim=64, iou_head_hidden_dim=16, mask_in_chans=8, adapter_dim=8,
-                             decoder_channels=(16, 8, 8, 4)),
+    "refsam3d_tiny": _preset(
+        "sam3d_small",
+        img_size=32,
+        encoder_embed_dim=32,
+        encoder_depth=2,
+        encoder_num_heads=2,
+        encoder_global_attn_indexes=(0, 1),
+        prompt_embed_dim=48,
+        decoder_num_heads=4,
+        decoder_mlp_dim=64,
+        iou_head_hidden_dim=16,
+        mask_in_chans=8,
+        adapter_dim=8,
+        decoder_channels=(16, 8, 8, 4),
+    ),
 }
 
 
@@ -106,24 +119,41 @@ class RefSam3D(nn.Module):
         c = self.config = config
         self.grid = c.img_size // c.patch_size
         self.image_encoder = ImageEncoderViT3D(
-            img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.encoder_embed_dim,
-            depth=c.encoder_depth, num_heads=c.encoder_num_heads, mlp_ratio=c.mlp_ratio, out_chans=c.prompt_embed_dim,
-            window_size=c.window_size, global_attn_indexes=c.encoder_global_attn_indexes,
+            img_size=c.img_size,
+            patch_size=c.patch_size,
+            in_chans=c.in_chans,
+            embed_dim=c.encoder_embed_dim,
+            depth=c.encoder_depth,
+            num_heads=c.encoder_num_heads,
+            mlp_ratio=c.mlp_ratio,
+            out_chans=c.prompt_embed_dim,
+            window_size=c.window_size,
+            global_attn_indexes=c.encoder_global_attn_indexes,
         )
         self.adapters = nn.ModuleList(Adapter3D(c.encoder_embed_dim, c.adapter_dim) for _ in range(c.encoder_depth))
         self.prompt_encoder = PromptEncoder3D(
-            embed_dim=c.prompt_embed_dim, image_embedding_size=self.grid, input_image_size=c.img_size,
-            mask_in_chans=c.mask_in_chans, num_point_embeddings=c.num_point_embeddings,
+            embed_dim=c.prompt_embed_dim,
+            image_embedding_size=self.grid,
+            input_image_size=c.img_size,
+            mask_in_chans=c.mask_in_chans,
+            num_point_embeddings=c.num_point_embeddings,
             swap_dense_axes=c.swap_dense_pe_axes,
         )
         self.text_projector = CrossModalProjector(c.text_dim, c.encoder_embed_dim, c.projector_layers)
         attend = tuple(range(NUM_STAGES)) if c.hierarchical else (NUM_STAGES - 1,)
-        self.cross_attention = HierarchicalCrossAttention(c.encoder_embed_dim, c.encoder_num_heads, NUM_STAGES,
-                                                          c.prompt_embed_dim, attend)
+        self.cross_attention = HierarchicalCrossAttention(
+            c.encoder_embed_dim, c.encoder_num_heads, NUM_STAGES, c.prompt_embed_dim, attend
+        )
         self.text_token = nn.Linear(c.encoder_embed_dim, c.prompt_embed_dim)  # the sentence as a sparse prompt
         self.mask_decoder = FullResMaskDecoder(
-            c.prompt_embed_dim, c.decoder_depth, c.decoder_num_heads, c.decoder_mlp_dim, c.encoder_embed_dim,
-            c.decoder_channels, c.iou_head_hidden_dim, c.in_chans,
+            c.prompt_embed_dim,
+            c.decoder_depth,
+            c.decoder_num_heads,
+            c.decoder_mlp_dim,
+            c.encoder_embed_dim,
+            c.decoder_channels,
+            c.iou_head_hidden_dim,
+            c.in_chans,
         )
         # the engine's interface (plain attributes: they never change); decode resizes any previous mask to
         # low_res_size, the size the prompt encoder reads
@@ -153,8 +183,15 @@ class RefSam3D(nn.Module):
         image = packed[:, n_neck + n_stages :].reshape(b, c.in_chans, c.img_size, c.img_size, c.img_size)
         return neck, list(stages), image
 
-    def decode(self, image_embedding: torch.Tensor, points=None, boxes=None, mask_input=None,
-               multimask_output: bool = False, text: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def decode(
+        self,
+        image_embedding: torch.Tensor,
+        points=None,
+        boxes=None,
+        mask_input=None,
+        multimask_output: bool = False,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         """Prompts -> (logits at full resolution (B, 1, S, S, S), IoU prediction (B, 1)).
 
         text: (token embeddings (B, L, text_dim), mask (B, L) True for real tokens) from `sam3d.text`, or None
@@ -183,4 +220,3 @@ class RefSam3D(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.prompt_encoder.no_mask_embed.weight.dtype
-

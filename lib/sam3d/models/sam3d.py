@@ -68,9 +68,12 @@ class Sam3DConfig:
             problems.append("mask_in_chans must be a multiple of 4")
         if self.num_point_embeddings not in (2, 4):
             problems.append("num_point_embeddings must be 2 (clicks) or 4 (clicks and boxes)")
-        if self.feature_stages and (sorted(set(self.feature_stages)) != list(self.feature_stages)
-                                    or self.feature_stages[-1] != self.encoder_depth - 1
-                                    or self.feature_stages[0] < 0 or len(self.feature_stages) < 2):
+        if self.feature_stages and (
+            sorted(set(self.feature_stages)) != list(self.feature_stages)
+            or self.feature_stages[-1] != self.encoder_depth - 1
+            or self.feature_stages[0] < 0
+            or len(self.feature_stages) < 2
+        ):
             problems.append("feature_stages must be 2+ increasing block indexes ending with the last block")
         if problems:
             raise ValueError("invalid network config: " + "; ".join(problems))
@@ -144,7 +147,9 @@ class Sam3D(nn.Module):
         )
         self.semantic_prompt = (
             SemanticPointPrompt(c.prompt_embed_dim, c.img_size, c.decoder_num_heads, c.decoder_mlp_dim)
-            if c.semantic_prompts else None)
+            if c.semantic_prompts
+            else None
+        )
 
     @property
     def img_size(self) -> int:

@@ -8,6 +8,18 @@ from .infer_tasks import TASKS, build_infer_tasks
 from .infer_text import Sam3DTextClassPrompts, Sam3DTextInfer
 from .train_task import Sam3DTrainTask, TrainRequestError
 
-__all__ = ["TASKS", "AppConfig", "AppConfigError", "Sam3DAutoInfer", "Sam3DInferTask", "Sam3DPointInfer",
-           "Sam3DTextClassPrompts", "Sam3DTextInfer", "Sam3DTrainTask", "TaskSpec", "TrainRequestError",
-           "build_infer_tasks", "load_app_config"]
+__all__ = [
+    "TASKS",
+    "AppConfig",
+    "AppConfigError",
+    "Sam3DAutoInfer",
+    "Sam3DInferTask",
+    "Sam3DPointInfer",
+    "Sam3DTextClassPrompts",
+    "Sam3DTextInfer",
+    "Sam3DTrainTask",
+    "TaskSpec",
+    "TrainRequestError",
+    "build_infer_tasks",
+    "load_app_config",
+]

@@ -168,8 +168,9 @@ def _seed(image_id: str) -> int:
 class UncertaintyScoring(ScoringMethod):
     """Scores the unlabelled images not yet scored for the served checkpoint; saves each score as it goes."""
 
-    def __init__(self, spec: TaskSpec, cache: ScoreCache, settings: dict | None = None, device: str = "auto",
-                 engine_factory=None):
+    def __init__(
+        self, spec: TaskSpec, cache: ScoreCache, settings: dict | None = None, device: str = "auto", engine_factory=None
+    ):
         super().__init__("Disagreement of the served model under jittered clicks at proposed points")
         self.spec, self.cache = spec, cache
         self.settings = {**DEFAULTS, **(settings or {})}
@@ -215,8 +216,10 @@ class UncertaintyStrategy(Strategy):
     """The unlabelled image with the highest cached score; random among unscored ones when none is scored."""
 
     def __init__(self, spec: TaskSpec, cache: ScoreCache, start_scoring=None):
-        super().__init__("Most uncertain first: disagreement of the model under jittered clicks (scored in the "
-                         "background; random until scored)")
+        super().__init__(
+            "Most uncertain first: disagreement of the model under jittered clicks (scored in the "
+            "background; random until scored)"
+        )
         self.spec, self.cache, self.start_scoring = spec, cache, start_scoring
 
     def __call__(self, request, datastore):

@@ -37,8 +37,9 @@ class Sam3DClient(MONAILabelClient):
     claim a body it does not send (a reverse proxy then waits for it). Each request here gets a fresh copy.
     """
 
-    def __init__(self, server_url: str, tmpdir: str | None = None, client_id: str | None = None,
-                 token: str | None = None):
+    def __init__(
+        self, server_url: str, tmpdir: str | None = None, client_id: str | None = None, token: str | None = None
+    ):
         super().__init__(server_url, tmpdir=tmpdir, client_id=client_id)
         token = token or api_token()
         if token:

@@ -50,8 +50,20 @@ ALIASES = {
     "checkpoint": f"infers.{DEFAULT_TASK}.checkpoint",
     "weights": f"infers.{DEFAULT_TASK}.weights",
 }
-TOP_KEYS = {"name", "description", "device", "preload", "strict_labels", "infers", "labels", "train", "retrain_every",
-            "lease_minutes", "uncertainty", "limits"}
+TOP_KEYS = {
+    "name",
+    "description",
+    "device",
+    "preload",
+    "strict_labels",
+    "infers",
+    "labels",
+    "train",
+    "retrain_every",
+    "lease_minutes",
+    "uncertainty",
+    "limits",
+}
 SECURITY_KEYS = ("auth_token_file", "insecure_no_auth")  # read by security.policy_for, not app config keys
 NOT_OURS = {"config", "server_mode", *SECURITY_KEYS}  # `config` is read first; `server_mode` is MONAI Label's
 # values never YAML-parsed
@@ -213,8 +225,10 @@ def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[s
     description = str(raw.get("description") or "Segment Anything in 3D: clicks -> one structure")
     spec = TaskSpec(name, str(model_ref), {}, description, labels, conf_prefix=prefix)
     if "kind" in raw:
-        spec.error = (f"`{prefix or 'infers.' + name + '.'}kind` is not a setting: a task's kind comes from its "
-                      "model's preset (point, text or auto); remove it")
+        spec.error = (
+            f"`{prefix or 'infers.' + name + '.'}kind` is not a setting: a task's kind comes from its "
+            "model's preset (point, text or auto); remove it"
+        )
         return spec
     if not model_ref:
         spec.error = f"no model configured: set `--conf {prefix or ''}model NAME_OR_YAML`"

@@ -116,8 +116,10 @@ def follow_pacs_labels(ds) -> None:
             try:
                 sync_pacs_label(ds, image_id)
             except Exception as e:  # noqa: BLE001 - the PACS or the conversion failed: keep what the cache holds
-                logger.warning(f"sam3d datastore: the final label of {image_id} on the PACS not read ({e}); "
-                               "using the cached one, if any")
+                logger.warning(
+                    f"sam3d datastore: the final label of {image_id} on the PACS not read ({e}); "
+                    "using the cached one, if any"
+                )
         return LocalDatastore.get_label_by_image_id(ds, image_id, tag)
 
     def get_label_uri(label_id: str, label_tag: str, image_id: str = "") -> str:
@@ -152,8 +154,9 @@ def pacs_segs(ds, image_id: str) -> list[dict]:
         refs = first.get("ReferencedSeriesSequence") or []
         if any(str(r.get("SeriesInstanceUID", "")) == image_id for r in refs):
             when = tuple(str(first.get(k, "")) for k in ("SeriesDate", "SeriesTime", "ContentDate", "ContentTime"))
-            segs.append({"study": study, "series": seg, "when": when,
-                         "description": str(first.get("SeriesDescription", ""))})
+            segs.append(
+                {"study": study, "series": seg, "when": when, "description": str(first.get("SeriesDescription", ""))}
+            )
     return sorted(segs, key=lambda s: (s["when"], s["series"]), reverse=True)
 
 
@@ -176,9 +179,19 @@ def sync_pacs_label(ds, image_id: str) -> None:
     image_file = ds.get_image_uri(image_id)
     label_file = seg_to_nifti(ds, newest, image_file)
     try:
-        LocalDatastore.save_label(ds, image_id, label_file, FINAL, {
-            "SeriesInstanceUID": newest["series"], "Modality": "SEG", "StudyInstanceUID": newest["study"],
-            "SeriesDescription": newest["description"], "source": "pacs"})
+        LocalDatastore.save_label(
+            ds,
+            image_id,
+            label_file,
+            FINAL,
+            {
+                "SeriesInstanceUID": newest["series"],
+                "Modality": "SEG",
+                "StudyInstanceUID": newest["study"],
+                "SeriesDescription": newest["description"],
+                "source": "pacs",
+            },
+        )
     finally:
         os.unlink(label_file)
     logger.info(f"sam3d datastore: final label of {image_id} is SEG {newest['series']} ({newest['description']!r})")
@@ -245,8 +258,10 @@ def volume_extension(filename: str) -> str | None:
 def checked_extension(what: str, path: str) -> str:
     ext = volume_extension(os.path.basename(path))
     if ext is None:
-        raise Refused(f"{what}: only NIfTI files are kept (a name ending in {' or '.join(EXTENSIONS)}); "
-                      f"the uploaded file's name has no such extension")
+        raise Refused(
+            f"{what}: only NIfTI files are kept (a name ending in {' or '.join(EXTENSIONS)}); "
+            f"the uploaded file's name has no such extension"
+        )
     return ext
 
 
@@ -265,8 +280,10 @@ def open_volume(what: str, path: str, max_voxels: int):
         raise Refused(f"{what} is 2D (shape {shape}): expected a 3D volume")
     voxels = math.prod(shape)
     if voxels > max_voxels:
-        raise Refused(f"{what} is too large: {shape} is {voxels:,} voxels; this server takes at most "
-                      f"{max_voxels:,} ({MAX_VOXELS_ENV})")
+        raise Refused(
+            f"{what} is too large: {shape} is {voxels:,} voxels; this server takes at most "
+            f"{max_voxels:,} ({MAX_VOXELS_ENV})"
+        )
     dtype = img.get_data_dtype()
     if dtype.kind not in "biuf":
         raise Refused(f"{what} has voxels of type {dtype}: expected integers or real numbers")
@@ -293,7 +310,7 @@ def check_values(what: str, img, label: bool = False) -> None:
     step = max(1, SLAB_VOXELS // (nx * ny))
     try:
         for k in range(0, nz, step):
-            problem = _value_problem(np.asanyarray(img.dataobj[:, :, k:k + step]), label)
+            problem = _value_problem(np.asanyarray(img.dataobj[:, :, k : k + step]), label)
             if problem:
                 raise Refused(f"{what} {problem}")
     except Refused:
@@ -307,15 +324,18 @@ def check_on_grid(label_img, image_path: str) -> None:
         image = nib.load(image_path)
         shape, affine = tuple(int(n) for n in image.shape[:3]), image.affine
     except Exception as e:  # noqa: BLE001 - a damaged file placed in the folder by hand
-        raise Refused(f"the label's image cannot be read, so the label cannot be checked: {e}",
-                      status_code=409) from None
+        raise Refused(
+            f"the label's image cannot be read, so the label cannot be checked: {e}", status_code=409
+        ) from None
     if tuple(label_img.shape) != shape:
-        raise Refused(f"label has shape {tuple(label_img.shape)}, its image {shape}: a label must lie on "
-                      f"its image's grid")
+        raise Refused(
+            f"label has shape {tuple(label_img.shape)}, its image {shape}: a label must lie on its image's grid"
+        )
     if not np.allclose(label_img.affine, affine, atol=AFFINE_ATOL_MM):
         worst = float(np.abs(label_img.affine - affine).max())
-        raise Refused(f"label's affine differs from its image's (by up to {worst:.4g}): a label must lie "
-                      f"on its image's grid")
+        raise Refused(
+            f"label's affine differs from its image's (by up to {worst:.4g}): a label must lie on its image's grid"
+        )
 
 
 def durable_write(dest: Path, fill) -> None:
@@ -358,8 +378,7 @@ def remove_partial_files(folder: Path, config_name: str) -> list[str]:
     removed = []
     for entry in os.scandir(folder):
         m = PARTIAL_FILE.match(entry.name)
-        if m and entry.is_file(follow_symlinks=False) and (
-                volume_extension(m["name"]) or m["name"] == config_name):
+        if m and entry.is_file(follow_symlinks=False) and (volume_extension(m["name"]) or m["name"] == config_name):
             os.unlink(entry.path)
             removed.append(entry.name)
     return removed
@@ -374,15 +393,27 @@ class Sam3DDatastore(LocalDatastore):
     process only: a training process starts while the server may be writing one).
     """
 
-    def __init__(self, datastore_path: str, max_voxels: int = DEFAULT_MAX_VOXELS, upload_dir: str | None = None,
-                 clean_partial_files: bool = True, datastore_config: str = "datastore_v2.json",
-                 auto_reload: bool = False, read_only: bool = False):
+    def __init__(
+        self,
+        datastore_path: str,
+        max_voxels: int = DEFAULT_MAX_VOXELS,
+        upload_dir: str | None = None,
+        clean_partial_files: bool = True,
+        datastore_config: str = "datastore_v2.json",
+        auto_reload: bool = False,
+        read_only: bool = False,
+    ):
         self.max_voxels = max_voxels
         self.upload_dir = Path(upload_dir).resolve() if upload_dir else None
         if clean_partial_files and not read_only:
             self._remove_partial_files(Path(datastore_path), datastore_config)
-        super().__init__(datastore_path, datastore_config=datastore_config,
-                         extensions=tuple(f"*{e}" for e in EXTENSIONS), auto_reload=auto_reload, read_only=read_only)
+        super().__init__(
+            datastore_path,
+            datastore_config=datastore_config,
+            extensions=tuple(f"*{e}" for e in EXTENSIONS),
+            auto_reload=auto_reload,
+            read_only=read_only,
+        )
 
     @staticmethod
     def _remove_partial_files(root: Path, config_name: str) -> None:
@@ -402,8 +433,10 @@ class Sam3DDatastore(LocalDatastore):
             if existing is not None:
                 if filecmp.cmp(existing, image_filename, shallow=False):
                     return image_id  # the same upload again (a client retrying): nothing to do
-                raise Refused(f"image {image_id!r} exists with other content: remove it first, or upload "
-                              f"under another id", status_code=409)
+                raise Refused(
+                    f"image {image_id!r} exists with other content: remove it first, or upload under another id",
+                    status_code=409,
+                )
             img = open_volume("image", image_filename, self.max_voxels)
             check_values("image", img)
             dest = Path(self._datastore.image_path()) / f"{image_id}{ext}"
@@ -530,4 +563,3 @@ class Sam3DDatastore(LocalDatastore):
 
     def _add_non_existing_labels(self, tag) -> int:
         return super()._add_non_existing_labels(tag) if name_problem(tag) is None else 0
-

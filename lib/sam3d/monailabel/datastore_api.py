@@ -27,14 +27,25 @@ def install(fastapi_app) -> None:
 
     @router.put("/", include_in_schema=False, deprecated=True)
     @router.put("/image", summary=f"{RBAC_ANNOTATOR}Upload new Image (params checked)")
-    async def add_image(background_tasks: BackgroundTasks, image: str | None = None, params: str = Form("{}"),
-                        file: UploadFile = File(...), user: User = annotator):
+    async def add_image(
+        background_tasks: BackgroundTasks,
+        image: str | None = None,
+        params: str = Form("{}"),
+        file: UploadFile = File(...),
+        user: User = annotator,
+    ):
         json_object("params", params)
         return endpoints.add_image(background_tasks, image, params, file, user.username)
 
     @router.put("/label", summary=f"{RBAC_ANNOTATOR}Save Finished Label (params checked)")
-    async def save_label(background_tasks: BackgroundTasks, image: str, params: str = Form("{}"),
-                         tag: str = DefaultLabelTag.FINAL.value, label: UploadFile = File(...), user: User = annotator):
+    async def save_label(
+        background_tasks: BackgroundTasks,
+        image: str,
+        params: str = Form("{}"),
+        tag: str = DefaultLabelTag.FINAL.value,
+        label: UploadFile = File(...),
+        user: User = annotator,
+    ):
         json_object("params", params)
         return endpoints.save_label(background_tasks, image, params, tag, label, user.username)
 

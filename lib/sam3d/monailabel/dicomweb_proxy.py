@@ -24,13 +24,17 @@ def install(fastapi_app, dicomweb: bool) -> None:
     router = APIRouter(prefix=f"{settings.MONAI_LABEL_API_STR}/proxy/dicom", tags=["Others"])
 
     @router.api_route("/{op}/{path:path}", methods=["GET", "POST"], include_in_schema=False)
-    async def forward(request: Request, op: str, path: str,
-                      user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    async def forward(
+        request: Request, op: str, path: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
+    ):
         if op not in OPS:
             raise HTTPException(status_code=404, detail=f"no DICOMweb service {op!r}; known: {', '.join(OPS)}")
         if not dicomweb:
-            raise HTTPException(status_code=404, detail="the studies are a local folder: there is no DICOMweb "
-                                "server to proxy (start the server with --studies http://.../dicom-web)")
+            raise HTTPException(
+                status_code=404,
+                detail="the studies are a local folder: there is no DICOMweb "
+                "server to proxy (start the server with --studies http://.../dicom-web)",
+            )
         await request.body()  # read here, on the event loop; the request keeps it for the proxy's own read
         try:
             return await asyncio.to_thread(asyncio.run, proxy.proxy_dicom(request, op, path))

@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 SERVER_SET_KEYS = ("image", "model", "session")  # MONAI Label merges params last: these would override the route's
 MAX_FILES = 2  # `file` and `label`
 ACTIVELEARNING_MAX_BODY = 64 << 10  # a strategy's params: a client id and a few options
-NO_IMAGE = ("no image: give an image id of the datastore (`image`), upload a file (`file`) or name a session "
-            "(`session_id`)")
+NO_IMAGE = (
+    "no image: give an image id of the datastore (`image`), upload a file (`file`) or name a session (`session_id`)"
+)
 
 # True while a route of this module runs a request: its `image` is checked, and an upload or session image
 # in its place is the server's own file (apps/sam3d/main.py's infer checks every other caller's image)
@@ -68,14 +69,18 @@ def check_image_id(image, datastore) -> None:
     if not image:
         raise HTTPException(status_code=422, detail=NO_IMAGE)
     if not _plain_name(image) or not datastore.get_image_uri(image):
-        raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore: give an image id "
-                            "(GET /datastore/ lists them), not a path")
+        raise HTTPException(
+            status_code=404,
+            detail=f"image {image!r} is not in the datastore: give an image id "
+            "(GET /datastore/ lists them), not a path",
+        )
 
 
 def json_object(field: str, text: str | None) -> dict:
     """A JSON form field (`params`, `info`) as a dict, empty when not given; HTTPException 422 with the reason when
     it is not a JSON object (broken, nested too deep, NaN or Infinity, a list, null), where MONAI Label's routes
     would answer 500."""
+
     def no_constant(name):
         raise ValueError(f"{name} is not a number in JSON")
 
@@ -93,12 +98,17 @@ def parse_params(params: str, max_points: int) -> dict:
     parsed = json_object("params", params)
     overriding = [k for k in SERVER_SET_KEYS if k in parsed]
     if overriding:
-        raise HTTPException(status_code=422, detail=f"params may not set {', '.join(overriding)}: the image is the "
-                            "`image` query parameter, the model the path")
+        raise HTTPException(
+            status_code=422,
+            detail=f"params may not set {', '.join(overriding)}: the image is the "
+            "`image` query parameter, the model the path",
+        )
     points = sum(len(parsed[k]) for k in ("foreground", "background") if isinstance(parsed.get(k), list))
     if points > max_points:
-        raise HTTPException(status_code=422, detail=f"{points} points: a request may hold at most {max_points} "
-                            "foreground and background points")
+        raise HTTPException(
+            status_code=422,
+            detail=f"{points} points: a request may hold at most {max_points} foreground and background points",
+        )
     return parsed
 
 
@@ -125,9 +135,12 @@ class InferQueue:
     async def run(self, fn):
         """`fn()`'s result, computed in a worker thread; HTTPException 429 when every place is taken."""
         if self.admitted >= self.capacity:
-            raise HTTPException(status_code=429, headers={"Retry-After": str(self.retry_after())},
-                                detail=f"the server is busy: {self.admitted} requests are being answered or "
-                                "waiting; try again in a moment")
+            raise HTTPException(
+                status_code=429,
+                headers={"Retry-After": str(self.retry_after())},
+                detail=f"the server is busy: {self.admitted} requests are being answered or "
+                "waiting; try again in a moment",
+            )
         self.admitted += 1
         try:
             return await asyncio.wrap_future(self._executor.submit(contextvars.copy_context().run, self._timed, fn))
@@ -143,8 +156,10 @@ def _check_session(app, session_id: str) -> None:
 
 def _no_sync(run_sync) -> None:
     if run_sync:
-        raise HTTPException(status_code=400, detail="run_sync is not supported: the task runs in its own process "
-                            "so that the server keeps answering")
+        raise HTTPException(
+            status_code=400,
+            detail="run_sync is not supported: the task runs in its own process so that the server keeps answering",
+        )
 
 
 def put_in_front(fastapi_app, router: APIRouter, module: str) -> None:
@@ -171,23 +186,37 @@ def install(fastapi_app, app) -> None:
             _check_session(app, session_id)
         return run_inference(background_tasks, model, image, session_id, params, file, label, output)
 
-    @router.post("/infer/{model}", summary=f"{RBAC_USER}Run Inference for supported model (checked, queued)",
-                 tags=["Infer"], max_body_size=int(limits.max_request_mb * (1 << 20)),
-                 form_limits={"max_files": MAX_FILES})
-    async def infer(background_tasks: BackgroundTasks, model: str, image: str = "", session_id: str = "",
-                    params: str = Form("{}"), file: UploadFile = File(None), label: UploadFile = File(None),
-                    output: ResultType | None = None, user: User = user_role):
+    @router.post(
+        "/infer/{model}",
+        summary=f"{RBAC_USER}Run Inference for supported model (checked, queued)",
+        tags=["Infer"],
+        max_body_size=int(limits.max_request_mb * (1 << 20)),
+        form_limits={"max_files": MAX_FILES},
+    )
+    async def infer(
+        background_tasks: BackgroundTasks,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = Form("{}"),
+        file: UploadFile = File(None),
+        label: UploadFile = File(None),
+        output: ResultType | None = None,
+        user: User = user_role,
+    ):
         if model not in app._infers:
             raise HTTPException(status_code=404, detail=f"no model {model!r}; known: {', '.join(app._infers)}")
         parse_params(params, limits.max_points)
         if not (image or file or session_id):
             raise HTTPException(status_code=422, detail=NO_IMAGE)
         if output == ResultType.dicom_seg and not isinstance(app.datastore(), DICOMWebDatastore):
-            raise HTTPException(status_code=422, detail="output=dicom_seg needs a DICOMweb datastore: ask for image, "
-                                "json or all")
+            raise HTTPException(
+                status_code=422, detail="output=dicom_seg needs a DICOMweb datastore: ask for image, json or all"
+            )
         try:
-            return await queue.run(lambda: answer(background_tasks, model, image, session_id, params, file, label,
-                                                  output))
+            return await queue.run(
+                lambda: answer(background_tasks, model, image, session_id, params, file, label, output)
+            )
         except Exception:
             await background_tasks()  # no response will run them: remove the upload's temporary files now
             raise
@@ -195,37 +224,53 @@ def install(fastapi_app, app) -> None:
     @router.post("/infer/wsi/{model}", include_in_schema=False)
     @router.post("/infer/wsi_v2/{model}", include_in_schema=False)
     async def no_whole_slide(model: str):
-        raise HTTPException(status_code=404, detail="sam3d serves 3D volumes and has no whole-slide model: "
-                            "use POST /infer/{model}")
+        raise HTTPException(
+            status_code=404, detail="sam3d serves 3D volumes and has no whole-slide model: use POST /infer/{model}"
+        )
 
-    @router.post("/activelearning/{strategy}", summary=f"{RBAC_USER}Next image to annotate (known strategies only)",
-                 tags=["ActiveLearning"], max_body_size=ACTIVELEARNING_MAX_BODY)
+    @router.post(
+        "/activelearning/{strategy}",
+        summary=f"{RBAC_USER}Next image to annotate (known strategies only)",
+        tags=["ActiveLearning"],
+        max_body_size=ACTIVELEARNING_MAX_BODY,
+    )
     def next_sample(strategy: str, params: dict | None = None, user: User = user_role):
         if strategy not in app._strategies:
-            raise HTTPException(status_code=404, detail=f"no strategy {strategy!r}; known: "
-                                f"{', '.join(app._strategies)}")
+            raise HTTPException(
+                status_code=404, detail=f"no strategy {strategy!r}; known: {', '.join(app._strategies)}"
+            )
         return activelearning.sample(strategy, params, user.username)
 
-    @router.post("/scoring/{method}", summary=f"{RBAC_ANNOTATOR}Run a scoring method (known methods only)",
-                 tags=["Scoring"])
-    async def run_scoring(method: str, params: dict | None = None, run_sync: bool | None = False,
-                          user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    @router.post(
+        "/scoring/{method}", summary=f"{RBAC_ANNOTATOR}Run a scoring method (known methods only)", tags=["Scoring"]
+    )
+    async def run_scoring(
+        method: str,
+        params: dict | None = None,
+        run_sync: bool | None = False,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    ):
         if method not in app._scoring_methods:
             known = ", ".join(app._scoring_methods) or "none (the scored model has no weights yet)"
             raise HTTPException(status_code=404, detail=f"no scoring method {method!r}; known: {known}")
         _no_sync(run_sync)
         return scoring.run_method(method, params, False)
 
-    @router.post("/batch/infer/{model}", summary=f"{RBAC_ADMIN}Run batch inference (known models only)",
-                 tags=["Infer"])
-    async def run_batch(model: str, images: BatchInferImageType = BatchInferImageType.IMAGES_ALL,
-                        params: dict | None = None, run_sync: bool | None = False,
-                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    @router.post("/batch/infer/{model}", summary=f"{RBAC_ADMIN}Run batch inference (known models only)", tags=["Infer"])
+    async def run_batch(
+        model: str,
+        images: BatchInferImageType = BatchInferImageType.IMAGES_ALL,
+        params: dict | None = None,
+        run_sync: bool | None = False,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+    ):
         if model not in app._infers:
             raise HTTPException(status_code=404, detail=f"no model {model!r}; known: {', '.join(app._infers)}")
         _no_sync(run_sync)
         return batch_infer.run(model, images, params or {}, False)
 
     put_in_front(fastapi_app, router, __name__)
-    logger.info(f"sam3d: /infer/{{model}} checked and queued ({limits.infer_threads} threads, {limits.infer_queue} "
-                f"waiting, at most {limits.max_points} points, {limits.max_request_mb:g} MB); /activelearning checked")
+    logger.info(
+        f"sam3d: /infer/{{model}} checked and queued ({limits.infer_threads} threads, {limits.infer_queue} "
+        f"waiting, at most {limits.max_points} points, {limits.max_request_mb:g} MB); /activelearning checked"
+    )

@@ -48,8 +48,10 @@ class Sam3DAutoInfer(Sam3DInferTask):
 
     def how_to_set(self) -> str:
         key = f"{self.spec.conf_prefix}checkpoint"
-        return (f"set the weights with `--conf {key} /path/to/autosam3d.safetensors` (trained with "
-                f"configs/train/autosam3d.yaml) or put the file at the configured path; the next request picks it up")
+        return (
+            f"set the weights with `--conf {key} /path/to/autosam3d.safetensors` (trained with "
+            f"configs/train/autosam3d.yaml) or put the file at the configured path; the next request picks it up"
+        )
 
     def engine(self):
         engine = super().engine()
@@ -62,8 +64,9 @@ class Sam3DAutoInfer(Sam3DInferTask):
         from sam3d.engine.auto import ORDERS  # here: the app imports this module without torch work
 
         if order is not None and order not in ORDERS:
-            raise HTTPException(status_code=422,
-                                detail=f"order must be {' or '.join(map(repr, ORDERS))}, got {order!r}")
+            raise HTTPException(
+                status_code=422, detail=f"order must be {' or '.join(map(repr, ORDERS))}, got {order!r}"
+            )
         return {"image": image, "order": order}
 
     def labelled(self, image: str, order: str | None = None):
@@ -76,5 +79,7 @@ class Sam3DAutoInfer(Sam3DInferTask):
         return res, {**res.info, "network": res.info.get("model")}
 
     def summary(self, prompt: dict, result: dict) -> str:
-        return (f"{len(result['label_names'])} classes, order={result['order']}, cached={result.get('cached')} "
-                f"total={result['timings']['request']:.3f}s")
+        return (
+            f"{len(result['label_names'])} classes, order={result['order']}, cached={result.get('cached')} "
+            f"total={result['timings']['request']:.3f}s"
+        )

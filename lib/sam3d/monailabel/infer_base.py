@@ -104,14 +104,22 @@ def latencies(timings: dict) -> dict:
 
 def clicked_fields(res, prompt: dict, checkpoint: str | None, label_names: dict, prior: str | None = None) -> dict:
     """The JSON of an answer to a named structure (point and text tasks): the engine's info, the label."""
-    return {**res.info, "network": res.info.get("model"), "checkpoint": res.info.get("checkpoint", checkpoint),
-            "label": prompt["label"], "label_names": label_names, "prior": prior}
+    return {
+        **res.info,
+        "network": res.info.get("model"),
+        "checkpoint": res.info.get("checkpoint", checkpoint),
+        "label": prompt["label"],
+        "label_names": label_names,
+        "prior": prior,
+    }
 
 
 def click_summary(prompt: dict, result: dict) -> str:
-    return (f"{prompt['label']} fg={len(prompt['foreground'])} bg={len(prompt['background'])} "
-            f"roi={prompt.get('roi') is not None} cached={result.get('embedding_cached')} "
-            f"total={result['timings']['request']:.3f}s")
+    return (
+        f"{prompt['label']} fg={len(prompt['foreground'])} bg={len(prompt['background'])} "
+        f"roi={prompt.get('roi') is not None} cached={result.get('embedding_cached')} "
+        f"total={result['timings']['request']:.3f}s"
+    )
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

@@ -75,27 +75,40 @@ class Sam3DPointInfer(Sam3DInferTask):
         if prior is not None:  # refine one class of an automatic task's answer: the label names that class
             if not isinstance(prior, str) or prior not in self.prior_sources:
                 known = ", ".join(self.prior_sources) or "none in this app"
-                raise HTTPException(status_code=422,
-                                    detail=f"prior must name an automatic task ({known}), got {prior!r}")
+                raise HTTPException(
+                    status_code=422, detail=f"prior must name an automatic task ({known}), got {prior!r}"
+                )
             classes = self.prior_sources[prior].labels
             if label not in classes:
-                raise HTTPException(status_code=422, detail=f"label {label!r} is not a class of {prior}: "
-                                    f"name one of {', '.join(classes)}")
+                raise HTTPException(
+                    status_code=422,
+                    detail=f"label {label!r} is not a class of {prior}: name one of {', '.join(classes)}",
+                )
             return {"image": image, "foreground": fg, "background": bg, "roi": roi, "label": label, "prior": prior}
         if label is None or label == "":
             label = self.default_label()
         # class-agnostic: any name is what the new mask is called; the configured labels are suggestions
         if not isinstance(label, str) or len(label) > MAX_LABEL_CHARS or not label.isprintable():
-            raise HTTPException(status_code=422, detail=f"label must be a structure name (printable text of at most "
-                                f"{MAX_LABEL_CHARS} characters), got {str(label)[:MAX_LABEL_CHARS]!r}")
+            raise HTTPException(
+                status_code=422,
+                detail=f"label must be a structure name (printable text of at most "
+                f"{MAX_LABEL_CHARS} characters), got {str(label)[:MAX_LABEL_CHARS]!r}",
+            )
         return {"image": image, "foreground": fg, "background": bg, "roi": roi, "label": label}
 
     def answer(self, engine, prompt: dict) -> tuple[Any, dict]:
         prior = prompt.get("prior")
         auto = self.prior_sources[prior].labelled(prompt["image"]) if prior else None
         extra = {} if auto is None else {"prior": auto.mask == auto.info["label_names"][prompt["label"]]}
-        res = self.run_engine(engine.segment, prompt["image"], prompt["foreground"], prompt["background"],
-                              roi=prompt["roi"], label=prompt["label"], **extra)
+        res = self.run_engine(
+            engine.segment,
+            prompt["image"],
+            prompt["foreground"],
+            prompt["background"],
+            roi=prompt["roi"],
+            label=prompt["label"],
+            **extra,
+        )
         label_names = {prompt["label"]: 1}
         if auto is not None:  # the automatic answer with the clicked class replaced: the other classes stay
             res, label_names = replace_class(auto, res, prompt["label"]), auto.info["label_names"]
@@ -103,4 +116,3 @@ class Sam3DPointInfer(Sam3DInferTask):
 
     def summary(self, prompt: dict, result: dict) -> str:
         return click_summary(prompt, result)
-

@@ -80,15 +80,20 @@ class Sam3DTextInfer(Sam3DInferTask):
                 detail=f"unknown label {text!r}: {self.name} knows {', '.join(self.labels)} "
                 f"(or type any structure's name as 'text')",
             )
-        return {"image": image, "foreground": request_points(request.get("foreground"), "foreground"),
-                "background": request_points(request.get("background"), "background"), "roi": None,
-                "label": text.strip()}
+        return {
+            "image": image,
+            "foreground": request_points(request.get("foreground"), "foreground"),
+            "background": request_points(request.get("background"), "background"),
+            "roi": None,
+            "label": text.strip(),
+        }
 
     def answer(self, engine, prompt: dict) -> tuple[Any, dict]:
         if "names" in prompt:
             return self.answer_classes(engine, prompt)
-        res = self.run_engine(engine.segment_text, prompt["image"], prompt["label"], prompt["foreground"],
-                              prompt["background"])
+        res = self.run_engine(
+            engine.segment_text, prompt["image"], prompt["label"], prompt["foreground"], prompt["background"]
+        )
         return res, clicked_fields(res, prompt, self.checkpoint, {prompt["label"]: 1})
 
     def summary(self, prompt: dict, result: dict) -> str:
@@ -116,19 +121,27 @@ class Sam3DTextInfer(Sam3DInferTask):
             else:
                 name = None if isinstance(v, bool) else by_value.get(v)
             if name is None:
-                raise HTTPException(status_code=422, detail=f"label_prompt: {v!r} is not a label of {self.name} "
-                                    f"(GET /info lists them)")
+                raise HTTPException(
+                    status_code=422, detail=f"label_prompt: {v!r} is not a label of {self.name} (GET /info lists them)"
+                )
             if name not in names:
                 names.append(name)
         if len(names) > MAX_CLASS_PROMPTS:
-            raise HTTPException(status_code=422, detail=f"{len(names)} classes: {self.name} searches at most "
-                                f"{MAX_CLASS_PROMPTS} at once (pick them under Class Prompts)")
+            raise HTTPException(
+                status_code=422,
+                detail=f"{len(names)} classes: {self.name} searches at most "
+                f"{MAX_CLASS_PROMPTS} at once (pick them under Class Prompts)",
+            )
         points = request_points(request.get("points"), "points")
         point_labels = request.get("point_labels") or []
-        if not isinstance(point_labels, list) or len(point_labels) != len(points) or any(
-                p not in (0, 1) or isinstance(p, bool) for p in point_labels):
-            raise HTTPException(status_code=422, detail="point_labels must hold 1 (foreground) or 0 (background) for "
-                                "each of `points`")
+        if (
+            not isinstance(point_labels, list)
+            or len(point_labels) != len(points)
+            or any(p not in (0, 1) or isinstance(p, bool) for p in point_labels)
+        ):
+            raise HTTPException(
+                status_code=422, detail="point_labels must hold 1 (foreground) or 0 (background) for each of `points`"
+            )
         fg = [p for p, lab in zip(points, point_labels) if lab == 1]
         bg = [p for p, lab in zip(points, point_labels) if lab == 0]
         fg += request_points(request.get("foreground"), "foreground")
@@ -142,13 +155,17 @@ class Sam3DTextInfer(Sam3DInferTask):
         t0 = time.perf_counter()
         labels, res, found = None, None, {}
         for name in classes["names"]:
-            res = self.run_engine(engine.segment_text, classes["image"], name, classes["foreground"],
-                                  classes["background"])
+            res = self.run_engine(
+                engine.segment_text, classes["image"], name, classes["foreground"], classes["background"]
+            )
             if labels is None:
                 labels = np.zeros(res.mask.shape, np.uint8 if max(self.labels.values()) < 256 else np.uint16)
             labels[(res.mask > 0) & (labels == 0)] = self.labels[name]
-            found[name] = {"voxels": int((res.mask > 0).sum()), "score": res.info.get("score"),
-                           "message": res.info.get("message")}
+            found[name] = {
+                "voxels": int((res.mask > 0).sum()),
+                "score": res.info.get("score"),
+                "message": res.info.get("message"),
+            }
         res = replace(res, mask=labels, timings={"search": time.perf_counter() - t0})
         return res, {"label_names": {n: self.labels[n] for n in classes["names"]}, "classes": found}
 
@@ -161,8 +178,12 @@ class Sam3DTextClassPrompts(Sam3DTextInfer):
 
     def __init__(self, source: Sam3DTextInfer):
         labels = {k: v for k, v in source.labels.items() if k != DEFAULT_LABEL and v != 255}  # OHIF skips 255
-        spec = replace(source.spec, name=f"{source.name}_classes", labels=labels,
-                       description=f"{source.name} for OHIF's Class Prompts: tick structures, each is found by name")
+        spec = replace(
+            source.spec,
+            name=f"{source.name}_classes",
+            labels=labels,
+            description=f"{source.name} for OHIF's Class Prompts: tick structures, each is found by name",
+        )
         self.source = source
         super().__init__(spec, device=source.device, strict_labels=source.strict_labels)
 

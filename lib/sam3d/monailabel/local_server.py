@@ -47,8 +47,9 @@ def running_server(workdir: Path, studies: Path | str, conf: list[tuple[str, str
     env = dict(os.environ)
     env.update(
         {
-            "PYTHONPATH": os.pathsep.join([str(APP.parents[1] / "lib"), *map(str, pythonpath),
-                                           env.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join(
+                [str(APP.parents[1] / "lib"), *map(str, pythonpath), env.get("PYTHONPATH", "")]
+            ),
             "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
             "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
             "TMPDIR": str(server_tmp),
@@ -56,8 +57,20 @@ def running_server(workdir: Path, studies: Path | str, conf: list[tuple[str, str
         }
     )
     port = free_port()
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(APP),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     for key, value in conf:
         cmd += ["--conf", key, str(value)]
     log = workdir / "server.log"

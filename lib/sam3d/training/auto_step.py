@@ -56,13 +56,29 @@ HALF = 4  # a sample holds slices t-HALF..t+HALF: the longest chain (3) plus its
 class AutoSliceDataset(Dataset):
     """`length` deterministic samples: {"image", "label": (2 HALF + 1, S, S), "seed", ...}; see the module doc."""
 
-    def __init__(self, volumes: list[Volume], engine_config: EngineConfig, class_names: list[str],
-                 names: dict[str, dict[int, str]], size: int, seed: int = 0, foreground_slices: float = 0.9,
-                 augment: float = 0.0, length: int = 10**9) -> None:
+    def __init__(
+        self,
+        volumes: list[Volume],
+        engine_config: EngineConfig,
+        class_names: list[str],
+        names: dict[str, dict[int, str]],
+        size: int,
+        seed: int = 0,
+        foreground_slices: float = 0.9,
+        augment: float = 0.0,
+        length: int = 10**9,
+    ) -> None:
         self.size, self.seed, self.length, self.fg = int(size), int(seed), int(length), float(foreground_slices)
         # the slices are the channels of one 2D image: one in-plane motion for all; no flips (left/right organs)
-        self.affine = RandAffined(["image", "label"], prob=float(augment), rotate_range=0.26, scale_range=0.15,
-                                  translate_range=0.08 * size, mode=("bilinear", "nearest"), padding_mode="border")
+        self.affine = RandAffined(
+            ["image", "label"],
+            prob=float(augment),
+            rotate_range=0.26,
+            scale_range=0.15,
+            translate_range=0.08 * size,
+            mode=("bilinear", "nearest"),
+            padding_mode="border",
+        )
         self.items = []
         for v in volumes:
             table = {name: value for value, name in (names.get(v.name) or {}).items()}
@@ -99,16 +115,29 @@ class AutoSliceDataset(Dataset):
         self.affine.set_random_state(int(rng.integers(2**31 - 1)))
         moved = self.affine({"image": img, "label": lab})
         img, lab = _plain(moved["image"]), _plain(moved["label"])
-        return {"image": img.contiguous(), "label": lab.contiguous(), "index": int(index),
-                "seed": derive_seed(self.seed, "chain", int(index)), "case": name, "target": f"slice {t}",
-                "synthetic": False}
+        return {
+            "image": img.contiguous(),
+            "label": lab.contiguous(),
+            "index": int(index),
+            "seed": derive_seed(self.seed, "chain", int(index)),
+            "case": name,
+            "target": f"slice {t}",
+            "synthetic": False,
+        }
 
 
 def auto_dataset(volumes, engine_config, model, recipe: dict, root, seed: int) -> AutoSliceDataset:
     a = recipe.get("auto") or {}
-    return AutoSliceDataset(volumes, engine_config, model.class_names, case_names(recipe, Path(root)),
-                            model.img_size, seed=seed, foreground_slices=float(a.get("foreground_slices", 0.9)),
-                            augment=float(a.get("augment", 0.5)))
+    return AutoSliceDataset(
+        volumes,
+        engine_config,
+        model.class_names,
+        case_names(recipe, Path(root)),
+        model.img_size,
+        seed=seed,
+        foreground_slices=float(a.get("foreground_slices", 0.9)),
+        augment=float(a.get("augment", 0.5)),
+    )
 
 
 def load_sam_encoder(model: nn.Module, path) -> None:
@@ -118,8 +147,10 @@ def load_sam_encoder(model: nn.Module, path) -> None:
     state = adapt_sam_state_dict(read_state_dict(path), model.encoder)
     missing, unexpected = model.encoder.load_state_dict(state, strict=False)
     if unexpected or not all(is_lora_parameter(k) for k in missing):
-        raise ValueError(f"{path}: not a SAM ViT checkpoint of this size ({len(unexpected)} unexpected keys, "
-                         f"missing {[k for k in missing if not is_lora_parameter(k)][:5]})")
+        raise ValueError(
+            f"{path}: not a SAM ViT checkpoint of this size ({len(unexpected)} unexpected keys, "
+            f"missing {[k for k in missing if not is_lora_parameter(k)][:5]})"
+        )
     logger.info(f"SAM encoder weights from {path}")
 
 
@@ -128,8 +159,9 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) ->
     if not bool(present.any()):
         return pred.sum() * 0.0
     p, t = pred[present], target[present]
-    giou = generalized_box_iou_loss(box_convert(p, "cxcywh", "xyxy"), box_convert(t, "cxcywh", "xyxy"),
-                                    reduction="mean")
+    giou = generalized_box_iou_loss(
+        box_convert(p, "cxcywh", "xyxy"), box_convert(t, "cxcywh", "xyxy"), reduction="mean"
+    )
     return 5.0 * F.l1_loss(p, t) + 2.0 * giou
 
 
@@ -184,8 +216,9 @@ class AutoStep(TrainingStep):
             i = j + 1  # the chain slice in `feats`; its spatial neighbours are i - d and i + d
             below, above = feats[:, i - 1], feats[:, i + 1]
             with self.autocast():
-                out = m.step(torch.where(up, below, above), feats[:, i], torch.where(up, above, below),
-                             history, boxes, present)
+                out = m.step(
+                    torch.where(up, below, above), feats[:, i], torch.where(up, above, below), history, boxes, present
+                )
             logits = out["logits"].float()
             gt_boxes, gt_present = label_boxes(lab[:, i], k)
             for layer_boxes in out["boxes"]:

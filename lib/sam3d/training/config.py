@@ -17,14 +17,28 @@ _DATA_KEYS = {"dir", "cases", "exclude", "datastore", "label_maps", "shapes"}
 # section -> its keys (a set), or None: a value, or a mapping that its reader checks itself (`loss`: the loss's
 # own arguments, checked when it is built)
 RECIPE_KEYS: dict[str, set | None] = {
-    "name": None, "seed": None, "output": None, "resume": None, "resume_from": None, "loss": None,
-    "model": {"config", "preset", "network", "spacing", "intensity", "init_checkpoint", "init_required",
-              "init_strict"},
+    "name": None,
+    "seed": None,
+    "output": None,
+    "resume": None,
+    "resume_from": None,
+    "loss": None,
+    "model": {"config", "preset", "network", "spacing", "intensity", "init_checkpoint", "init_required", "init_strict"},
     "data": _DATA_KEYS,
     "sampling": {f.name for f in fields(SamplingConfig)},
     "interactive": {f.name for f in fields(InteractiveConfig)},
-    "optim": {"lr", "weight_decay", "betas", "eps", "warmup_steps", "min_lr_ratio", "grad_clip", "freeze", "lr_mult",
-              "lora"},
+    "optim": {
+        "lr",
+        "weight_decay",
+        "betas",
+        "eps",
+        "warmup_steps",
+        "min_lr_ratio",
+        "grad_clip",
+        "freeze",
+        "lr_mult",
+        "lora",
+    },
     "train": {"steps", "batch_size", "accumulate", "num_workers", "threads", "amp", "max_minutes", "stop_at_step"},
     "checkpoint": {"every", "half"},
     "validation": {"every", "samples", "clicks", "data"},
@@ -33,8 +47,11 @@ RECIPE_KEYS: dict[str, set | None] = {
     "auto": {"augment", "box_loss_weight", "foreground_slices", "max_previous", "sam_checkpoint", "teacher_boxes"},
     "debug": {"exit_at_step"},
 }
-_NESTED = {("validation", "data"): _DATA_KEYS, ("optim", "lora"): {"rank", "alpha", "modules", "layers"},
-           ("data", "shapes"): {"count", "size"}}
+_NESTED = {
+    ("validation", "data"): _DATA_KEYS,
+    ("optim", "lora"): {"rank", "alpha", "modules", "layers"},
+    ("data", "shapes"): {"count", "size"},
+}
 
 
 def _unknown(keys, known, where: str) -> None:

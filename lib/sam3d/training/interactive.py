@@ -51,8 +51,9 @@ class InteractiveConfig:
 
 def click_config(recipe: dict, engine_cfg) -> InteractiveConfig:
     """The recipe's `interactive` section; clicks are simulated at the model's voxel spacing."""
-    return InteractiveConfig.from_dict({"spacing_mm": float(engine_cfg.spacing[0]),
-                                        **(recipe.get("interactive") or {})})
+    return InteractiveConfig.from_dict(
+        {"spacing_mm": float(engine_cfg.spacing[0]), **(recipe.get("interactive") or {})}
+    )
 
 
 def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=None):
@@ -86,8 +87,10 @@ def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=N
                 point_labels.append(1 if positive else 0)
         pts = None
         if r not in mask_only and points:
-            pts = (torch.tensor(points, dtype=torch.float32, device=emb.device)[None],
-                   torch.tensor(point_labels, dtype=torch.int64, device=emb.device)[None])
+            pts = (
+                torch.tensor(points, dtype=torch.float32, device=emb.device)[None],
+                torch.tensor(point_labels, dtype=torch.int64, device=emb.device)[None],
+            )
         boxes = box if r not in mask_only else None
         if pts is None and boxes is None and r not in mask_only:
             boxes = box  # a perfect prediction before any click: keep what there is
@@ -126,8 +129,10 @@ def _batch_last_round(core, emb, gt, seeds, cfg, loss_fn, autocast):
     gt_np = gt[:, 0].detach().cpu().numpy() > 0.5
     boxes = None
     if core.supports_boxes and rngs[0].random() < cfg.box_prob:  # the whole batch starts from a box
-        corners = [ClickSimulator("box", seed=r, spacing=cfg.spacing_mm, box_jitter_mm=cfg.box_jitter_mm).next(g).box
-                   for r, g in zip(rngs, gt_np)]
+        corners = [
+            ClickSimulator("box", seed=r, spacing=cfg.spacing_mm, box_jitter_mm=cfg.box_jitter_mm).next(g).box
+            for r, g in zip(rngs, gt_np)
+        ]
         boxes = torch.tensor(corners, dtype=torch.float32, device=device)
     clicks = [[] for _ in range(n)]
     preds = [None] * n

@@ -38,8 +38,9 @@ class PointStep(TrainingStep):
         total = images.new_zeros((), dtype=torch.float32)
         dice_rounds = np.zeros(cfg.rounds)
         for b in range(images.shape[0]):
-            loss_b, dice_b = _sample_rounds(core, emb[b : b + 1], labels[b : b + 1], int(seeds[b]), cfg,
-                                            self.loss_fn, self.autocast, core.img_size)
+            loss_b, dice_b = _sample_rounds(
+                core, emb[b : b + 1], labels[b : b + 1], int(seeds[b]), cfg, self.loss_fn, self.autocast, core.img_size
+            )
             total = total + loss_b
             dice_rounds += dice_b
         n = images.shape[0]

@@ -47,8 +47,15 @@ def trained_vocabulary(names: dict[str, dict[int, str]], recipe: dict) -> list[s
     case that lists some. The engine answers texts close to one of these; others get an empty mask."""
     wanted = set((recipe.get("data") or {}).get("cases") or names)
     targets = {c: {int(v) for v in vs} for c, vs in ((recipe.get("sampling") or {}).get("targets") or {}).items()}
-    return sorted({name_to_words(n) for c, table in names.items() if c in wanted
-                   for v, n in table.items() if c not in targets or v in targets[c]})
+    return sorted(
+        {
+            name_to_words(n)
+            for c, table in names.items()
+            if c in wanted
+            for v, n in table.items()
+            if c not in targets or v in targets[c]
+        }
+    )
 
 
 class TextStep(TrainingStep):
@@ -125,8 +132,9 @@ class TextStep(TrainingStep):
         loss = self.loss_fn(logits, gt) + self.iou_loss_weight * F.mse_loss(iou_pred[:, 0], iou)
         if not self.refine_rounds:
             return loss, np.array([dice_text])
-        refine_loss, refine_dice = _sample_rounds(TextBound(core, prompt), emb, gt, seed, self.click_cfg,
-                                                  self.loss_fn, self.autocast, size)
+        refine_loss, refine_dice = _sample_rounds(
+            TextBound(core, prompt), emb, gt, seed, self.click_cfg, self.loss_fn, self.autocast, size
+        )
         r = self.refine_rounds
         return (loss + r * refine_loss) / (1 + r), np.concatenate([[dice_text], refine_dice])
 
@@ -143,8 +151,9 @@ class TextStep(TrainingStep):
             names = self.target_names(item["case"], item["target"])
             if names is None:
                 continue
-            prompt = stack_embeddings([self.encoder("the " + " and ".join(name_to_words(n) for n in names))],
-                                      device=device)
+            prompt = stack_embeddings(
+                [self.encoder("the " + " and ".join(name_to_words(n) for n in names))], device=device
+            )
             with autocast():
                 logits, _ = model.decode(model.encode_image(item["image"][None].to(device)), text=prompt)
             scores.append(metrics.dice(logits.float()[0, 0] > 0, item["label"][0].to(device) > 0.5))

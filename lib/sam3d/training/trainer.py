@@ -106,8 +106,9 @@ def build_model(recipe: dict, root: Path) -> tuple[torch.nn.Module, dict, Engine
         raise ValueError("this recipe fine-tunes published weights: set model.init_checkpoint=/path/to/weights")
     if m.get("init_checkpoint"):
         state = read_state_dict(_resolve(m["init_checkpoint"], root))
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()},
-                                                    strict=bool(m.get("init_strict", True)))
+        missing, unexpected = model.load_state_dict(
+            {k: v.float() for k, v in state.items()}, strict=bool(m.get("init_strict", True))
+        )
         if missing or unexpected:
             logger.warning(f"init checkpoint: {len(missing)} missing, {len(unexpected)} unexpected keys")
     # the whole network config, not only the overrides: a later change of the preset cannot alter this checkpoint
@@ -125,8 +126,10 @@ def _param_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
         mult = next((float(v) for k, v in mults.items() if name.startswith(k)), 1.0)
         decay = p.ndim >= 2 and "embed" not in name.split(".")[-2:][0]
         key = (mult, decay)
-        g = groups.setdefault(key, {"params": [], "lr_mult": mult,
-                                    "weight_decay": float(optim.get("weight_decay", 0.1)) if decay else 0.0})
+        g = groups.setdefault(
+            key,
+            {"params": [], "lr_mult": mult, "weight_decay": float(optim.get("weight_decay", 0.1)) if decay else 0.0},
+        )
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
@@ -163,7 +166,8 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
     accumulate = int(tcfg.get("accumulate", 1))
     if global_batch % (world * accumulate):
         raise ValueError(
-            f"batch_size {global_batch} must be divisible by processes x accumulate = {world * accumulate}")
+            f"batch_size {global_batch} must be divisible by processes x accumulate = {world * accumulate}"
+        )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -184,12 +188,28 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
 
     sampling = replace(SamplingConfig.from_dict(recipe.get("sampling")), size=model.img_size)
     volumes = load_volumes(_resolve_data(recipe.get("data", {}), root), engine_cfg.spacing, seed)
-    loader = DataLoader(step_module.dataset(volumes, engine_cfg, sampling, seed),
-                        batch_sampler=StepBatchSampler(start, steps, global_batch, rank, world),
-                        num_workers=int(tcfg.get("num_workers", 0)), collate_fn=_collate, persistent_workers=False)
+    loader = DataLoader(
+        step_module.dataset(volumes, engine_cfg, sampling, seed),
+        batch_sampler=StepBatchSampler(start, steps, global_batch, rank, world),
+        num_workers=int(tcfg.get("num_workers", 0)),
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
 
-    trainer = Engine(_optimizer_step(net, step_module, model, optimizer, scheduler, device, global_batch // world //
-                                     accumulate, accumulate, optim.get("grad_clip", 1.0), ddp))
+    trainer = Engine(
+        _optimizer_step(
+            net,
+            step_module,
+            model,
+            optimizer,
+            scheduler,
+            device,
+            global_batch // world // accumulate,
+            accumulate,
+            optim.get("grad_clip", 1.0),
+            ddp,
+        )
+    )
     if start:
         trainer.load_state_dict({"iteration": start, "epoch_length": steps, "max_epochs": 1})
     _attach_budget(trainer, tcfg.get("max_minutes"), rank, ddp, device)
@@ -197,11 +217,15 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=int(tcfg["stop_at_step"])), lambda e: e.terminate())
     exit_at = (recipe.get("debug") or {}).get("exit_at_step")
     if exit_at is not None:  # tests: die like a killed process right after a step
-        trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                                  lambda e: os._exit(3) if e.state.iteration >= int(exit_at) else None)
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: os._exit(3) if e.state.iteration >= int(exit_at) else None
+        )
     logs = _attach_logging(trainer, out, recipe, start) if rank == 0 else None
-    val_rows = _attach_validation(trainer, step_module, recipe, root, volumes, engine_cfg, sampling, seed, out, logs,
-                                  device) if rank == 0 else []
+    val_rows = (
+        _attach_validation(trainer, step_module, recipe, root, volumes, engine_cfg, sampling, seed, out, logs, device)
+        if rank == 0
+        else []
+    )
     _attach_checkpoint(trainer, model, optimizer, scheduler, out, sidecar, recipe.get("checkpoint", {}), rank)
 
     if start >= steps:
@@ -210,9 +234,13 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
         return {"output": str(out), "step": start}
     t_start = time.time()
     trainer.run(loader, max_epochs=1, epoch_length=steps)
-    summary = {"output": str(out), "step": trainer.state.iteration, "seconds": time.time() - t_start,
-               "loss": trainer.state.output["loss"] if trainer.state.output else None,
-               "validation": val_rows[-1] if val_rows else None}
+    summary = {
+        "output": str(out),
+        "step": trainer.state.iteration,
+        "seconds": time.time() - t_start,
+        "loss": trainer.state.output["loss"] if trainer.state.output else None,
+        "validation": val_rows[-1] if val_rows else None,
+    }
     if rank == 0:
         logs.close()
         # the run ended (its steps, or its time budget): a killed run never writes this for its last step
@@ -225,8 +253,10 @@ def _training_step(model, recipe: dict, root: Path, sidecar: dict, engine_cfg, a
     kind = model_kind(sidecar["preset"])
     for section in ("text", "auto"):
         if recipe.get(section) and section != kind:
-            raise ValueError(f"the recipe's `{section}` section trains a {section} model, and {sidecar['preset']!r} is "
-                             f"a {kind} model: set model.preset to a {section} preset or remove the section")
+            raise ValueError(
+                f"the recipe's `{section}` section trains a {section} model, and {sidecar['preset']!r} is "
+                f"a {kind} model: set model.preset to a {section} preset or remove the section"
+            )
     return STEPS[kind].from_recipe(model, recipe, root, sidecar, engine_cfg, autocast)
 
 
@@ -236,8 +266,9 @@ def _add_lora(model, optim: dict, rank: int) -> None:
         return
     lo = optim["lora"]
     r = int(lo.get("rank", 4))
-    added = add_lora(model, list(lo.get("modules", ["image_encoder"])), list(lo.get("layers", ["qkv"])), r,
-                     float(lo.get("alpha", r)))
+    added = add_lora(
+        model, list(lo.get("modules", ["image_encoder"])), list(lo.get("layers", ["qkv"])), r, float(lo.get("alpha", r))
+    )
     if rank == 0:
         logger.info(f"LoRA rank {r} on {len(added)} layers ({added[0]}, ...)")
 
@@ -248,8 +279,9 @@ def _optimizer(model, optim: dict, steps: int):
     base_lr = float(optim.get("lr", 3e-4))
     for g in groups:
         g["lr"] = base_lr * g["lr_mult"]
-    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(optim.get("betas", (0.9, 0.999))),
-                                  eps=float(optim.get("eps", 1e-8)))
+    optimizer = torch.optim.AdamW(
+        groups, lr=base_lr, betas=tuple(optim.get("betas", (0.9, 0.999))), eps=float(optim.get("eps", 1e-8))
+    )
     warmup, min_ratio = int(optim.get("warmup_steps", 0)), float(optim.get("min_lr_ratio", 0.05))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, min_ratio))
     return optimizer, scheduler
@@ -262,8 +294,11 @@ def _resume(out: Path, recipe: dict, root: Path, model, optimizer, scheduler, ra
     if rank == 0:  # temporary files of writes that a killed run left behind (the real files are whole)
         for stale in out.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    source = state_path if state_path.is_file() else (_resolve(recipe["resume_from"], root)
-                                                      if recipe.get("resume_from") else None)
+    source = (
+        state_path
+        if state_path.is_file()
+        else (_resolve(recipe["resume_from"], root) if recipe.get("resume_from") else None)
+    )
     if source is None or not source.is_file():
         return 0
     if not recipe.get("resume", True):
@@ -277,8 +312,9 @@ def _resume(out: Path, recipe: dict, root: Path, model, optimizer, scheduler, ra
     return int(state["step"])
 
 
-def _optimizer_step(net, step_module, model, optimizer, scheduler, device, micro: int, accumulate: int, grad_clip,
-                    ddp: bool):
+def _optimizer_step(
+    net, step_module, model, optimizer, scheduler, device, micro: int, accumulate: int, grad_clip, ddp: bool
+):
     """The engine's process function: one optimizer step over the global batch, in `accumulate` micro-batches."""
 
     def step(engine, batch):
@@ -298,13 +334,22 @@ def _optimizer_step(net, step_module, model, optimizer, scheduler, device, micro
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
         optimizer.step()
         scheduler.step()
-        stats = torch.cat([torch.stack(losses).mean().reshape(1).cpu(), torch.stack(dices).mean(0),
-                           torch.tensor([float(np.mean(batch["synthetic"]))])])
+        stats = torch.cat(
+            [
+                torch.stack(losses).mean().reshape(1).cpu(),
+                torch.stack(dices).mean(0),
+                torch.tensor([float(np.mean(batch["synthetic"]))]),
+            ]
+        )
         if ddp:
             stats = idist.all_reduce(stats.to(device)).cpu() / idist.get_world_size()
-        return {"loss": float(stats[0]), "dice_first": float(stats[1]), "dice_last": float(stats[-2]),
-                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
-                "synthetic": float(stats[-1])}
+        return {
+            "loss": float(stats[0]),
+            "dice_first": float(stats[1]),
+            "dice_last": float(stats[-2]),
+            "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
+            "synthetic": float(stats[-1]),
+        }
 
     return step
 
@@ -350,8 +395,17 @@ class _Logs:
         self.t0 = time.time()
 
     def step(self, iteration: int, o: dict) -> None:
-        self.writer.writerow([iteration, f"{o['loss']:.5f}", f"{o['dice_first']:.4f}", f"{o['dice_last']:.4f}",
-                              f"{o['lr']:.3e}", o["synthetic"], f"{time.time() - self.t0:.1f}"])
+        self.writer.writerow(
+            [
+                iteration,
+                f"{o['loss']:.5f}",
+                f"{o['dice_first']:.4f}",
+                f"{o['dice_last']:.4f}",
+                f"{o['lr']:.3e}",
+                o["synthetic"],
+                f"{time.time() - self.t0:.1f}",
+            ]
+        )
         self.file.flush()
         self.scalars("train", o, iteration)
 
@@ -369,18 +423,32 @@ class _Logs:
 def _attach_logging(trainer: Engine, out: Path, recipe: dict, start: int) -> _Logs:
     log_cfg = recipe.get("log", {})
     logs = _Logs(out, recipe, start)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=int(log_cfg.get("every", 1))),
-                              lambda e: logs.step(e.state.iteration, e.state.output))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(every=int(log_cfg.get("every", 1))),
+        lambda e: logs.step(e.state.iteration, e.state.output),
+    )
     if log_cfg.get("progress", True):
         from ignite.contrib.handlers import ProgressBar
 
-        ProgressBar(persist=True).attach(trainer,
-                                         output_transform=lambda o: {"loss": o["loss"], "dice": o["dice_last"]})
+        ProgressBar(persist=True).attach(
+            trainer, output_transform=lambda o: {"loss": o["loss"], "dice": o["dice_last"]}
+        )
     return logs
 
 
-def _attach_validation(trainer: Engine, step_module: TrainingStep, recipe: dict, root: Path, volumes, engine_cfg,
-                       sampling, seed: int, out: Path, logs: _Logs, device) -> list[dict]:
+def _attach_validation(
+    trainer: Engine,
+    step_module: TrainingStep,
+    recipe: dict,
+    root: Path,
+    volumes,
+    engine_cfg,
+    sampling,
+    seed: int,
+    out: Path,
+    logs: _Logs,
+    device,
+) -> list[dict]:
     """Every `validation.every` steps and at the end: `step_module.validate` on fixed windows of the held-out
     volumes the recipe names (`validation.data`, as `data`), else of the training ones; rows in val.csv."""
     val_cfg = recipe.get("validation") or {}
@@ -415,16 +483,21 @@ def _attach_validation(trainer: Engine, step_module: TrainingStep, recipe: dict,
     return rows
 
 
-def _attach_checkpoint(trainer: Engine, model, optimizer, scheduler, out: Path, sidecar: dict, ck: dict,
-                       rank: int) -> None:
+def _attach_checkpoint(
+    trainer: Engine, model, optimizer, scheduler, out: Path, sidecar: dict, ck: dict, rank: int
+) -> None:
     """Every `checkpoint.every` steps and at the end: state.pt (to resume), then the served checkpoint."""
     every = int(ck.get("every", 100))
 
     def save(engine=None):
         s = trainer.state.iteration
         if rank == 0:
-            state = {"step": s, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict()}
+            state = {
+                "step": s,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            }
             atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))  # resume state first, then the model
             save_checkpoint(model, out / "model.safetensors", {**sidecar, "step": s}, half=bool(ck.get("half", False)))
             logger.info(f"step {s}: checkpoint {out / 'model.safetensors'}")

@@ -64,8 +64,13 @@ class BoxPromptGenerator(nn.Module):
             prev_present = torch.ones(prev_boxes.shape[:2], dtype=torch.bool, device=prev_boxes.device)
         return torch.where(prev_present[..., None], prev_boxes.to(default.dtype).clamp(1e-3, 1 - 1e-3), default)
 
-    def forward(self, feats: torch.Tensor, feats_pos: torch.Tensor, prev_boxes: torch.Tensor | None = None,
-                prev_present: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def forward(
+        self,
+        feats: torch.Tensor,
+        feats_pos: torch.Tensor,
+        prev_boxes: torch.Tensor | None = None,
+        prev_present: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """feats (B, C, H, W), feats_pos (1, C, H, W), prev_boxes (B, K, 4), prev_present (B, K) bool.
 
         Returns the box-prompt embeddings (B, K, C), the boxes after each layer [(B, K, 4)], the initial anchors.

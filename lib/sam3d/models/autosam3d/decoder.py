@@ -16,8 +16,9 @@ from .slice_encoder import LayerNorm2d
 
 
 class MultiClassMaskDecoder(nn.Module):
-    def __init__(self, num_classes: int, dim: int, depth: int, num_heads: int, mlp_dim: int,
-                 history_tokens: int) -> None:
+    def __init__(
+        self, num_classes: int, dim: int, depth: int, num_heads: int, mlp_dim: int, history_tokens: int
+    ) -> None:
         super().__init__()
         self.num_outputs = num_classes + 1  # background first
         self.history_tokens = history_tokens
@@ -39,8 +40,9 @@ class MultiClassMaskDecoder(nn.Module):
     def initial_history(self, batch: int) -> torch.Tensor | None:
         return self.history_init.weight.expand(batch, -1, -1) if self.history_tokens else None
 
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, prompts: torch.Tensor | None,
-                history: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, image: torch.Tensor, image_pe: torch.Tensor, prompts: torch.Tensor | None, history: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """image (B, C, H, W), image_pe (1, C, H, W), prompts (B, K, C) or None, history (B, K_his, C) or None.
 
         Returns logits (B, 1 + K, 4H, 4W) and the filtered history (B, K_his, C) (None without history tokens).

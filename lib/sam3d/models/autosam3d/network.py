@@ -81,16 +81,41 @@ AUTOSAM3D_PRESETS: dict[str, AutoSam3DConfig] = {
     "autosam3d_vit_b": AutoSam3DConfig(),
     # the CPU-sized network we train and ship: the same design, smaller numbers; no SAM weights exist at this
     # size, so its encoder trains from scratch with the rest (and needs no LoRA)
-    "autosam3d_small": AutoSam3DConfig(img_size=128, patch_size=8, encoder_embed_dim=192, encoder_depth=4,
-                                       encoder_num_heads=4, encoder_global_attn_indexes=(1, 3), window_size=8,
-                                       embed_dim=128, local_heads=4, history_tokens=4, decoder_num_heads=4,
-                                       decoder_mlp_dim=512, freeze_encoder=False, lora_rank=0),
+    "autosam3d_small": AutoSam3DConfig(
+        img_size=128,
+        patch_size=8,
+        encoder_embed_dim=192,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3),
+        window_size=8,
+        embed_dim=128,
+        local_heads=4,
+        history_tokens=4,
+        decoder_num_heads=4,
+        decoder_mlp_dim=512,
+        freeze_encoder=False,
+        lora_rank=0,
+    ),
     # tests
-    "autosam3d_tiny": AutoSam3DConfig(class_names=("liver", "spleen", "kidney_right"), img_size=32, patch_size=8,
-                                      encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                                      encoder_global_attn_indexes=(1,), window_size=2, embed_dim=32, lora_rank=2,
-                                      local_heads=2, history_tokens=2, box_depth=1, decoder_depth=1,
-                                      decoder_num_heads=2, decoder_mlp_dim=64),
+    "autosam3d_tiny": AutoSam3DConfig(
+        class_names=("liver", "spleen", "kidney_right"),
+        img_size=32,
+        patch_size=8,
+        encoder_embed_dim=32,
+        encoder_depth=2,
+        encoder_num_heads=2,
+        encoder_global_attn_indexes=(1,),
+        window_size=2,
+        embed_dim=32,
+        lora_rank=2,
+        local_heads=2,
+        history_tokens=2,
+        box_depth=1,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        decoder_mlp_dim=64,
+    ),
 }
 
 
@@ -101,16 +126,28 @@ class AutoSam3D(nn.Module):
         self.img_size = c.img_size
         self.class_names = list(c.class_names)
         k, d = len(c.class_names), c.embed_dim
-        self.encoder = SliceEncoderViT(c.img_size, c.patch_size, c.in_chans, c.encoder_embed_dim, c.encoder_depth,
-                                       c.encoder_num_heads, c.mlp_ratio, d, c.window_size,
-                                       c.encoder_global_attn_indexes, c.lora_rank, c.lora_alpha)
+        self.encoder = SliceEncoderViT(
+            c.img_size,
+            c.patch_size,
+            c.in_chans,
+            c.encoder_embed_dim,
+            c.encoder_depth,
+            c.encoder_num_heads,
+            c.mlp_ratio,
+            d,
+            c.window_size,
+            c.encoder_global_attn_indexes,
+            c.lora_rank,
+            c.lora_alpha,
+        )
         if c.freeze_encoder:
             freeze_all_but_lora(self.encoder)
         self.pe_layer = PositionEmbeddingRandom2D(d // 2)
         self.local = InterIntraSliceAttention(d, c.local_heads) if c.local_attention else None
         self.box_generator = BoxPromptGenerator(k, d, c.decoder_num_heads, c.box_depth) if c.box_prompts else None
-        self.decoder = MultiClassMaskDecoder(k, d, c.decoder_depth, c.decoder_num_heads, c.decoder_mlp_dim,
-                                             c.history_tokens)
+        self.decoder = MultiClassMaskDecoder(
+            k, d, c.decoder_depth, c.decoder_num_heads, c.decoder_mlp_dim, c.history_tokens
+        )
 
     @property
     def num_classes(self) -> int:
@@ -123,8 +160,15 @@ class AutoSam3D(nn.Module):
     def initial_history(self, batch: int) -> torch.Tensor | None:
         return self.decoder.initial_history(batch)
 
-    def step(self, prev: torch.Tensor, cur: torch.Tensor, nxt: torch.Tensor, history: torch.Tensor | None = None,
-             prev_boxes: torch.Tensor | None = None, prev_present: torch.Tensor | None = None) -> dict:
+    def step(
+        self,
+        prev: torch.Tensor,
+        cur: torch.Tensor,
+        nxt: torch.Tensor,
+        history: torch.Tensor | None = None,
+        prev_boxes: torch.Tensor | None = None,
+        prev_present: torch.Tensor | None = None,
+    ) -> dict:
         """One slice: features (B, C, h, w) of t-1, t, t+1, the history so far, the previous slice's boxes.
 
         Returns {"logits": (B, 1 + K, 4h, 4w), "history": (B, K_his, C) | None, "boxes": [(B, K, 4)] per

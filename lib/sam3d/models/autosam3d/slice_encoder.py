@@ -35,8 +35,9 @@ def _rel_pos(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
 class SliceAttention(nn.Module):
     """Multi-head self-attention over an (H, W) token grid with decomposed relative positions; qkv with LoRA."""
 
-    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], lora_rank: int,
-                 lora_alpha: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, input_size: tuple[int, int], lora_rank: int, lora_alpha: float
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
@@ -63,8 +64,9 @@ class SliceAttention(nn.Module):
 class SliceBlock(nn.Module):
     """Pre-norm transformer block; windowed (zero-padded windows, no masking, as SAM) or global attention."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, grid: int,
-                 lora_rank: int, lora_alpha: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, grid: int, lora_rank: int, lora_alpha: float
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         size = (window_size, window_size) if window_size else (grid, grid)
@@ -102,18 +104,36 @@ class PatchEmbed(nn.Module):
 class SliceEncoderViT(nn.Module):
     """(B, in_chans, img_size, img_size) -> (B, out_chans, img_size / patch, img_size / patch)."""
 
-    def __init__(self, img_size: int = 1024, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, out_chans: int = 256,
-                 window_size: int = 14, global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11),
-                 lora_rank: int = 0, lora_alpha: float = 1.0) -> None:
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        window_size: int = 14,
+        global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11),
+        lora_rank: int = 0,
+        lora_alpha: float = 1.0,
+    ) -> None:
         super().__init__()
         self.img_size = img_size
         grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
         self.blocks = nn.ModuleList(
-            SliceBlock(embed_dim, num_heads, mlp_ratio, 0 if i in global_attn_indexes else window_size, grid,
-                       lora_rank, lora_alpha)
+            SliceBlock(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                0 if i in global_attn_indexes else window_size,
+                grid,
+                lora_rank,
+                lora_alpha,
+            )
             for i in range(depth)
         )
         self.neck = nn.Sequential(
@@ -130,8 +150,9 @@ class SliceEncoderViT(nn.Module):
         return self.neck(x.permute(0, 3, 1, 2))
 
 
-def adapt_sam_state_dict(state: dict[str, torch.Tensor], encoder: SliceEncoderViT,
-                         prefix: str = "image_encoder.") -> dict[str, torch.Tensor]:
+def adapt_sam_state_dict(
+    state: dict[str, torch.Tensor], encoder: SliceEncoderViT, prefix: str = "image_encoder."
+) -> dict[str, torch.Tensor]:
     """A SAM checkpoint's encoder tensors for `encoder`: prefix stripped, position tables resized to its image size.
 
     SAMed does the same to run SAM at 512 or 224 pixels: pos_embed bicubically, relative tables linearly.
@@ -141,11 +162,12 @@ def adapt_sam_state_dict(state: dict[str, torch.Tensor], encoder: SliceEncoderVi
     for key, value in state.items():
         if prefix and not key.startswith(prefix):
             continue
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
         if key in own and own[key].shape != value.shape:
             if key == "pos_embed":
-                value = F.interpolate(value.permute(0, 3, 1, 2), size=own[key].shape[1:3], mode="bicubic",
-                                      align_corners=False).permute(0, 2, 3, 1)
+                value = F.interpolate(
+                    value.permute(0, 3, 1, 2), size=own[key].shape[1:3], mode="bicubic", align_corners=False
+                ).permute(0, 2, 3, 1)
             elif key.endswith(("rel_pos_h", "rel_pos_w")):
                 value = F.interpolate(value.T[None], size=own[key].shape[0], mode="linear", align_corners=False)[0].T
         out[key] = value
