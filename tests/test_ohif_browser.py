@@ -232,6 +232,36 @@ def _click(driver, x: float, y: float) -> None:
     actions.perform()
 
 
+def _select_row(driver, row, tries: int = 3) -> None:
+    """Click a label row of the panel until the panel marks it selected.
+
+    Selenium's own click found the row "not interactable" at times, and a pointer click sent while the layout was
+    still scrolling landed beside it (a CI run): the row is scrolled into view, its position read until it stops
+    moving, then clicked where it is.
+    """
+    for _ in range(tries):
+        where = None
+        for _ in range(20):
+            now = driver.execute_script(
+                """const row = arguments[0];
+                row.scrollIntoView({block: 'center'});
+                const r = row.cells[1].getBoundingClientRect();
+                return [r.x + r.width / 2, r.y + r.height / 2];""",
+                row,
+            )
+            if now == where:
+                break
+            where = now
+            time.sleep(0.2)
+        _click(driver, *where)
+        try:
+            _wait("the row selected", lambda: "darkblue" in (row.get_attribute("style") or ""), 3)
+            return
+        except pytest.fail.Exception:
+            continue
+    pytest.fail(f"clicking the row {row.text!r} {tries} times did not select it")
+
+
 def test_an_annotator_segments_saves_and_trains_in_ohif(browser_app, browser, shared_data, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -300,16 +330,8 @@ def test_an_annotator_segments_saves_and_trains_in_ohif(browser_app, browser, sh
         Select(xpath(By.XPATH, point_tab + "//select")).select_by_value("sam3d_point")
         row = xpath(By.XPATH, "//tr[contains(@class,'clickable-row')][td[normalize-space()='urinary_bladder']]")
         # the panel is taller than the window: the row into view (which scrolls the whole layout too), a click on
-        # it, then the layout back where it was (selenium's own click found the row "not interactable" at times)
-        rx, ry = d.execute_script(
-            """const row = arguments[0];
-            row.scrollIntoView({block: 'center'});
-            const r = row.cells[1].getBoundingClientRect();
-            return [r.x + r.width / 2, r.y + r.height / 2];""",
-            row,
-        )
-        _click(d, rx, ry)
-        _wait("urinary_bladder selected", lambda: "darkblue" in (row.get_attribute("style") or ""), 10)
+        # it, then the layout back where it was
+        _select_row(d, row)
         d.execute_script("""for (const e of document.querySelectorAll('*')) {
             if (e.scrollTop > 0 && !e.closest('.bodyTableContainer')) { e.scrollTop = 0; } }""")
         truth = np.asarray(nib.load(str(shared_data / "totalseg_ct" / "label.nii.gz")).dataobj)
