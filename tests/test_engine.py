@@ -311,3 +311,28 @@ def test_engine_config_refuses_an_unknown_precision_or_zoom():
         EngineConfig.from_dict({"precision": "fp16"})
     with pytest.raises(ValueError, match="max_zoom must be >= 1"):
         EngineConfig.from_dict({"max_zoom": 0.5})
+
+
+class WindowRecorder(BallModel):
+    """A ball model that keeps the range of every window it encodes."""
+
+    def encode_image(self, x):
+        self.ranges = getattr(self, "ranges", []) + [(float(x.min()), float(x.max()))]
+        return super().encode_image(x)
+
+
+def test_a_ct_is_seen_through_the_models_ct_window_and_an_mr_is_not(ct, mr):
+    """The CT is recognised by its air (HU below -500) and clipped to `ct_clip`; an MR keeps its bright voxels."""
+    seen = {}
+    for name, path, click in (("ct", ct, [60, 50, 56]), ("mr", mr, [58, 45, 10])):
+        model = WindowRecorder()
+        engine_for(model, spacing=(3.0, 3.0, 3.0), ct_clip=(-200.0, 300.0), normalize="none").segment(path, [click], [])
+        seen[name] = model.ranges[0]
+    assert seen["ct"] == (-200.0, 300.0)
+    assert seen["mr"][1] > 600, seen
+
+
+def test_engine_config_refuses_an_unknown_intensity_setting():
+    assert EngineConfig.from_dict({"intensity": {"ct_clip": [-200, 300]}}).ct_clip == (-200.0, 300.0)
+    with pytest.raises(ValueError, match=r"unknown intensity setting\(s\) \['window'\]"):
+        EngineConfig.from_dict({"intensity": {"window": [-200, 300]}})

@@ -3,6 +3,7 @@ crash-and-resume, and 2 gloo processes against 1 with the same global batch."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,23 @@ def test_window_dataset(tiny_cases):
     vol = next(v for v in vols if v.name == plain["case"])
     raw = crop(vol.image[0], plain["start"], 32, float(vol.image.min()))
     assert torch.allclose(plain["image"][0], normalize_window(raw, cfg), atol=1e-4)
+
+
+def test_a_real_ct_trains_through_the_ct_window_as_it_is_served(tmp_path, tiny_cases):
+    """Unsynthesised windows of a CT (air below -500 HU) are clipped to `ct_clip`, as the engine clips a CT."""
+    case = tmp_path / "ct"
+    case.mkdir()
+    image = nib.load(str(tiny_cases / "case0" / "image.nii.gz"))
+    label = np.asarray(nib.load(str(tiny_cases / "case0" / "label.nii.gz")).dataobj)
+    hu = np.where(label > 0, 40.0 + 400 * (label == 3), -1000.0).astype(np.float32)  # organs, bone, air
+    nib.save(nib.Nifti1Image(hu, image.affine), str(case / "image.nii.gz"))
+    shutil.copy(tiny_cases / "case0" / "label.nii.gz", case / "label.nii.gz")
+    vols = [load_volume(*s, (2.0, 2.0, 2.0)) for s in list_sources({"dir": str(tmp_path)})]
+    mr = [load_volume(*s, (2.0, 2.0, 2.0)) for s in list_sources({"dir": str(tiny_cases)})]
+    assert [v.hounsfield for v in vols] == [True] and not any(v.hounsfield for v in mr)
+    cfg = EngineConfig(ct_clip=(-200.0, 300.0), normalize="none")
+    window = WindowDataset(vols, cfg, SamplingConfig(size=32, min_voxels=8), seed=3, augment=False)[0]["image"]
+    assert float(window.min()) == -200.0 and float(window.max()) == 300.0
 
 
 def test_sampling_targets_restrict_a_case_to_some_labels(tiny_cases):

@@ -17,6 +17,7 @@ import fnmatch
 import glob
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from monai.transforms import (
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from ..engine.image_session import ImageSession, load_image, to_model_grid
+from ..engine.image_session import ImageSession, load_image, looks_like_hounsfield, to_model_grid
 from ..engine.interactive import EngineConfig, normalize_window
 from ..engine.windows import window_start
 from .cases import find_cases
@@ -55,6 +56,11 @@ class Volume:
     _flat: np.ndarray = field(default=None, repr=False)
     _bounds: dict = field(default_factory=dict, repr=False)
     _box: tuple = field(default=None, repr=False)
+
+    @cached_property
+    def hounsfield(self) -> bool:
+        """A real CT in HU: its unsynthesised windows get the model's CT window, as at inference."""
+        return self.image is not None and looks_like_hounsfield(self.image)
 
     def index(self, min_voxels: int) -> None:
         lab = self.label[0].numpy()
@@ -354,7 +360,11 @@ class WindowDataset(Dataset):
         d = synth(d)
         if self.augment and rng.random() < c.thin_prob:
             d["image"], mask = as_thin_scan(d["image"], mask, c.thin_slices, rng)
-        image = normalize_window(torch.as_tensor(d["image"][0], dtype=torch.float32), self._engine_cfg(d["synthetic"]))
+        image = normalize_window(
+            torch.as_tensor(d["image"][0], dtype=torch.float32),
+            self._engine_cfg(d["synthetic"]),
+            hounsfield=vol.hounsfield and not d["synthetic"],
+        )
         d2 = {"image": image[None]}
         self.intensity.set_random_state(sub_seed + 2)
         d2 = self.intensity(d2)

@@ -111,7 +111,7 @@ class AutoEngine:
     def _segment(self, image_path: str, order: str) -> SegmentResult:
         timings, t0 = {}, time.perf_counter()
         sess = ImageSession(image_path, self.config.spacing, self.config.max_voxels)
-        vol = normalize_window(sess.volume, self.config)  # (X, Y, Z) on the model grid
+        vol = normalize_window(sess.volume, self.config, sess.hounsfield)  # (X, Y, Z) on the model grid
         geo = SliceGeometry(tuple(vol.shape[:2]), self.model.img_size)
         slices = geo.to_model(vol.permute(2, 0, 1), fill=float(vol.min())).to(self.device)
         timings["load"], t = time.perf_counter() - t0, time.perf_counter()

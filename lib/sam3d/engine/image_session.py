@@ -33,6 +33,12 @@ class ImageKey:
         return cls(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
+def looks_like_hounsfield(volume: torch.Tensor) -> bool:
+    """A CT in Hounsfield units: air (below -500) in at least 0.1 % of its voxels. MR, and the images training
+    synthesises, have no such values."""
+    return bool((volume < -500).float().mean() >= 1e-3)
+
+
 def load_image(path: str | os.PathLike) -> MetaTensor:
     """(1, X, Y, Z) as `monai.transforms.LoadImage` gives it (ITK for a DICOM folder): the array clicks address."""
     path = str(path)
@@ -85,6 +91,7 @@ class ImageSession:
         self.model_affine = np.asarray(resampled.affine, dtype=np.float64)
         self.to_model = np.linalg.inv(self.model_affine) @ self.affine  # image index -> model-grid index
         self.background = float(self.volume.min())
+        self.hounsfield = looks_like_hounsfield(self.volume)  # a CT: the model's CT window applies
         self.nbytes = self.volume.element_size() * self.volume.nelement()
 
     def image_to_model(self, points: np.ndarray) -> np.ndarray:

@@ -44,6 +44,7 @@ _PRIOR_LOGIT = 10.0  # a given prior mask as logits: as confident as a previous 
 class EngineConfig:
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     clip: tuple[float, float] | None = None  # intensity window applied before normalisation (e.g. CT HU)
+    ct_clip: tuple[float, float] | None = None  # the window for a CT in HU (`looks_like_hounsfield`)
     normalize: str = "zscore_foreground"  # SAM-Med3D's: z-score over the window's voxels > 0
     cache_mb: int = 2048  # image embeddings
     session_cache_mb: int = 4096  # resampled images
@@ -57,12 +58,16 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, cfg: dict) -> "EngineConfig":
         intensity = cfg.get("intensity") or {}
+        unknown = set(intensity) - {"clip", "ct_clip", "normalize"}
+        if unknown:
+            raise ValueError(f"unknown intensity setting(s) {sorted(unknown)}: expected clip, ct_clip, normalize")
         out = cls()
         if cfg.get("spacing") is not None:
             sp = cfg["spacing"]
             out.spacing = tuple(float(v) for v in (sp if isinstance(sp, (list, tuple)) else [sp] * 3))
-        if intensity.get("clip") is not None:
-            out.clip = tuple(float(v) for v in intensity["clip"])
+        for name in ("clip", "ct_clip"):
+            if intensity.get(name) is not None:
+                setattr(out, name, tuple(float(v) for v in intensity[name]))
         out.normalize = intensity.get("normalize", out.normalize)
         out.precision = cfg.get("precision") or out.precision
         if out.precision not in ("fp32", "bf16"):
@@ -97,10 +102,12 @@ class _LabelState:
     zoom: float = 1.0  # the grid of this sequence: `spacing` times zoom
 
 
-def normalize_window(x: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
-    """A window's intensities as the model sees them (clip, then z-score); training uses it too."""
-    if cfg.clip is not None:
-        x = x.clamp(*cfg.clip)
+def normalize_window(x: torch.Tensor, cfg: EngineConfig, hounsfield: bool = False) -> torch.Tensor:
+    """A window's intensities as the model sees them (clip, then z-score); training uses it too. `hounsfield`: the
+    window is from a CT in HU, clipped to `cfg.ct_clip` when the model has one."""
+    clip = cfg.ct_clip if hounsfield and cfg.ct_clip is not None else cfg.clip
+    if clip is not None:
+        x = x.clamp(*clip)
     if cfg.normalize == "none":
         return x
     values = x[x > 0] if cfg.normalize == "zscore_foreground" else x
@@ -172,7 +179,7 @@ class InteractiveEngine:
         if emb is not None:
             return emb, 0.0
         t = time.perf_counter()
-        window = normalize_window(sess.crop(start, self.model.img_size), self.config)
+        window = normalize_window(sess.crop(start, self.model.img_size), self.config, sess.hounsfield)
         with self._autocast():
             emb = self.model.encode_image(window[None, None].to(self.device))
         self._synchronize()

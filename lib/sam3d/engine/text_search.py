@@ -25,6 +25,7 @@ from ..text.encoder import load_text_encoder_for, stack_embeddings
 from ..text.variants import SYNONYMS
 from .checkpoint import LoadedModel, load_model
 from .errors import Sam3DInputError
+from .image_session import looks_like_hounsfield
 from .interactive import EngineConfig, InteractiveEngine, SegmentResult, _extends, _parse_points, normalize_window
 from .windows import contains, crop, overlap, window_start
 
@@ -66,7 +67,7 @@ def zoom_out(volume: torch.Tensor, size: int, fill: float) -> torch.Tensor:
 def zoom_out_window(volume: torch.Tensor, size: int, config: EngineConfig) -> torch.Tensor:
     """The whole model-grid volume in one window (`zoom_out`, padded with its minimum) and normalised, as the
     search's coarse pass sees it (training uses it too)."""
-    return normalize_window(zoom_out(volume, size, float(volume.min())), config)
+    return normalize_window(zoom_out(volume, size, float(volume.min())), config, looks_like_hounsfield(volume))
 
 
 def zoom_out_logits_to_volume(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
