@@ -38,25 +38,27 @@ def main(argv=None) -> int:
         for f in (shared / case).iterdir():
             if f.name.startswith(("image", "label")):
                 _link(f, out / group / case / f.name)
-    dcm = shared / "dcmqi_ct3slice"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sam3d.cli.make_dicom_case",
-            "--series",
-            str(dcm),
-            "--mask",
-            f"liver={dcm / 'liver_seg.nrrd'}",
-            "--mask",
-            f"heart={dcm / 'heart_seg.nrrd'}",
-            "--mask",
-            f"spine={dcm / 'spine_seg.nrrd'}",
-            "--out",
-            str(out / "ct_dicom" / "dcmqi_ct3slice"),
-        ],
-        check=True,
-    )
+    dcm, dcm_case = shared / "dcmqi_ct3slice", out / "ct_dicom" / "dcmqi_ct3slice"
+    # built from the shared series, so one built before is the same case: a re-run keeps it
+    if not dcm_case.is_dir():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sam3d.cli.make_dicom_case",
+                "--series",
+                str(dcm),
+                "--mask",
+                f"liver={dcm / 'liver_seg.nrrd'}",
+                "--mask",
+                f"heart={dcm / 'heart_seg.nrrd'}",
+                "--mask",
+                f"spine={dcm / 'spine_seg.nrrd'}",
+                "--out",
+                str(dcm_case),
+            ],
+            check=True,
+        )
     rad = shared / "pyradiomics_small"
     for case, image, label in (
         ("breast1", "breast1_image.nrrd", "breast1_label.nrrd"),
