@@ -25,7 +25,6 @@ from ..text.encoder import load_text_encoder_for, stack_embeddings
 from ..text.variants import SYNONYMS
 from .checkpoint import LoadedModel, load_model
 from .errors import Sam3DInputError
-from .image_session import looks_like_hounsfield
 from .interactive import EngineConfig, InteractiveEngine, SegmentResult, _extends, _parse_points, normalize_window
 from .windows import contains, crop, overlap, window_start
 
@@ -64,10 +63,10 @@ def zoom_out(volume: torch.Tensor, size: int, fill: float) -> torch.Tensor:
     return out
 
 
-def zoom_out_window(volume: torch.Tensor, size: int, config: EngineConfig) -> torch.Tensor:
+def zoom_out_window(volume: torch.Tensor, size: int, config: EngineConfig, hounsfield: bool) -> torch.Tensor:
     """The whole model-grid volume in one window (`zoom_out`, padded with its minimum) and normalised, as the
-    search's coarse pass sees it (training uses it too)."""
-    return normalize_window(zoom_out(volume, size, float(volume.min())), config, looks_like_hounsfield(volume))
+    search's coarse pass sees it (training uses it too); `hounsfield`: the volume is a CT (its session says)."""
+    return normalize_window(zoom_out(volume, size, float(volume.min())), config, hounsfield)
 
 
 def zoom_out_logits_to_volume(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -198,7 +197,7 @@ class TextEngine(InteractiveEngine):
         if emb is not None:
             return emb, 0.0
         t = time.perf_counter()
-        window = zoom_out_window(sess.volume, self.model.img_size, self.config)
+        window = zoom_out_window(sess.volume, self.model.img_size, self.config, sess.hounsfield)
         emb = self.model.encode_image(window[None, None].to(self.device))
         self._synchronize()
         self._embeddings.put(cache_key, emb)

@@ -191,7 +191,7 @@ class ZoomOutDataset(Dataset):
         if label.sum() < min(w.cfg.min_voxels, target.sum()):  # too small to survive the resize: a window instead
             return w[index]
         return {
-            "image": zoom_out_window(image, w.cfg.size, w.engine_config)[None].contiguous(),
+            "image": zoom_out_window(image, w.cfg.size, w.engine_config, vol.hounsfield)[None].contiguous(),
             "label": label.contiguous(),
             "seed": derive_seed(w.seed, "clicks", int(index)),
             "index": int(index),
