@@ -149,21 +149,61 @@ def test_window_dataset(tiny_cases):
     assert torch.allclose(plain["image"][0], normalize_window(raw, cfg), atol=1e-4)
 
 
-def test_a_real_ct_trains_through_the_ct_window_as_it_is_served(tmp_path, tiny_cases):
-    """Unsynthesised windows of a CT (air below -500 HU) are clipped to `ct_clip`, as the engine clips a CT."""
-    case = tmp_path / "ct"
+def _ct_case(root: Path, tiny_cases: Path) -> Path:
+    """case0's label map as a CT: organs at 40 HU, label 3 as bone (440 HU), air (-1000 HU) around them."""
+    case = root / "ct"
     case.mkdir()
     image = nib.load(str(tiny_cases / "case0" / "image.nii.gz"))
     label = np.asarray(nib.load(str(tiny_cases / "case0" / "label.nii.gz")).dataobj)
-    hu = np.where(label > 0, 40.0 + 400 * (label == 3), -1000.0).astype(np.float32)  # organs, bone, air
+    hu = np.where(label > 0, 40.0 + 400 * (label == 3), -1000.0).astype(np.float32)
     nib.save(nib.Nifti1Image(hu, image.affine), str(case / "image.nii.gz"))
     shutil.copy(tiny_cases / "case0" / "label.nii.gz", case / "label.nii.gz")
+    return case
+
+
+def test_a_real_ct_trains_through_the_ct_window_as_it_is_served(tmp_path, tiny_cases):
+    """Unsynthesised windows of a CT (air below -500 HU) are clipped to `ct_clip`, as the engine clips a CT."""
+    _ct_case(tmp_path, tiny_cases)
     vols = [load_volume(*s, (2.0, 2.0, 2.0)) for s in list_sources({"dir": str(tmp_path)})]
     mr = [load_volume(*s, (2.0, 2.0, 2.0)) for s in list_sources({"dir": str(tiny_cases)})]
     assert [v.hounsfield for v in vols] == [True] and not any(v.hounsfield for v in mr)
     cfg = EngineConfig(ct_clip=(-200.0, 300.0), normalize="none")
     window = WindowDataset(vols, cfg, SamplingConfig(size=32, min_voxels=8), seed=3, augment=False)[0]["image"]
     assert float(window.min()) == -200.0 and float(window.max()) == 300.0
+
+
+def test_background_samples_click_on_air_and_expect_an_empty_mask(tmp_path, tiny_cases):
+    """A CT's air is found by HU; a volume that `background_cases` does not name (an MR whose label 0 is tissue)
+    never gives such a sample."""
+    _ct_case(tmp_path, tiny_cases)
+    ct = [load_volume(*s, (2.0, 2.0, 2.0)) for s in list_sources({"dir": str(tmp_path)})]
+    mr = [load_volume(*s, (2.0, 2.0, 2.0)) for s in list_sources({"dir": str(tiny_cases)})]
+    cfg = EngineConfig(ct_clip=(-200.0, 300.0), normalize="none")
+    sampling = SamplingConfig(size=32, min_voxels=8, background_prob=1.0, intensity_aug_prob=0.0, deform_prob=0.0)
+    raw = ct[0].image[0]
+    for i in range(4):
+        item = WindowDataset(ct, cfg, sampling, seed=1)[i]
+        click = tuple(int(v) for v in item["click"])
+        assert item["target"] == "air" and item["label"].sum() == 0 and not item["synthetic"]
+        assert float(item["image"][(0, *click)]) == -200.0  # air, clipped as the engine clips it
+        start = np.asarray(item["start"])
+        inside = np.all((np.asarray(click) + start >= 0) & (np.asarray(click) + start < raw.shape))
+        assert not inside or float(raw[tuple(np.asarray(click) + start)]) < -500
+    for i in range(4):
+        item = WindowDataset(mr, cfg, sampling, seed=1)[i]
+        assert item["label"].sum() >= 8 and list(item["click"]) == [-1, -1, -1]
+
+
+def test_a_click_on_air_is_followed_by_negative_clicks_on_what_the_network_drew():
+    from sam3d.data.clicks import ClickSimulator
+    from sam3d.training.interactive import _next_prompt
+
+    sim, empty = ClickSimulator("center", seed=0), np.zeros((12, 12, 12), bool)
+    assert _next_prompt(sim, empty, None, 1, (3, 4, 5)).points == [((3, 4, 5), True)]
+    drawn = empty.copy()
+    drawn[2:7, 2:7, 2:7] = True
+    assert _next_prompt(sim, empty, drawn, 2, (3, 4, 5)).points == [((4, 4, 4), False)]
+    assert _next_prompt(sim, empty, empty, 2, (3, 4, 5)).points == []
 
 
 def test_sampling_targets_restrict_a_case_to_some_labels(tiny_cases):

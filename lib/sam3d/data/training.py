@@ -10,7 +10,13 @@ or resumed run. A sample is one binary target in one window:
 
     {"image": (1, S, S, S) float32, normalised as the engine normalises its windows,
      "label": (1, S, S, S) float32 0/1, "seed": int (the clicks' seed), "index": int,
-     "case": str, "target": str (label values), "zoom": float (window voxels per model voxel), "synthetic": bool}
+     "case": str, "target": str (label values), "zoom": float (window voxels per model voxel), "synthetic": bool,
+     "click": (3,) int64, the first click when the sample fixes it (a click on air), else -1s}
+
+With `background_prob`, a training sample is a click on air (outside the body or head) whose answer is an empty
+mask: the only way a network that always answers "the object at the click" learns that air is no object. Air is
+below -500 HU in a real CT, and label 0 of a volume that `background_cases` names (a label map whose 0 is the
+outside of the head; a skull-stripped image, where label 0 is also at the image's minimum).
 """
 
 import fnmatch
@@ -195,6 +201,9 @@ class SamplingConfig:
     zoom_prob: float = 0.0  # a structure larger than the window is seen whole, on a grid up to zoom_max times coarser
     zoom_max: float = 4.0
     zoom_fill: tuple = (0.5, 1.0)  # the fraction of the zoomed window its largest side then fills
+    background_prob: float = 0.0  # samples that click on air and expect an empty mask (see the module's docstring)
+    background_cases: tuple = ()  # names or globs of volumes whose label 0 is air; a real CT's air is found by HU
+    background_margin_mm: float = 6.0  # the click on air is at least this far from anything that is not air
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingConfig":
@@ -335,6 +344,12 @@ class WindowDataset(Dataset):
         self.deform.set_random_state(sub_seed)
         d = self.deform(d)
         lab = d["label"][0].numpy()
+        if self.augment and c.background_prob and rng.random() < c.background_prob:
+            click = self._air_click(vol, d, rng)
+            if click is not None:
+                return self._finish(
+                    vol, d, np.zeros(lab.shape, dtype=bool), ["air"], index, start, zoom, sub_seed, rng, click=click
+                )
         values, counts = np.unique(lab[lab != 0], return_counts=True)
         ok = values[counts >= c.min_voxels]
         if vol.name in self.allowed:
@@ -355,10 +370,16 @@ class WindowDataset(Dataset):
                 extra = rng.choice(neighbours, size=int(rng.integers(1, min(3, len(neighbours)) + 1)), replace=False)
                 chosen += [int(v) for v in extra]
                 mask = np.isin(lab, chosen)
+        return self._finish(vol, d, mask, chosen, index, start, zoom, sub_seed, rng)
+
+    def _finish(self, vol, d, mask, chosen, index, start, zoom, sub_seed, rng, click=None) -> dict:
+        """Synthesis, normalisation and intensity augmentation of a deformed window; the sample's dict. A click on
+        air keeps a real image as it is: synthesised, a CT's air would look like the unlabelled body around it."""
+        c = self.cfg
         synth = self.synth_always if vol.image is None else self.synth
         synth.set_random_state(sub_seed + 1)
-        d = synth(d)
-        if self.augment and rng.random() < c.thin_prob:
+        d = synth(d) if click is None or vol.image is None else {**d, "synthetic": False}
+        if click is None and self.augment and rng.random() < c.thin_prob:
             d["image"], mask = as_thin_scan(d["image"], mask, c.thin_slices, rng)
         image = normalize_window(
             torch.as_tensor(d["image"][0], dtype=torch.float32),
@@ -378,7 +399,27 @@ class WindowDataset(Dataset):
             "target": "+".join(str(v) for v in chosen),
             "zoom": zoom,
             "synthetic": bool(d["synthetic"]),
+            "click": torch.tensor(click if click is not None else (-1, -1, -1), dtype=torch.int64),
         }
+
+    def _air_click(self, vol: Volume, d: dict, rng: np.random.Generator) -> tuple[int, int, int] | None:
+        """A voxel of the deformed window that is air, `background_margin_mm` deep into it; None when there is none."""
+        lab = d["label"][0].numpy()
+        named = any(vol.name == p or fnmatch.fnmatchcase(vol.name, p) for p in self.cfg.background_cases)
+        if vol.hounsfield:
+            air = (lab == 0) & (np.asarray(d["image"][0]) < -500)
+        elif named and vol.image is None:
+            air = lab == 0
+        elif named:
+            img = np.asarray(d["image"][0])
+            air = (lab == 0) & (img <= float(vol.image.min()) + 0.01 * float(vol.image.max() - vol.image.min()))
+        else:
+            return None
+        deep = ndimage.distance_transform_edt(air, sampling=self.engine_config.spacing) >= self.cfg.background_margin_mm
+        flat = np.flatnonzero(deep)
+        if len(flat) == 0:
+            return None
+        return tuple(int(v) for v in np.unravel_index(int(flat[rng.integers(len(flat))]), deep.shape))
 
     def _zoom_for(self, vol: Volume, value: int, rng: np.random.Generator) -> tuple[float, np.ndarray]:
         """The zoom at which the structure's largest side fills a random `zoom_fill` fraction of the window (1 for a

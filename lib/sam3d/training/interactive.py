@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.clicks import ClickSimulator
+from ..data.clicks import ClickSimulator, Prompt, center_click
 from ..metrics import batch_dice
 
 
@@ -56,11 +56,22 @@ def click_config(recipe: dict, engine_cfg) -> InteractiveConfig:
     )
 
 
-def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=None):
+def _next_prompt(sim: ClickSimulator, gt: np.ndarray, pred, r: int, first_click=None) -> Prompt:
+    """The simulator's prompt; for a sample that gives its first click (a click on air, whose answer is empty),
+    that click, then a negative click inside the largest false positive."""
+    if first_click is None:
+        return sim.next(gt, pred, r)
+    if r == 1:
+        return Prompt(points=[(tuple(first_click), True)])
+    click = center_click(gt, pred, sim.spacing)
+    return Prompt(points=[] if click is None else [click])
+
+
+def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=None, first_click=None):
     """(mean loss over rounds, Dice per round) of one sample; `on_round(r, pred)` sees each binary prediction."""
     rng = np.random.default_rng(seed)
     protocol = str(rng.choice(list(cfg.protocols), p=np.asarray(cfg.protocol_probs) / np.sum(cfg.protocol_probs)))
-    use_box = core.supports_boxes and rng.random() < cfg.box_prob
+    use_box = core.supports_boxes and rng.random() < cfg.box_prob and first_click is None
     sim = ClickSimulator(protocol, seed=rng, spacing=cfg.spacing_mm)
     mask_only = set()
     if cfg.rounds > 1 and cfg.mask_only_rounds > 0:
@@ -81,7 +92,7 @@ def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=N
             lo, hi = prompt.box
             box = torch.tensor([lo, hi], dtype=torch.float32, device=emb.device)[None]
         elif r not in mask_only:
-            prompt = sim.next(gt_np, pred, r)
+            prompt = _next_prompt(sim, gt_np, pred, r, first_click)
             for p, positive in prompt.points:
                 points.append(p)
                 point_labels.append(1 if positive else 0)
@@ -117,18 +128,21 @@ def _sample_rounds(core, emb, gt, seed, cfg, loss_fn, autocast, size, on_round=N
     return loss_total / cfg.rounds, dice
 
 
-def _batch_last_round(core, emb, gt, seeds, cfg, loss_fn, autocast):
+def _batch_last_round(core, emb, gt, seeds, cfg, loss_fn, autocast, first_clicks=None):
     """`grad_rounds: last`: the whole batch clicks round by round; only the last round (1..rounds, drawn from the
-    first sample's seed) has gradients. Returns (loss of that round, batch Dice per round; rounds after the last
-    repeat its Dice)."""
+    first sample's seed) has gradients. `first_clicks`: per sample, a given first click or None (a batch with one
+    starts from clicks, not a box). Returns (loss of that round, batch Dice per round; rounds after the last repeat
+    its Dice)."""
     n, size, device = emb.shape[0], core.img_size, emb.device
+    first_clicks = first_clicks or [None] * n
     rngs = [np.random.default_rng(int(s)) for s in seeds]
     last = int(rngs[0].integers(1, cfg.rounds + 1))
     probs = np.asarray(cfg.protocol_probs) / np.sum(cfg.protocol_probs)
     sims = [ClickSimulator(str(r.choice(list(cfg.protocols), p=probs)), seed=r, spacing=cfg.spacing_mm) for r in rngs]
     gt_np = gt[:, 0].detach().cpu().numpy() > 0.5
     boxes = None
-    if core.supports_boxes and rngs[0].random() < cfg.box_prob:  # the whole batch starts from a box
+    box_batch = core.supports_boxes and rngs[0].random() < cfg.box_prob
+    if box_batch and all(c is None for c in first_clicks):  # the whole batch starts from a box
         corners = [
             ClickSimulator("box", seed=r, spacing=cfg.spacing_mm, box_jitter_mm=cfg.box_jitter_mm).next(g).box
             for r, g in zip(rngs, gt_np)
@@ -141,7 +155,7 @@ def _batch_last_round(core, emb, gt, seeds, cfg, loss_fn, autocast):
     for r in range(1, last + 1):
         for b in range(n):
             if r > 1 or boxes is None:
-                clicks[b] += sims[b].next(gt_np[b], preds[b], r).points
+                clicks[b] += _next_prompt(sims[b], gt_np[b], preds[b], r, first_clicks[b]).points
         most = max(1, max(len(c) for c in clicks))
         coords = torch.zeros((n, most, 3), device=device)
         labels = torch.full((n, most), -1, dtype=torch.int64, device=device)  # -1: padding

@@ -68,7 +68,7 @@ class StepBatchSampler(Sampler):
 
 
 def _collate(items: list[dict]) -> dict:
-    return {
+    batch = {
         "image": torch.stack([i["image"] for i in items]),
         "label": torch.stack([i["label"] for i in items]),
         "seed": [i["seed"] for i in items],
@@ -77,6 +77,9 @@ def _collate(items: list[dict]) -> dict:
         "target": [i["target"] for i in items],
         "synthetic": [i["synthetic"] for i in items],
     }
+    if all("click" in i for i in items):  # the window datasets' given first clicks
+        batch["click"] = torch.stack([i["click"] for i in items])
+    return batch
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
