@@ -2,15 +2,21 @@
 a network started from the plain model's weights answers exactly as it does, each idea can be switched off, and
 once trained the clicks' image features change the answer where they are."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from sam3d.engine.model_config import load_model_config
 from sam3d.models import ClickNetConfig, build_network
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = {"img_size": 16, "filters": 8, "blocks_down": [1, 1, 1, 1]}  # four stages, as the presets
+SERVED = load_model_config("clicknet", REPO / "configs")["preset"]  # the default click model's network
 
 
-def _net(preset="clicknet_small", **kw):
+def _net(preset=SERVED, **kw):
     torch.manual_seed(0)
     return build_network(preset, **{**TINY, **kw}).eval()
 
@@ -33,6 +39,7 @@ def _randomise_zero_inits(net):
 
 
 def test_started_from_the_plain_weights_it_answers_as_they_do():
+    """The shipped default's network, every weight of it (its geodesic input too), inside SegSAM-3D's."""
     plain, seg = _net(), _net("segsam3d_clicknet")
     missing, unexpected = seg.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith(("aggregation.", "click_modulation.")) for k in missing)
@@ -41,6 +48,21 @@ def test_started_from_the_plain_weights_it_answers_as_they_do():
         want, _ = plain.decode(image, points=points, mask_input=prev)
         got, _ = seg.decode(image, points=points, mask_input=prev)
     assert torch.equal(got, want)
+
+
+def test_the_shipped_default_weights_load_whole_into_it():
+    """configs/train/segsam3d_clicknet.yaml starts from models/clicknet.safetensors with init_strict: false; a weight
+    of the default that SegSAM-3D's network lacked would be dropped without an error."""
+    seg = build_network("segsam3d_clicknet")
+    missing, unexpected = seg.load_state_dict(load_file(str(REPO / "models" / "clicknet.safetensors")), strict=False)
+    assert not unexpected and all(k.startswith(("aggregation.", "click_modulation.")) for k in missing)
+
+
+def test_it_sees_images_as_the_default_does():
+    """The same engine settings (spacing, intensity and CT window, precision) as the default click model."""
+    own = ("name", "preset", "network", "checkpoint")
+    default, seg = (load_model_config(m, REPO / "configs") for m in ("clicknet", "segsam3d_clicknet"))
+    assert {k: v for k, v in seg.items() if k not in own} == {k: v for k, v in default.items() if k not in own}
 
 
 def test_each_idea_switches_off_to_the_plain_network():

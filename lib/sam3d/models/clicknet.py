@@ -108,11 +108,28 @@ def _dynunet(c: ClickNetConfig, in_channels: int) -> nn.Module:
 
 BACKBONES = {"segresnet": _segresnet, "dynunet": _dynunet}
 
+# What the train task's `trainable` freezes (README "Learning while annotating"). The prompts enter with the image
+# at the first convolution, which is thus the prompt encoder; the encoder stages after it are the image encoder. The
+# SegSAM-3D additions and the geodesic input are prompt parts. No attention layer: no LoRA.
+FROZEN_BY_TRAINABLE: dict[str, dict[str, list[str]]] = {
+    "segresnet": {
+        "prompt+decoder": ["net.down_layers"],
+        "decoder": ["net.convInit", "net.down_layers", "geodesic_in", "aggregation", "click_modulation"],
+        "all": [],
+    },
+    "dynunet": {
+        "prompt+decoder": ["net.downsamples", "net.bottleneck"],
+        "decoder": ["net.input_block", "net.downsamples", "net.bottleneck"],
+        "all": [],
+    },
+}
+
 CLICKNET_PRESETS: dict[str, ClickNetConfig] = {
     "clicknet_small": ClickNetConfig(),
     "clicknet_dynunet": ClickNetConfig(backbone="dynunet", filters=8, blocks_down=(1, 1, 1, 1, 1)),
-    # SegSAM-3D on the default click model: the same network, its weights load as they are (the additions start at 0)
-    "segsam3d_clicknet": ClickNetConfig(feature_stages=(0, 1, 2, 3), semantic_prompts=True),
+    # SegSAM-3D on the default click model (configs/models/clicknet.yaml: clicknet_geodesic): the same network, its
+    # weights load as they are (the additions start at 0)
+    "segsam3d_clicknet": ClickNetConfig(geodesic_maps=True, feature_stages=(0, 1, 2, 3), semantic_prompts=True),
     "clicknet_geodesic": ClickNetConfig(geodesic_maps=True),
 }
 
