@@ -73,6 +73,28 @@ def test_parameters_defaults_aliases_and_choice_lists():
     ).labels == ["liver", "brain"]
 
 
+@pytest.mark.parametrize("preset", ["clicknet_geodesic", "segsam3d_clicknet", "clicknet_dynunet"])
+def test_the_click_networks_trainable_parts_name_their_own_modules(preset):
+    """SAM's part names match nothing in the early-fusion click network: there each choice names its own modules,
+    every prefix matches a weight, the decoder always trains, and LoRA (no attention layer) is refused."""
+    from sam3d.models import build_network
+    from sam3d.monailabel.train_params import frozen_modules, trainable_parts
+
+    names = [n for n, _ in build_network(preset).named_parameters()]
+    assert set(trainable_parts(preset)) == {"decoder", "prompt+decoder", "all"}
+    for part in ("decoder", "prompt+decoder"):
+        frozen = frozen_modules(part, preset)
+        present = [f for f in frozen if any(n.startswith(f + ".") for n in names)]
+        assert present and all(f.startswith(("net.", "geodesic_in", "aggregation", "click_modulation")) for f in frozen)
+        trained = [n for n in names if not n.startswith(tuple(frozen))]
+        assert trained and len(trained) < len(names)
+    assert frozen_modules("all", preset) == []
+    with pytest.raises(TrainRequestError, match="takes decoder, prompt\\+decoder, all|takes prompt\\+decoder") as e:
+        frozen_modules("lora", preset)
+    assert e.value.status == 422
+    assert frozen_modules("lora", "sam3d_small") == ["image_encoder"]  # SAM's family keeps its parts
+
+
 def test_split_keeps_each_image_on_its_side():
     ids = [f"case{i}" for i in range(40)]
     train, val = split_ids(ids[:20], 0.25)

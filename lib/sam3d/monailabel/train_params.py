@@ -37,6 +37,28 @@ DEFAULTS = {
     "lora_rank": 4,  # trainable: lora
     "lora_alpha": 4.0,
 }
+
+
+def trainable_parts(preset: str, network: dict | None = None) -> dict[str, list[str]]:
+    """`trainable` choice -> the modules it freezes, for the served network: SAM's parts above, or the click
+    network's own (`sam3d.models.clicknet.FROZEN_BY_TRAINABLE`)."""
+    from ..models.clicknet import CLICKNET_PRESETS, FROZEN_BY_TRAINABLE
+
+    if preset not in CLICKNET_PRESETS:
+        return TRAINABLE
+    return FROZEN_BY_TRAINABLE[(network or {}).get("backbone", CLICKNET_PRESETS[preset].backbone)]
+
+
+def frozen_modules(trainable: str, preset: str, network: dict | None = None) -> list[str]:
+    """The modules `trainable` freezes in the served network; TrainRequestError (422) for a part it lacks."""
+    parts = trainable_parts(preset, network)
+    if trainable not in parts:
+        raise TrainRequestError(
+            f"trainable {trainable!r} needs a ViT image encoder; the click network {preset} takes {', '.join(parts)}"
+        )
+    return parts[trainable]
+
+
 PARAMS = ("epochs", "steps", "lr", "trainable", "device", "val_split", "promote", "batch_size", "labels")
 ALIASES = {"learning_rate": "lr", "max_epochs": "epochs"}
 MONAI_KEYS = {"model", "gpus", "local_rank", "bundle_path", "client_id", "name"}  # MONAI Label adds these

@@ -46,7 +46,15 @@ from ..engine.checkpoint import file_sha256, saved_config
 from . import lifecycle, promotion
 from .app_config import TaskSpec
 from .devices import gpus_for
-from .train_params import DEFAULTS, LORA, TRAINABLE, TrainParams, TrainRequestError, parse_train_params
+from .train_params import (
+    DEFAULTS,
+    LORA,
+    TrainParams,
+    TrainRequestError,
+    frozen_modules,
+    parse_train_params,
+    trainable_parts,
+)
 from .train_runs import (
     latest_run,
     link_datastore,
@@ -88,7 +96,7 @@ class Sam3DTrainTask(TrainTask):
 
     def config(self) -> dict[str, Any]:
         """Train options offered to clients (Slicer shows a list as a choice; the first item is the default)."""
-        s = self.settings
+        s, mc = self.settings, self.spec.model_config
 
         def first(options: list, default) -> list:
             return [default] + [o for o in options if o != default]
@@ -97,7 +105,9 @@ class Sam3DTrainTask(TrainTask):
             "epochs": s["epochs"],
             "steps": s["steps"],
             "lr": s["lr"],
-            "trainable": first(list(TRAINABLE), s["trainable"]),
+            "trainable": first(
+                list(trainable_parts(mc.get("preset", "sam_med3d_turbo"), mc.get("network"))), s["trainable"]
+            ),
             "device": first(["auto", "cpu", "cuda"], s["device"]),
             "val_split": s["val_split"],
             "promote": first(list(promotion.POLICIES), s["promote"]),
@@ -148,6 +158,8 @@ class Sam3DTrainTask(TrainTask):
         p = parse_train_params(params, self.settings, self.spec.labels)
         self.check_model()
         self.sources(datastore)
+        mc = self.spec.model_config
+        frozen_modules(p.trainable, mc.get("preset", "sam_med3d_turbo"), mc.get("network"))
         return {"gpus": gpus_for(p.device)}
 
     # ---- the run (in MONAI Label's training process) ------------------------------------------------------------
@@ -177,7 +189,8 @@ class Sam3DTrainTask(TrainTask):
             "accumulate": 1,
             "threads": int(s["threads"]),
         }
-        recipe["optim"] = {**recipe.get("optim", {}), "lr": p.lr, "freeze": TRAINABLE[p.trainable], "lr_mult": {}}
+        frozen = frozen_modules(p.trainable, recipe["model"]["preset"], recipe["model"]["network"])
+        recipe["optim"] = {**recipe.get("optim", {}), "lr": p.lr, "freeze": frozen, "lr_mult": {}}
         if p.trainable == "lora":
             recipe["optim"]["lora"] = {**LORA, "rank": int(s["lora_rank"]), "alpha": float(s["lora_alpha"])}
         return recipe
