@@ -95,6 +95,35 @@ def test_the_click_networks_trainable_parts_name_their_own_modules(preset):
     assert frozen_modules("lora", "sam3d_small") == ["image_encoder"]  # SAM's family keeps its parts
 
 
+def test_the_click_network_fine_tunes_by_its_own_recipe_and_keeps_its_encoder(tmp_path):
+    """`train.recipe: auto` takes the model config's finetune_recipe (clicknet's click loop); with the default
+    `prompt+decoder` the encoder stages after the first convolution do not move, and the promoted file serves."""
+    import shutil
+
+    from sam3d.training import load_recipe
+
+    studies = tmp_path / "studies"
+    write_studies(studies, 2, labelled=(0, 1))
+    ckpt = tmp_path / "clicknet.safetensors"
+    shutil.copy(REPO / "models" / "clicknet.safetensors", ckpt)
+    c = load_app_config({"model": "clicknet", "checkpoint": str(ckpt), **QUICK}, REPO / "configs")
+    task = Sam3DTrainTask(c.infers["sam3d_point"], c.train, studies / ".sam3d", c.root)
+    assert task.recipe_path == REPO / "configs" / "train" / "datastore_finetune_clicknet.yaml"
+    assert load_recipe(task.recipe_path)["interactive"]["grad_rounds"] == "last"
+    ds = LocalDatastore(str(studies))
+    with pytest.raises(TrainRequestError, match="no attention layer|needs a ViT image encoder") as e:
+        task.check_request({"trainable": "lora"}, ds)
+    assert e.value.status == 422
+    before = load_file(str(ckpt))
+    done = task({"steps": 1, "promote": "always", "val_split": 0.5}, ds)
+    after = load_file(str(ckpt))
+    assert done["promoted"] and after.keys() == before.keys()
+    moved = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
+    assert moved and not [k for k in moved if k.startswith("net.down_layers.")]
+    assert any(k.startswith("net.up_layers.") for k in moved)
+    load_model({"preset": "clicknet_geodesic", "checkpoint": str(ckpt)})
+
+
 def test_split_keeps_each_image_on_its_side():
     ids = [f"case{i}" for i in range(40)]
     train, val = split_ids(ids[:20], 0.25)

@@ -19,7 +19,7 @@ TRAINABLE = {  # part -> the modules the recipe freezes
 LORA = {"modules": ["image_encoder"], "layers": ["qkv"]}  # rank and alpha: the task settings `lora_rank`/`lora_alpha`
 DEFAULTS = {
     "task": "sam3d_point",  # the infer task whose model this fine-tunes
-    "recipe": "configs/train/datastore_finetune.yaml",
+    "recipe": "auto",  # the served model config's finetune_recipe, else configs/train/datastore_finetune.yaml
     "epochs": 1,
     "steps": 0,  # > 0: wins over epochs
     "lr": 1.0e-4,

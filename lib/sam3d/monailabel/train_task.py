@@ -7,7 +7,8 @@ process, untouched: the training process uses one CPU thread on CPU (`train.thre
 `gpu_memory_fraction` of a GPU. `DELETE /train` kills that process (MONAI Label's stop); a killed run has only
 written into its own run folder.
 
-What one run does (the pipeline is `sam3d.training.train`, the recipe `configs/train/datastore_finetune.yaml`):
+What one run does (the pipeline is `sam3d.training.train`; the recipe is the served model config's
+`finetune_recipe`, e.g. configs/train/datastore_finetune_clicknet.yaml, else configs/train/datastore_finetune.yaml):
 
 1. the labelled images are split by a hash of their id into training and validation images (`val_split`; an
    image keeps its side as the datastore grows). A label file holding several structures is several
@@ -70,6 +71,8 @@ from .train_runs import (
 from .train_validation import validate_and_promote
 
 logger = logging.getLogger(__name__)
+
+GENERIC_RECIPE = "configs/train/datastore_finetune.yaml"  # `train.recipe: auto` for a model config naming none
 
 __all__ = ["Sam3DTrainTask", "TrainRequestError"]
 
@@ -135,7 +138,11 @@ class Sam3DTrainTask(TrainTask):
 
     @property
     def recipe_path(self) -> Path:
-        path = Path(self.settings["recipe"]).expanduser()
+        """`train.recipe`; `auto`: the served model config's `finetune_recipe`, else the generic one."""
+        recipe = str(self.settings["recipe"])
+        if recipe == "auto":
+            recipe = self.spec.model_config.get("finetune_recipe") or GENERIC_RECIPE
+        path = Path(recipe).expanduser()
         return path if path.is_absolute() else self.root / path
 
     def sources(self, datastore) -> list[tuple[str, str, str]]:
