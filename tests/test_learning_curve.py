@@ -41,9 +41,11 @@ def test_learning_curve_through_the_server(tmp_path):
         str(pool),
         "--heldout",
         str(heldout / "vol2"),
+        str(pool / "vol0"),  # reported beside the domain: here a volume it trains on
         "--orders",
         "random",
         "uncertainty",
+        "random",
         "--clicks",
         "2",
         "--train-param",
@@ -57,13 +59,14 @@ def test_learning_curve_through_the_server(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     with open(out / "curve.csv") as f:
         rows = list(csv.DictReader(f))
-    for order in ("random", "uncertainty"):
+    for order in ("random", "uncertainty", "random#2"):
         mine = [r for r in rows if r["order"] == order]
         assert [int(r["labelled"]) for r in mine] == [0, 1, 2]
         assert sorted(r["added"] for r in mine[1:]) == ["vol0", "vol1"]  # each pool volume labelled once
         shas = [r["model_sha256"] for r in mine]
         assert len(set(shas)) == 3  # every training replaced the served model (promote: always)
-        assert all(0.0 <= float(r["dice_2"]) <= 1.0 for r in mine)
+        assert all(0.0 <= float(r["dice_2"]) <= 1.0 and 0.0 <= float(r["vol0.dice_2"]) <= 1.0 for r in mine)
     assert (out / "learning_curve.png").stat().st_size > 1000
-    assert "| uncertainty | 2 |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| uncertainty | 2 |" in summary and "| random#2 | 2 |" in summary and " vol0 Dice@2 |" in summary
     assert not [p for p in out.iterdir() if p.name.startswith("curve_")]  # the servers' work folders are gone

@@ -32,9 +32,20 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="sam3d_small", help="its model config (configs/models name or YAML)")
     ap.add_argument("--pool", required=True, help="case folder(s) whose volumes are labelled one at a time")
     ap.add_argument("--pool-cases", nargs="*", help="only these cases of --pool")
-    ap.add_argument("--heldout", nargs="+", required=True, help="case folders measured after each step")
-    ap.add_argument("--heldout-labels", nargs="*", help="label values or names measured (default all)")
-    ap.add_argument("--orders", nargs="+", default=["random", "uncertainty"], help="active-learning strategies")
+    ap.add_argument(
+        "--heldout",
+        nargs="+",
+        required=True,
+        help="case folders measured after each step: the first is the curve's domain, any other is reported beside "
+        "it (what fine-tuning may make the model forget)",
+    )
+    ap.add_argument("--heldout-labels", nargs="*", help="label values or names measured in the first (default all)")
+    ap.add_argument(
+        "--orders",
+        nargs="+",
+        default=["random", "uncertainty"],
+        help="active-learning strategies; one named again runs again (random: another order), as `random#2`",
+    )
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--train-param", action="append", type=parse_param, default=[], help="a train parameter KEY=VALUE")
     ap.add_argument("--device", default="cpu")
@@ -44,7 +55,10 @@ def main(argv=None) -> int:
     pool = [c for c in find_cases(args.pool) if not args.pool_cases or c.name in args.pool_cases]
     if not pool:
         ap.error(f"no pool cases in {args.pool}")
-    heldout = [HeldOut(Path(h).name, find_cases(h), args.heldout_labels) for h in args.heldout]
+    heldout = [
+        HeldOut(Path(h).name, find_cases(h), args.heldout_labels if i == 0 else None)
+        for i, h in enumerate(args.heldout)
+    ]
     cfg = CurveConfig(
         pool=pool,
         heldout=heldout,
@@ -59,9 +73,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.UTC)
     rows = []
-    for order in args.orders:
+    for i, order in enumerate(args.orders):
+        repeat = args.orders[:i].count(order)
         with tempfile.TemporaryDirectory(prefix=f"curve_{order}_", dir=out) as work:
-            rows += run_order(order, cfg, Path(work))
+            rows += [
+                {**r, "order": f"{order}#{repeat + 1}" if repeat else order} for r in run_order(order, cfg, Path(work))
+            ]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "curve.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
@@ -78,12 +95,19 @@ def main(argv=None) -> int:
         f"* hardware: {cpu_model()}, {os.cpu_count()} logical CPUs; device {args.device}",
         f"* pool: {', '.join(c.name for c in pool)}; held out: {', '.join(h.name for h in heldout)}",
         "",
-        f"| order | labelled | added | Dice@1 | Dice@{args.clicks} |",
-        "|---|---|---|---|---|",
+        f"| order | labelled | added | Dice@1 | Dice@{args.clicks} |"
+        + "".join(f" {h.name} Dice@{args.clicks} |" for h in heldout[1:]),
+        "|---|---|---|---|---|" + "---|" * len(heldout[1:]),
     ]
     lines += [
-        f"| {r['order']} | {r['labelled']} | {r['added'] or '-'} | {r['dice_1']:.3f} | {r[last]:.3f} |" for r in rows
+        f"| {r['order']} | {r['labelled']} | {r['added'] or '-'} | {r['dice_1']:.3f} | {r[last]:.3f} |"
+        + "".join(f" {r[f'{h.name}.{last}']:.3f} |" for h in heldout[1:])
+        for r in rows
     ]
+    scored = [r for r in rows if r.get("score_seconds") is not None]
+    if scored:
+        per_image = sum(r["score_seconds"] for r in scored) / sum(r["scored_images"] for r in scored)
+        lines += ["", f"Uncertainty scoring: {per_image:.1f} s per unlabelled image ({len(scored)} scorings)."]
     lines += ["", "![learning curve](learning_curve.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
     print(f"{len(rows)} points -> {out / 'curve.csv'}, {out / 'learning_curve.png'}, {out / 'summary.md'}")

@@ -70,24 +70,28 @@ def _score_now(client, timeout: float = 3600) -> None:
 
 
 def measure(cfg: CurveConfig, checkpoint: Path) -> dict[str, float]:
-    """Mean Dice after the first and the last click over every held-out target."""
+    """Mean Dice after the first and the last click over the targets of the first held-out group (the domain
+    the curve is about), and as `<name>.dice_<k>` over each other group's (what fine-tuning may make it forget)."""
     from .segmenters import PredictorSegmenter
 
     model_cfg = load_model_config(cfg.model, cfg.configs_dir, str(checkpoint))
     seg = PredictorSegmenter.from_config(model_cfg, device=cfg.device)
-    rows = []
-    for h in cfg.heldout:
-        rows += run_evaluation(
+    out = {}
+    for i, h in enumerate(cfg.heldout):
+        rows = run_evaluation(
             h.cases,
             [seg],
             EvalConfig(protocol="center", clicks=cfg.clicks, labels=[str(v) for v in h.labels] if h.labels else None),
             progress=False,
         )
 
-    def dice(k: int) -> float:  # a failed call counts as Dice 0, as in the harness's curves
-        return float(np.mean([r["dice"] if not np.isnan(r["dice"]) else 0.0 for r in rows if r["click"] == k]))
+        def dice(k: int, rows=rows) -> float:  # a failed call counts as Dice 0, as in the harness's curves
+            return float(np.mean([r["dice"] if not np.isnan(r["dice"]) else 0.0 for r in rows if r["click"] == k]))
 
-    return {"dice_1": dice(1), f"dice_{cfg.clicks}": dice(cfg.clicks), "targets": len(rows) // cfg.clicks}
+        prefix = "" if i == 0 else f"{h.name}."
+        out |= {f"{prefix}dice_1": dice(1), f"{prefix}dice_{cfg.clicks}": dice(cfg.clicks)}
+        out[f"{prefix}targets"] = len(rows) // cfg.clicks
+    return out
 
 
 def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[dict]:
@@ -118,8 +122,11 @@ def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[di
     with running_server(workdir, studies, conf) as (url, _proc, _log):
         client = Sam3DClient(url, client_id="learning_curve", tmpdir=str(workdir / "client"))
         for n in range(1, len(cfg.pool) + 1):
-            if order == "uncertainty":
+            scoring = {}
+            if order == "uncertainty":  # every unlabelled image, with the model just trained (none is cached yet)
+                t0 = time.monotonic()
                 _score_now(client)
+                scoring = {"score_seconds": round(time.monotonic() - t0, 1), "scored_images": len(cfg.pool) - n + 1}
             sample = client.next_sample(order, {})
             if "id" not in sample:
                 raise RuntimeError(
@@ -137,6 +144,7 @@ def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[di
                 "model_sha256": file_sha256(served),
                 "train_seconds": round(time.monotonic() - t0, 1),
                 "promoted": stats.get("promoted"),
+                **scoring,
             }
             rows.append(row)
             log(f"[{order}] {n} labelled (+{image_id}): {row}")
@@ -144,24 +152,38 @@ def run_order(order: str, cfg: CurveConfig, workdir: Path, log=print) -> list[di
 
 
 def plot_curves(rows: list[dict], path: Path, clicks: int) -> None:
+    """Dice after 1 and after `clicks` clicks against labelled volumes, a line per run; the other held-out groups
+    (`<name>.dice_<k>`), dashed, beside the domain's Dice after the last click."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    last = f"dice_{clicks}"
+    others = sorted({k.rsplit(".", 1)[0] for r in rows for k in r if k.endswith("." + last)})
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, sharey=True)
-    for ax, key in zip(axes, ("dice_1", f"dice_{clicks}")):
-        for order in dict.fromkeys(r["order"] for r in rows):
-            pts = [(r["labelled"], r[key]) for r in rows if r["order"] == order]
-            ax.plot(*zip(*pts), marker="o", label=order)
+    for ax, key in zip(axes, ("dice_1", last)):
+        for n, order in enumerate(dict.fromkeys(r["order"] for r in rows)):
+            own = [r for r in rows if r["order"] == order]
+            line = ax.plot([r["labelled"] for r in own], [r[key] for r in own], marker="o", label=order)[0]
+            for group in others if key == last else []:
+                ax.plot(
+                    [r["labelled"] for r in own],
+                    [r[f"{group}.{last}"] for r in own],
+                    ls="--",
+                    color=line.get_color(),
+                    label=f"{order}: {group}" if n == 0 or len(others) > 1 else None,
+                )
         ax.set_title(f"held-out Dice after {key.split('_')[1]} click(s)", fontsize=9)
         ax.set_xlabel("labelled volumes")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)  # as the harness's plots: a small change should look small
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean Dice")
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
+    if others:
+        axes[1].legend(fontsize=7, title="dashed: other held-out groups", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
