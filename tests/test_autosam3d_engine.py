@@ -93,8 +93,9 @@ def test_model_grid_labels_follow_the_logits_argmax_and_state_is_carried(engine)
 
     engine.model.step = spy
     with torch.no_grad():
-        labels = engine._run_slices(feats, geo, "top_down")
-    assert labels.shape == (16, 16, 5)
+        labels, confidence = engine._run_slices(feats, geo, "top_down")
+    assert labels.shape == (16, 16, 5) and len(confidence) == 3
+    assert all(c is None or 1 / 4 <= c <= 1 for c in confidence)  # the argmax of 4 classes: at least 1/4
     for i, t in enumerate(range(4, -1, -1)):  # top_down: slice 4 first
         assert torch.equal(labels[..., t], geo.to_slice(seen[i]["logits"]).argmax(1)[0].to(labels.dtype))
     assert inputs[0][4] is None  # the first slice: default anchors

@@ -72,6 +72,18 @@ def test_safetensors_round_trip_with_yaml(small, tmp_path):
     assert_same_state(other.model.state_dict(), small.state_dict())
 
 
+def test_update_saved_config_adds_to_the_config_and_leaves_the_weights(small, tmp_path):
+    path = tmp_path / "small.safetensors"
+    save_checkpoint(small, path, SMALL, half=True)
+    before = read_state_dict(path)
+    ckpt.update_saved_config(path, {"familiarity": {"mean": [0.5, 1.5], "threshold": 2.0}})
+    after = read_state_dict(path)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)  # still float16
+    want = {**SMALL, "familiarity": {"mean": [0.5, 1.5], "threshold": 2.0}}
+    assert ckpt.saved_config(path) == want == yaml.safe_load(path.with_suffix(".yaml").read_text())
+    assert load_model({"checkpoint": str(path)}).saved == want
+
+
 def test_half_precision_checkpoint_loads_as_float32(small, tmp_path):
     path = tmp_path / "small_fp16.safetensors"
     save_checkpoint(small, path, SMALL, half=True)

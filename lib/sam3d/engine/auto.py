@@ -8,6 +8,10 @@ slice and runs to both ends, the two branches side by side as one batch, each ca
 state; `top_down` runs from the top (superior) slice to the bottom. The class logits of each slice are resized
 back, the argmax (background first) makes one label per voxel, and the label volume is resampled (nearest) onto
 the image's own grid: same shape and affine as the image, values 1..K in the order of the model's class names.
+
+A checkpoint that carries `familiarity` (`sam3d.engine.familiarity`) has only the slices that look like its
+training slices labelled; an image with none is refused (Sam3DInputError, HTTP 422) with a message that says so.
+Every answer reports, per class, its confidence: the mean probability of the class over the voxels given it.
 """
 
 import threading
@@ -23,6 +27,7 @@ from ..models.autosam3d.boxes import label_boxes
 from .cache import ByteLRU
 from .checkpoint import LoadedModel, load_model
 from .errors import Sam3DInputError
+from .familiarity import Familiarity, slice_points
 from .image_session import ImageKey, ImageSession
 from .interactive import EngineConfig, InteractiveEngine, SegmentResult, normalize_window
 
@@ -86,6 +91,8 @@ class AutoEngine:
         self.model_name, self.model_id = loaded.display_name, loaded.model_id
         self.order, self.encode_batch = order, int(encode_batch)
         self.class_names = list(self.model.class_names)
+        known = (loaded.saved or {}).get("familiarity")
+        self.familiarity = Familiarity.from_dict(known) if known else None
         # answers per (image, weights, order): the same request again costs nothing (cache_mb of the model config)
         self._results = ByteLRU(self.config.cache_mb << 20, sizeof=lambda r: r.mask.nbytes)
         self._lock = threading.Lock()
@@ -107,22 +114,40 @@ class AutoEngine:
             self._results.put(key, result)
             return result
 
-    @torch.no_grad()
-    def _segment(self, image_path: str, order: str) -> SegmentResult:
-        timings, t0 = {}, time.perf_counter()
+    def prepare(self, image_path: str) -> tuple[ImageSession, SliceGeometry, torch.Tensor]:
+        """The image on the model grid, its slice geometry and its axial slices as the network takes them."""
         sess = ImageSession(image_path, self.config.spacing, self.config.max_voxels)
         vol = normalize_window(sess.volume, self.config, sess.hounsfield)  # (X, Y, Z) on the model grid
         geo = SliceGeometry(tuple(vol.shape[:2]), self.model.img_size)
-        slices = geo.to_model(vol.permute(2, 0, 1), fill=float(vol.min())).to(self.device)
-        timings["load"], t = time.perf_counter() - t0, time.perf_counter()
+        return sess, geo, geo.to_model(vol.permute(2, 0, 1), fill=float(vol.min())).to(self.device)
 
+    @torch.no_grad()
+    def encode(self, slices: torch.Tensor) -> torch.Tensor:
+        """(N, 1, S, S) slices -> (N, C, h, w) features, `encode_batch` slices at a time."""
         feats = torch.cat(
             [self.model.encode(slices[i : i + self.encode_batch]) for i in range(0, len(slices), self.encode_batch)]
         )
         self._synchronize()
-        timings["encode"], t = time.perf_counter() - t, time.perf_counter()
+        return feats
 
-        labels = self._run_slices(feats, geo, order)
+    @torch.no_grad()
+    def _segment(self, image_path: str, order: str) -> SegmentResult:
+        timings, t0 = {}, time.perf_counter()
+        sess, geo, slices = self.prepare(image_path)
+        timings["load"], t = time.perf_counter() - t0, time.perf_counter()
+        feats = self.encode(slices)
+        timings["encode"], t = time.perf_counter() - t, time.perf_counter()
+        familiar = torch.ones(len(feats), dtype=torch.bool)
+        if self.familiarity is not None:
+            familiar = self.familiarity.familiar(slice_points(feats)).cpu()
+            if not familiar.any():
+                raise Sam3DInputError(
+                    f"{self.model_name} answers nothing for this image: none of its {len(feats)} slices looks like "
+                    f"the scans it was trained on ({', '.join(self.class_names)}); a click model segments anything"
+                )
+
+        labels, confidence = self._run_slices(feats, geo, order)
+        labels[..., ~familiar] = 0
         timings["decode"], t = time.perf_counter() - t, time.perf_counter()
 
         mask = self._to_image_grid(sess, labels)
@@ -131,17 +156,21 @@ class AutoEngine:
             "model": self.model_name,
             "checkpoint": self.checkpoint,
             "order": order,
-            "slices": len(slices),
+            "slices": len(feats),
+            "familiar_slices": int(familiar.sum()),
             "label_names": self.label_names,
             "cached": False,
             "voxels": {n: int((mask == v).sum()) for n, v in self.label_names.items()},
+            "confidence": {n: round(c, 3) for n, c in zip(self.class_names, confidence) if c is not None},
         }
         return SegmentResult(mask, sess.affine, timings, info)
 
-    def _run_slices(self, feats: torch.Tensor, geo: SliceGeometry, order: str) -> torch.Tensor:
-        """Model-grid label volume (X, Y, Z) uint8/int16 from the slices' features, stepping as `order` says."""
+    def _run_slices(self, feats: torch.Tensor, geo: SliceGeometry, order: str) -> tuple[torch.Tensor, list]:
+        """Model-grid label volume (X, Y, Z) uint8/int16 from the slices' features, stepping as `order` says, and
+        per class the mean probability over its voxels (None for a class no voxel got)."""
         n, k = feats.shape[0], self.model.num_classes
         out = torch.zeros((*geo.shape, n), dtype=torch.uint8 if k < 256 else torch.int16)
+        prob_sum, voxels = torch.zeros(k + 1, dtype=torch.float64), torch.zeros(k + 1, dtype=torch.float64)
         state: dict[int, tuple] = {}  # branch -> (history (1, K_his, C) | None, boxes (1, K, 4) | None, present)
         for step in slice_schedule(n, order):
             ts = [t for t, _ in step]
@@ -164,8 +193,11 @@ class AutoEngine:
             for i, (_, b) in enumerate(step):
                 h = None if res["history"] is None else res["history"][i : i + 1]
                 state[b] = (h, new_boxes[i : i + 1], new_present[i : i + 1])
-            out[..., ts] = geo.to_slice(res["logits"]).argmax(1).permute(1, 2, 0).to(out.dtype).cpu()
-        return out
+            prob, label = geo.to_slice(res["logits"]).softmax(1).max(1)
+            out[..., ts] = label.permute(1, 2, 0).to(out.dtype).cpu()
+            prob_sum += torch.bincount(label.flatten().cpu(), prob.flatten().double().cpu(), minlength=k + 1)
+            voxels += torch.bincount(label.flatten().cpu(), minlength=k + 1)
+        return out, [float(p / v) if v else None for p, v in zip(prob_sum[1:], voxels[1:])]
 
     @staticmethod
     def _to_image_grid(sess: ImageSession, labels: torch.Tensor) -> np.ndarray:

@@ -29,6 +29,7 @@ class LoadedModel:
     checkpoint: str | None  # path of the weights, None for a factory that needs none
     checkpoint_sha256: str | None
     name: str = ""  # the preset or factory, for the answers' metadata
+    saved: dict | None = None  # the config the checkpoint carries (network, recipe, familiarity, ...)
 
     @property
     def model_id(self) -> str:
@@ -85,6 +86,16 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, config: dict, hal
     # the network travels inside the weights file, so one atomic replace updates both; the YAML is for people
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_CONFIG_KEY: json.dumps(config)}))
     atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
+
+
+def update_saved_config(path: str | os.PathLike, entries: dict) -> None:
+    """Add `entries` to the config a safetensors checkpoint carries, tensors untouched (atomic, as save_checkpoint)."""
+    path = Path(path)
+    config = {**(saved_config(path) or {}), **entries}
+    tensors = load_file(str(path))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_CONFIG_KEY: json.dumps(config)}))
+    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120)  # long lists on few lines
+    atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(text))
 
 
 def saved_config(path: str | os.PathLike) -> dict | None:
@@ -149,7 +160,7 @@ def load_model(model_config: dict, base_dir: str | os.PathLike | None = None) ->
     model = build_network(preset, **network)  # the preset names the variant (Sam3D, RefSam3D)
     state = {k: v.float() for k, v in read_state_dict(path).items()}
     model.load_state_dict(state, strict=True)
-    return LoadedModel(model.eval(), str(path), file_sha256(path), preset)
+    return LoadedModel(model.eval(), str(path), file_sha256(path), preset, saved)
 
 
 def configured_preset(model_config: dict, default: str = "sam_med3d_turbo") -> str:
