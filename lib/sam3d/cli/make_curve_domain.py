@@ -23,10 +23,15 @@ from . import REPO
 LATERAL = 108  # AAL values 1..108 are lateral (odd left, even right); 109-116 are the vermis
 
 
+def side_values(left: bool) -> np.ndarray:
+    """The AAL values of one hemisphere's regions."""
+    return np.arange(1 if left else 2, LATERAL + 1, 2)
+
+
 def hemisphere_pieces(label: np.ndarray, affine: np.ndarray, left: bool) -> list[tuple[str, tuple[slice, ...]]]:
     """(name, voxel slices) of one hemisphere's four pieces; the midline is world x = 0 (RAS)."""
     mid = int(np.rint(np.linalg.solve(affine, [0.0, 0.0, 0.0, 1.0])[0]))
-    values = np.arange(1 if left else 2, LATERAL + 1, 2)
+    values = side_values(left)
     left_is_low = affine[0, 0] > 0  # x runs towards the right: the left hemisphere has the smaller indices
     xs = slice(0, mid) if left == left_is_low else slice(mid + 1, label.shape[0])
     idx = np.argwhere(np.isin(label[xs], values))
@@ -65,7 +70,7 @@ def main(argv=None) -> int:
     label = np.asarray(label_img.dataobj).astype(np.int32)
     names = read_label_names(args.case / "label_names.txt")
     for split, left in (("pool", True), ("heldout", False)):
-        values = set(range(1 if left else 2, LATERAL + 1, 2))
+        values = set(side_values(left).tolist())
         for name, box in hemisphere_pieces(label, label_img.affine, left):
             n = write_piece(image, label, names, box, values, args.min_voxels, args.out / split / name)
             print(f"{split}/{name}: {n} regions")

@@ -215,9 +215,14 @@ class SamplingConfig:
         return cls(**d)
 
 
+def _matches(name: str, pattern: str) -> bool:
+    """A volume's name against a recipe's name or glob (`synthseg_*`)."""
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
 def _case_weight(weights: dict | None, name: str) -> float:
     for pattern, w in (weights or {}).items():
-        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+        if _matches(name, pattern):
             return float(w)
     return 1.0
 
@@ -405,7 +410,7 @@ class WindowDataset(Dataset):
     def _air_click(self, vol: Volume, d: dict, rng: np.random.Generator) -> tuple[int, int, int] | None:
         """A voxel of the deformed window that is air, `background_margin_mm` deep into it; None when there is none."""
         lab = d["label"][0].numpy()
-        named = any(vol.name == p or fnmatch.fnmatchcase(vol.name, p) for p in self.cfg.background_cases)
+        named = any(_matches(vol.name, p) for p in self.cfg.background_cases)
         if vol.hounsfield:
             air = (lab == 0) & (np.asarray(d["image"][0]) < -500)
         elif named and vol.image is None:

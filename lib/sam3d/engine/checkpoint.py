@@ -83,18 +83,20 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, config: dict, hal
         k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone().contiguous()
         for k, v in merged_state_dict(model).items()
     }
-    # the network travels inside the weights file, so one atomic replace updates both; the YAML is for people
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_CONFIG_KEY: json.dumps(config)}))
-    atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
+    _write_checkpoint(path, tensors, config)
 
 
 def update_saved_config(path: str | os.PathLike, entries: dict) -> None:
-    """Add `entries` to the config a safetensors checkpoint carries, tensors untouched (atomic, as save_checkpoint)."""
+    """Add `entries` to the config a safetensors checkpoint carries, tensors untouched."""
     path = Path(path)
-    config = {**(saved_config(path) or {}), **entries}
-    tensors = load_file(str(path))
+    _write_checkpoint(path, load_file(str(path)), {**(saved_config(path) or {}), **entries})
+
+
+def _write_checkpoint(path: Path, tensors: dict, config: dict) -> None:
+    """The network travels inside the weights file, so one atomic replace updates both; the YAML beside it is for
+    people (lists of numbers, such as a familiarity measure, on a few lines)."""
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_CONFIG_KEY: json.dumps(config)}))
-    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120)  # long lists on few lines
+    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120)
     atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(text))
 
 

@@ -99,7 +99,7 @@ class Sam3DTrainTask(TrainTask):
 
     def config(self) -> dict[str, Any]:
         """Train options offered to clients (Slicer shows a list as a choice; the first item is the default)."""
-        s, mc = self.settings, self.spec.model_config
+        s = self.settings
 
         def first(options: list, default) -> list:
             return [default] + [o for o in options if o != default]
@@ -108,9 +108,7 @@ class Sam3DTrainTask(TrainTask):
             "epochs": s["epochs"],
             "steps": s["steps"],
             "lr": s["lr"],
-            "trainable": first(
-                list(trainable_parts(mc.get("preset", "sam_med3d_turbo"), mc.get("network"))), s["trainable"]
-            ),
+            "trainable": first(list(trainable_parts(*self.served_network())), s["trainable"]),
             "device": first(["auto", "cpu", "cuda"], s["device"]),
             "val_split": s["val_split"],
             "promote": first(list(promotion.POLICIES), s["promote"]),
@@ -165,11 +163,18 @@ class Sam3DTrainTask(TrainTask):
         p = parse_train_params(params, self.settings, self.spec.labels)
         self.check_model()
         self.sources(datastore)
-        mc = self.spec.model_config
-        frozen_modules(p.trainable, mc.get("preset", "sam_med3d_turbo"), mc.get("network"))
+        frozen_modules(p.trainable, *self.served_network())
         return {"gpus": gpus_for(p.device)}
 
     # ---- the run (in MONAI Label's training process) ------------------------------------------------------------
+
+    def served_network(self) -> tuple[str, dict]:
+        """(preset, network overrides) of the served weights: what their file records, else the model config's."""
+        mc, served = self.spec.model_config, self.served
+        ours = served is not None and served.is_file() and served.suffix == ".safetensors"
+        saved = saved_config(served) if ours else None
+        preset = (saved or mc).get("preset", "sam_med3d_turbo")  # load_model's default, for .pth configs
+        return preset, (saved or {}).get("network") or mc.get("network") or {}
 
     def recipe(self, p: TrainParams, run: Path, data: Path, steps: int) -> dict:
         from sam3d.training import load_recipe
@@ -177,10 +182,10 @@ class Sam3DTrainTask(TrainTask):
         s = self.settings
         recipe = load_recipe(self.recipe_path)
         mc, served = self.spec.model_config, self.served
-        saved = saved_config(served) if served.is_file() and served.suffix == ".safetensors" else None
+        preset, network = self.served_network()
         recipe["model"] = {
-            "preset": (saved or mc).get("preset", "sam_med3d_turbo"),  # load_model's default, for .pth configs
-            "network": (saved or {}).get("network") or mc.get("network") or {},
+            "preset": preset,
+            "network": network,
             "spacing": mc.get("spacing"),
             "intensity": mc.get("intensity"),
             "init_checkpoint": str(served) if served.is_file() else None,
@@ -196,7 +201,7 @@ class Sam3DTrainTask(TrainTask):
             "accumulate": 1,
             "threads": int(s["threads"]),
         }
-        frozen = frozen_modules(p.trainable, recipe["model"]["preset"], recipe["model"]["network"])
+        frozen = frozen_modules(p.trainable, preset, network)
         recipe["optim"] = {**recipe.get("optim", {}), "lr": p.lr, "freeze": frozen, "lr_mult": {}}
         if p.trainable == "lora":
             recipe["optim"]["lora"] = {**LORA, "rank": int(s["lora_rank"]), "alpha": float(s["lora_alpha"])}
