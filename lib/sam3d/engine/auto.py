@@ -146,8 +146,7 @@ class AutoEngine:
                     f"the scans it was trained on ({', '.join(self.class_names)}); a click model segments anything"
                 )
 
-        labels, confidence = self._run_slices(feats, geo, order)
-        labels[..., ~familiar] = 0
+        labels, confidence = self._run_slices(feats, geo, order, familiar)
         timings["decode"], t = time.perf_counter() - t, time.perf_counter()
 
         mask = self._to_image_grid(sess, labels)
@@ -165,10 +164,15 @@ class AutoEngine:
         }
         return SegmentResult(mask, sess.affine, timings, info)
 
-    def _run_slices(self, feats: torch.Tensor, geo: SliceGeometry, order: str) -> tuple[torch.Tensor, list]:
+    def _run_slices(
+        self, feats: torch.Tensor, geo: SliceGeometry, order: str, familiar: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list]:
         """Model-grid label volume (X, Y, Z) uint8/int16 from the slices' features, stepping as `order` says, and
-        per class the mean probability over its voxels (None for a class no voxel got)."""
+        per class the mean probability over its voxels (None for a class no voxel got). A slice that is not
+        `familiar` still carries the history and boxes to the next one, but gets no label and no say in the
+        confidence."""
         n, k = feats.shape[0], self.model.num_classes
+        familiar = torch.ones(n, dtype=torch.bool) if familiar is None else familiar
         out = torch.zeros((*geo.shape, n), dtype=torch.uint8 if k < 256 else torch.int16)
         prob_sum, voxels = torch.zeros(k + 1, dtype=torch.float64), torch.zeros(k + 1, dtype=torch.float64)
         state: dict[int, tuple] = {}  # branch -> (history (1, K_his, C) | None, boxes (1, K, 4) | None, present)
@@ -194,6 +198,7 @@ class AutoEngine:
                 h = None if res["history"] is None else res["history"][i : i + 1]
                 state[b] = (h, new_boxes[i : i + 1], new_present[i : i + 1])
             prob, label = geo.to_slice(res["logits"]).softmax(1).max(1)
+            label = label * familiar[ts].to(label.device)[:, None, None]
             out[..., ts] = label.permute(1, 2, 0).to(out.dtype).cpu()
             prob_sum += torch.bincount(label.flatten().cpu(), prob.flatten().double().cpu(), minlength=k + 1)
             voxels += torch.bincount(label.flatten().cpu(), minlength=k + 1)
