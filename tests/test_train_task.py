@@ -24,13 +24,14 @@ from sam3d.engine.checkpoint import file_sha256, load_model, read_state_dict
 from sam3d.monailabel import Sam3DTrainTask, TrainRequestError, load_app_config
 from sam3d.monailabel.promotion import previous_path, promote, should_promote
 from sam3d.monailabel.retrain import RetrainPolicy
-from sam3d.monailabel.train_params import DEFAULTS, parse_train_params
+from sam3d.monailabel.train_params import DEFAULTS, parse_train_params, resolve_auto
 from sam3d.monailabel.train_runs import split_ids
 from test_server import HttpError
 from tiny_datastore import volume, write_label, write_studies, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"train.val_samples": "2", "train.val_clicks": "2"}  # held-out validation of a few windows
+SETTINGS = resolve_auto(DEFAULTS, {})  # the defaults for a model config without finetune_defaults
 
 
 def _task(tmp_path, conf=None, labelled=(0, 1)) -> tuple[Sam3DTrainTask, LocalDatastore, Path]:
@@ -58,18 +59,18 @@ def _task(tmp_path, conf=None, labelled=(0, 1)) -> tuple[Sam3DTrainTask, LocalDa
 )
 def test_bad_parameters_are_refused_with_the_reason(params, message):
     with pytest.raises(TrainRequestError) as e:
-        parse_train_params(params, DEFAULTS, {"liver": 5, "brain": 90})
+        parse_train_params(params, SETTINGS, {"liver": 5, "brain": 90})
     assert message in str(e.value) and e.value.status == 422
 
 
 def test_parameters_defaults_aliases_and_choice_lists():
     p = parse_train_params(
         {"learning_rate": "3e-4", "trainable": ["decoder", "all"], "steps": 7, "client_id": "x"},
-        {**DEFAULTS, "promote": "always"},
+        {**SETTINGS, "promote": "always"},
     )
     assert (p.lr, p.trainable, p.steps, p.promote, p.device) == (3e-4, "decoder", 7, "always", "cpu")
     assert p.labels is None and parse_train_params(
-        {"labels": "liver, brain"}, DEFAULTS, {"liver": 5, "brain": 90}
+        {"labels": "liver, brain"}, SETTINGS, {"liver": 5, "brain": 90}
     ).labels == ["liver", "brain"]
 
 
@@ -93,6 +94,28 @@ def test_the_click_networks_trainable_parts_name_their_own_modules(preset):
         frozen_modules("lora", preset)
     assert e.value.status == 422
     assert frozen_modules("lora", "sam3d_small") == ["image_encoder"]  # SAM's family keeps its parts
+
+
+def test_auto_learning_rate_and_windows_come_from_the_served_model_config(tmp_path):
+    """`lr: auto` and `windows_per_volume: auto` (configs/app.yaml) take the served model config's
+    finetune_defaults (clicknet: 1e-3 and 32, chosen in BENCHMARKS.md), else 1e-4 and 8; a value set in the app
+    config or sent with the request wins, and /info offers the resolved number."""
+    studies = tmp_path / "studies"
+    write_studies(studies, 2, labelled=(0, 1))
+
+    def task(conf):
+        c = load_app_config(conf, REPO / "configs")
+        return Sam3DTrainTask(c.infers["sam3d_point"], c.train, studies / ".sam3d", c.root)
+
+    clicknet = task({"model": "clicknet"})
+    assert (clicknet.settings["lr"], clicknet.settings["windows_per_volume"]) == (1e-3, 32)
+    assert clicknet.config()["lr"] == 1e-3
+    assert parse_train_params({}, clicknet.settings).lr == 1e-3
+    assert parse_train_params({"lr": 2e-5}, clicknet.settings).lr == 2e-5
+    assert parse_train_params({}, task({"model": "clicknet", "train.lr": "5e-4"}).settings).lr == 5e-4
+    model_yaml, _ = write_tiny_model(tmp_path / "models")
+    tiny = task({"model": str(model_yaml)})
+    assert (tiny.settings["lr"], tiny.settings["windows_per_volume"]) == (1e-4, 8)
 
 
 def test_the_click_network_fine_tunes_by_its_own_recipe_and_keeps_its_encoder(tmp_path):

@@ -22,14 +22,14 @@ DEFAULTS = {
     "recipe": "auto",  # the served model config's finetune_recipe, else configs/train/datastore_finetune.yaml
     "epochs": 1,
     "steps": 0,  # > 0: wins over epochs
-    "lr": 1.0e-4,
+    "lr": "auto",  # auto: the served model config's finetune_defaults (BY_MODEL below)
     "trainable": "prompt+decoder",
     "device": "auto",
     "val_split": 0.2,
     "promote": "better",
     "batch_size": 2,
     "labels": "all",  # or the names (configs/app.yaml `labels`) of the structures to train on
-    "windows_per_volume": 8,  # an epoch: this many windows per training image
+    "windows_per_volume": "auto",  # an epoch: this many windows per training image
     "val_samples": 8,  # held-out windows (each with `val_clicks` simulated clicks)
     "val_clicks": 5,
     "threads": 1,  # CPU threads of the training process
@@ -37,6 +37,15 @@ DEFAULTS = {
     "lora_rank": 4,  # trainable: lora
     "lora_alpha": 4.0,
 }
+
+BY_MODEL = {"lr": 1.0e-4, "windows_per_volume": 8}  # `auto`, when the model config has no `finetune_defaults`
+
+
+def resolve_auto(settings: dict, model_config: dict) -> dict:
+    """The task settings with each `auto` replaced by the served model config's `finetune_defaults` (how much a
+    network should move on a few labelled volumes is the network's own), else `BY_MODEL`."""
+    own = model_config.get("finetune_defaults") or {}
+    return {k: own.get(k, BY_MODEL[k]) if k in BY_MODEL and v == "auto" else v for k, v in settings.items()}
 
 
 def trainable_parts(preset: str, network: dict | None = None) -> dict[str, list[str]]:

@@ -54,6 +54,7 @@ from .train_params import (
     TrainRequestError,
     frozen_modules,
     parse_train_params,
+    resolve_auto,
     trainable_parts,
 )
 from .train_runs import (
@@ -83,7 +84,7 @@ class Sam3DTrainTask(TrainTask):
     def __init__(self, spec: TaskSpec, settings: dict, state_dir: Path, root: Path):
         super().__init__("Fine-tune the served point model on the datastore's final labels (clicks simulated)")
         self.spec = spec
-        self.settings = {**DEFAULTS, **(settings or {})}
+        self.settings = resolve_auto({**DEFAULTS, **(settings or {})}, spec.model_config or {})
         self.state_dir = Path(state_dir)
         self.root = Path(root)  # relative recipe paths resolve against the project root
         self._sha_cache: tuple | None = None
