@@ -190,3 +190,93 @@ def test_in_plane_augmentation_moves_image_and_label_together():
         for c in (1, 2):  # each class still sits on its own intensity (x 0.9-1.1, +-0.1: the intensity change)
             inside = b["image"][b["label"] == c]
             assert abs(float(inside.median()) - 10.0 * c) < 1.2 + 0.1 * c * 10
+
+
+def _organs_volume(image: bool):
+    """A 40 x 30 x 12 scan: liver (1) and spleen (2) boxes in a body of 30 HU, air outside; or its label map alone."""
+    from sam3d.data.training import Volume
+
+    lab = torch.zeros(1, 40, 30, 12, dtype=torch.int32)
+    lab[0, 8:20, 6:14, 2:10] = 1
+    lab[0, 22:34, 16:26, 3:9] = 2
+    hu = torch.full(lab.shape, -1000.0)
+    hu[0, 4:38, 3:28] = 30.0
+    hu[lab > 0] = 60.0 + 20.0 * lab[lab > 0].float()
+    return Volume("organs", hu if image else None, lab)
+
+
+def test_a_label_map_alone_trains_on_synthesised_images_whose_body_is_not_its_air():
+    vol = _organs_volume(image=False)
+    cfg = EngineConfig(spacing=(3.0,) * 3, ct_clip=(-200.0, 300.0), normalize="zscore_foreground")
+    ds = AutoSliceDataset([vol], cfg, CLASSES, {"organs": {1: "liver", 2: "spleen"}}, size=32, seed=0)
+    item = ds[0]
+    assert item["synthetic"] and item["image"].shape == (2 * HALF + 1, 32, 32) and torch.isfinite(item["image"]).all()
+    from sam3d.data.synthesis import SOFT_TISSUE, body_tissue_labels
+
+    tissues = body_tissue_labels(vol.label[0].numpy(), None, (3.0, 3.0, 3.0), body_margin_mm=9.0)
+    # the body: within 9 mm (3 voxels) of an organ on its slice, and only where an organ is
+    assert tissues[5, 10, 5] == SOFT_TISSUE and tissues[0, 0, 5] == 0 and (tissues[..., 0] == 0).all()
+    assert (tissues[vol.label[0].numpy() > 0] == vol.label[0].numpy()[vol.label[0].numpy() > 0]).all()
+
+
+def test_a_cts_unlabelled_body_splits_into_fat_and_soft_tissue_by_hu():
+    from sam3d.data.synthesis import FAT, SOFT_TISSUE, body_tissue_labels
+
+    label = np.zeros((4, 1, 1), dtype=np.int32)
+    label[3] = 7
+    image = np.array([-1000.0, -100.0, 40.0, 50.0]).reshape(4, 1, 1)
+    assert body_tissue_labels(label, image, (1.0, 1.0, 1.0)).ravel().tolist() == [0, FAT, SOFT_TISSUE, 7]
+
+
+def test_partial_scans_repeat_their_edge_slices_and_reversed_scans_mirror_the_chain():
+    from sam3d.training.auto_step import SliceSampling
+
+    vol = _organs_volume(image=True)
+    names = {"organs": {1: "liver", 2: "spleen"}}
+    cfg = EngineConfig(spacing=(3.0,) * 3, normalize="none")
+    cut = AutoSliceDataset([vol], cfg, CLASSES, names, size=32, sampling=SliceSampling(partial_prob=1.0))
+    thin = 0
+    for i in range(20):
+        item = cut[i]
+        same = [torch.equal(item["image"][k], item["image"][k + 1]) for k in range(2 * HALF)]
+        thin += sum(same) > 0
+        assert item["label"].shape == (2 * HALF + 1, 32, 32)
+    assert thin >= 5  # scans of a few slices: the slices beyond them are the edge slice again
+    flipped = AutoSliceDataset([vol], cfg, CLASSES, names, size=32, sampling=SliceSampling(flip_slices_prob=1.0))
+    plain = AutoSliceDataset([vol], cfg, CLASSES, names, size=32)
+    a, b = plain[3], flipped[3]
+    assert a["target"] == b["target"] and torch.equal(a["label"].flip(0), b["label"])
+
+
+def test_synthesis_recipe_reads_the_label_maps_names_beside_them(shared_data):
+    from sam3d.training.names import case_names
+
+    recipe = load_recipe(REPO / "configs" / "train" / "autosam3d_synth.yaml")
+    names = case_names(recipe, REPO)
+    assert names["amos_label"][6] == "liver" and names["totalseg_ct"][5] == "liver"
+    assert "synthseg_training_seg_01" not in names  # heads: no abdominal names, every slice background
+    served = load_recipe(REPO / "configs" / "train" / "autosam3d_cpu.yaml")["model"]["network"]["class_names"]
+    assert recipe["model"]["network"]["class_names"] == served and recipe["auto"]["synth_prob"] > 0
+
+
+def test_a_compact_resume_state_is_a_third_of_the_size_and_the_next_leg_resumes_from_it(tmp_path, shared_data):
+    from sam3d.cli.export_weights import main as export
+    from sam3d.training import train
+
+    first = tmp_path / "leg1"
+    train(0, load_recipe(SMOKE, [f"output={first}", f"data.dir={shared_data}"]), REPO)
+    committed = tmp_path / "committed.state.pt"
+    assert export([str(first / "state.pt"), str(committed), "--state"]) == 0
+    full, small = torch.load(first / "state.pt", weights_only=True), torch.load(committed, weights_only=True)
+    assert committed.stat().st_size < 0.45 * (first / "state.pt").stat().st_size
+    assert small["step"] == full["step"] == 3 and small["scheduler"] == full["scheduler"]
+    key = "decoder.mask_tokens.weight"
+    torch.testing.assert_close(small["model"][key].float(), full["model"][key], rtol=1e-3, atol=1e-3)
+    moments = next(iter(small["optimizer"]["state"].values()))
+    assert "exp_avg" not in moments and moments["exp_avg_sq"].dtype == torch.bfloat16
+    second = tmp_path / "leg2"
+    overrides = [f"output={second}", f"data.dir={shared_data}", f"resume_from={committed}", "train.steps=5"]
+    out = train(0, load_recipe(SMOKE, overrides), REPO)
+    assert out["step"] == 5 and np.isfinite(out["loss"])
+    resumed = torch.load(second / "state.pt", weights_only=True)
+    assert all("exp_avg" in s for s in resumed["optimizer"]["state"].values())

@@ -46,3 +46,27 @@ def test_it_labels_an_abdomen_and_says_how_sure_it_is(engine):
     conf = res.info["confidence"]
     assert set(conf) <= set(engine.class_names) and conf and all(0.2 <= c <= 1 for c in conf.values())
     assert sum(res.info["voxels"].values()) > 0
+
+
+def test_fit_from_a_recipes_training_slices_is_written_into_the_checkpoint(tmp_path, capsys):
+    import yaml
+
+    from sam3d.cli.fit_familiarity import main
+    from sam3d.engine import save_checkpoint
+    from sam3d.engine.checkpoint import saved_config
+    from sam3d.models import build_network
+
+    network = {"class_names": ["liver", "spleen", "kidney_right"]}
+    ckpt = tmp_path / "tiny.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(build_network("autosam3d_tiny", **network), ckpt, {"preset": "autosam3d_tiny", "network": network})
+    model = tmp_path / "tiny.yaml"
+    intensity = {"clip": [-200.0, 300.0], "normalize": "zscore"}  # the smoke recipe's
+    model.write_text(yaml.safe_dump({"checkpoint": str(ckpt), "spacing": [3.0] * 3, "intensity": intensity}))
+    recipe = REPO / "tests" / "recipes" / "autosam3d_smoke.yaml"
+    check = [str(SHARED / "totalseg_mr")]
+    assert main(["--model", str(model), "--recipe", str(recipe), "--samples", "6", "--check", *check]) == 0
+    out = capsys.readouterr().out
+    assert "6 training slices" in out and "totalseg_mr:" in out and ("voxels labelled" in out or "refused" in out)
+    fam = saved_config(ckpt)["familiarity"]
+    assert fam["slices"] == 6 and len(fam["mean"]) == len(fam["std"]) and fam["threshold"] > 0

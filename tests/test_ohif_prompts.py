@@ -129,6 +129,7 @@ def server(shared_data, checkpoint, tmp_path_factory):
         ("model", point_config),
         ("infers.sam3d_semantic_point", "null"),
         ("infers.sam3d_auto", "null"),
+        ("infers.sam3d_text.model", "refsam3d"),
         ("infers.sam3d_text.checkpoint", checkpoint),
         ("infers.sam3d_text.spacing", "[3, 3, 3]"),
         ("infers.sam3d_text.max_windows", "2"),

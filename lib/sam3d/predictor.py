@@ -26,10 +26,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .engine.checkpoint import configured_preset, load_model, saved_config
+from .engine.checkpoint import configured_kind, load_model, saved_config
 from .engine.interactive import EngineConfig, InteractiveEngine
 from .engine.model_config import load_model_config
-from .models import model_kind
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the project's configs (an editable install)
 
@@ -39,7 +38,12 @@ def _point_engine(model_config: dict, device: str):
 
 
 def _text_engine(model_config: dict, device: str):
-    from .engine.text_search import text_engine_from_config  # the text tower's imports only when asked for
+    # the text tower's imports only when asked for
+    if model_config.get("classes_from"):
+        from .engine.named_class import named_class_engine_from_config
+
+        return named_class_engine_from_config(model_config, device)
+    from .engine.text_search import text_engine_from_config
 
     return text_engine_from_config(model_config, device)
 
@@ -54,10 +58,10 @@ ENGINES = {"point": _point_engine, "text": _text_engine, "auto": _auto_engine}  
 
 
 def load_engine(model_config: dict, device: str = "cpu", kind: str | None = None):
-    """The engine that serves a model config's network and weights: an `InteractiveEngine` (point), `TextEngine`
-    (text) or `AutoEngine` (auto), by `kind` or else the kind its checkpoint or preset declares. What
+    """The engine that serves a model config's network and weights: an `InteractiveEngine` (point), `TextEngine` or
+    `NamedClassEngine` (text) or `AutoEngine` (auto), by `kind` or else the kind its checkpoint or preset declares. What
     `Sam3DPredictor` and the MONAI Label tasks load; raises `WeightsMissingError` without weights."""
-    kind = kind or model_kind(configured_preset(model_config))
+    kind = kind or configured_kind(model_config)
     return ENGINES[kind](model_config, device)
 
 
@@ -97,7 +101,7 @@ class Sam3DPredictor:
     @classmethod
     def from_config(cls, model_config: dict, device: str = "cpu") -> "Sam3DPredictor":
         """A model config already read (`sam3d.engine.model_config.load_model_config`)."""
-        kind = model_kind(configured_preset(model_config))
+        kind = configured_kind(model_config)
         return cls(load_engine(model_config, device, kind), kind, model_config)
 
     # ---- the image --------------------------------------------------------------------------------------------

@@ -3,7 +3,11 @@
     python scripts/export_weights.py runs/sam3d_default_cpu/model.safetensors models/sam3d_small.safetensors --half
 
 Writes DST (safetensors) and its sidecar DST.yaml (the network, plus the run's step and recipe), each replaced
-atomically, so a running server never reads half a file. Prints the largest difference of the logits of the
+atomically, so a running server never reads half a file. With --state, SRC is a run's state.pt and DST the small
+resume state a recipe's `resume_from` names (`sam3d.training.resume_state`):
+
+    python scripts/export_weights.py runs/autosam3d_synth/state.pt models/autosam3d.state.pt --state
+ Prints the largest difference of the logits of the
 exported model from the source's on a random window and clicks, or random slices for 3D-SAutoMed (the cost of
 float16).
 """
@@ -32,11 +36,20 @@ def main(argv=None) -> int:
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--half", action="store_true", help="store floating-point weights as float16")
+    ap.add_argument("--state", action="store_true", help="SRC is a run's state.pt: write its compact resume state")
     args = ap.parse_args(argv)
 
     from pathlib import Path
 
     from sam3d.engine import load_model, save_checkpoint
+    from sam3d.engine.checkpoint import atomic_write
+    from sam3d.training.resume_state import compact_state
+
+    if args.state:
+        state = compact_state(torch.load(args.src, map_location="cpu", weights_only=True))
+        atomic_write(Path(args.dst), lambda tmp: torch.save(state, tmp))
+        print(f"{args.dst}: step {state['step']}, {Path(args.dst).stat().st_size / 2**20:.1f} MiB")
+        return 0
 
     src = Path(args.src)
     side = yaml.safe_load(src.with_suffix(".yaml").read_text())

@@ -1,9 +1,11 @@
-"""Does the way a structure is named change the answer? One RefSAM3D model, one structure, many phrasings.
+"""Does the way a structure is named change the answer? One text model, one structure, many phrasings.
 
-For every case in --data holding the structure, each phrasing goes through `TextEngine.segment_text` (the text
-alone, no click) and its mask is scored against the reference: Dice, HD95, the trained name the text was matched
-to and how close it was. Phrasings: the label's every template and synonym (`sam3d.text.prompt_variants`, what
-training draws from), its dataset code, and any --text given (e.g. an unrelated structure, to see the gate).
+For every case in --data holding the structure, each phrasing goes through the text engine's `segment_text` (the
+text alone, no click; RefSAM3D's `TextEngine` or the `NamedClassEngine` of autosam3d_text) and its mask is scored
+against the reference: Dice, HD95, the trained name the text was matched to and how close it was (a name the
+model refuses: an empty mask, matched to "refused"). Phrasings: the label's every template and synonym
+(`sam3d.text.prompt_variants`, what training draws from), its dataset code, and any --text given (e.g. an
+unrelated structure, to see the gate).
 
     python scripts/text_phrasings.py --model refsam3d --data runs/heldout_ct --label liver --out runs/phrasings
 
@@ -19,9 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from sam3d.data.cases import find_cases, load_case, parse_label_selection
+from sam3d.engine import Sam3DInputError
 from sam3d.engine.model_config import load_model_config
-from sam3d.engine.text_search import text_engine_from_config
 from sam3d.metrics import segmentation_metrics
+from sam3d.predictor import load_engine
 from sam3d.text import prompt_variants
 
 from . import REPO
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    engine = text_engine_from_config(load_model_config(args.model, args.configs, args.checkpoint))
+    engine = load_engine(load_model_config(args.model, args.configs, args.checkpoint), kind="text")
     rows = []
     for case in find_cases(args.data, args.names_key):
         try:
@@ -94,8 +97,12 @@ def main(argv=None) -> int:
         name = case.label_name(value)
         variants = phrasings(name)
         for text in tqdm(list(dict.fromkeys(variants + args.text)), desc=case.name):
-            res = engine.segment_text(str(case.image), text)
-            m = segmentation_metrics(res.mask > 0, reference, loaded.spacing)
+            try:
+                res = engine.segment_text(str(case.image), text)
+                mask, info, seconds = res.mask > 0, res.info, res.timings.get("total")
+            except Sam3DInputError:  # a name the model does not know (sam3d.engine.named_class refuses it)
+                mask, info, seconds = np.zeros_like(reference), {"closest_name": "refused"}, None
+            m = segmentation_metrics(mask, reference, loaded.spacing)
             rows.append(
                 {
                     "case": case.name,
@@ -104,10 +111,10 @@ def main(argv=None) -> int:
                     "kind": "name" if text in variants else "extra",
                     "dice": m["dice"],
                     "hd95": m["hd95"],
-                    "closest_name": res.info.get("closest_name"),
-                    "similarity": res.info.get("text_similarity"),
-                    "score": res.info.get("score"),
-                    "seconds": res.timings["total"],
+                    "closest_name": info.get("closest_name"),
+                    "similarity": info.get("text_similarity"),
+                    "score": info.get("score"),
+                    "seconds": seconds,
                 }
             )
     if not rows:

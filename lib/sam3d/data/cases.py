@@ -102,7 +102,8 @@ def read_label_names(path: str | os.PathLike, case_name: str = "", names_key: st
     return out
 
 
-def _names_in(folders, case_name: str, names_key: str | None) -> dict[int, str]:
+def names_in(folders, case_name: str = "", names_key: str | None = None) -> dict[int, str]:
+    """The first label names file found in `folders` (in order), read; {} when there is none."""
     for folder in folders:
         for name in NAME_FILES:
             if (folder / name).is_file():
@@ -122,7 +123,7 @@ def find_cases(data_dir: str | os.PathLike, names_key: str | None = None) -> lis
         if image is None or label is None:
             logger.info(f"skipping {folder}: no image.* and label.*")
             continue
-        cases.append(Case(folder.name, image, label, _names_in((folder, root), folder.name, names_key)))
+        cases.append(Case(folder.name, image, label, names_in((folder, root), folder.name, names_key)))
     if not cases:
         raise FileNotFoundError(f"no cases in {root}: expected image.* and label.* in it or in its sub-folders")
     return cases

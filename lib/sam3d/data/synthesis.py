@@ -11,6 +11,8 @@ own `self.R` (MONAI's `Randomizable`), so `Compose.set_random_state(seed)` makes
 - `SynthesizeFromLabelsd`: SynthSeg-style images from a label map alone: a random intensity (mean and spread)
   per label, a smooth multiplicative bias field, blur, a random acquisition resolution (down- then up-sampled),
   gamma and noise. A few real label maps thus give unlimited images of unseen contrasts.
+- `body_tissue_labels`: the unlabelled voxels of a body split into tissues of their own (fat and soft tissue by
+  HU in a CT; a body around the organs of a label map alone), so that a synthesised body is not its air.
 """
 
 import math
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
+from scipy import ndimage
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
@@ -206,3 +209,25 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
         pad[2 * (2 - ax)] = pad[2 * (2 - ax) + 1] = r
         x = F.conv3d(F.pad(x, pad, mode="replicate"), k.view(shape))
     return x
+
+
+FAT, SOFT_TISSUE = 254, 255  # the extra labels of `body_tissue_labels` (SynthesizeFromLabelsd's max_label is 256)
+
+
+def body_tissue_labels(label: np.ndarray, image: np.ndarray | None, spacing, body_margin_mm: float = 30.0):
+    """Label map (X, Y, Z) whose unlabelled body has labels of its own: FAT and SOFT_TISSUE by HU in a CT; for a
+    label map alone, SOFT_TISSUE within `body_margin_mm` (in-plane) of any structure, holes filled, per slice.
+    A label map of organs alone would otherwise synthesise organs floating in air."""
+    out = np.array(label, dtype=np.int32, copy=True)
+    free = out == 0
+    if image is not None:
+        out[free & (image >= -500) & (image < -30)] = FAT
+        out[free & (image >= -30)] = SOFT_TISSUE
+        return out
+    for z in range(out.shape[2]):
+        organs = label[..., z] != 0
+        if not organs.any():
+            continue
+        near = ndimage.distance_transform_edt(~organs, sampling=spacing[:2]) <= body_margin_mm
+        out[..., z][ndimage.binary_fill_holes(near) & free[..., z]] = SOFT_TISSUE
+    return out

@@ -107,12 +107,7 @@ def list_sources(data: dict) -> list[tuple[str, str | None, str]]:
     local datastore; its labelled images) and `label_maps` (`{name: glob}`: label maps without images, named
     `<name>_<file stem>`).
     """
-    out = []
-    for prefix, pattern in (data.get("label_maps") or {}).items():
-        files = sorted(glob.glob(str(pattern)))
-        if not files:
-            raise FileNotFoundError(f"label_maps.{prefix}: no file matches {pattern}")
-        out += [(f"{prefix}_{Path(f).name.split('.')[0]}", None, f) for f in files]
+    out = [(name, None, path) for name, path in label_map_sources(data.get("label_maps"))]
     if data.get("dir"):
         include, exclude = data.get("cases"), set(data.get("exclude") or [])
         for case in find_cases(data["dir"]):
@@ -131,6 +126,17 @@ def list_sources(data: dict) -> list[tuple[str, str | None, str]]:
                 out.append((image.name.split(".")[0], str(image), str(label)))
     if not out:
         raise FileNotFoundError(f"no training volumes in {data}")
+    return out
+
+
+def label_map_sources(label_maps: dict | None) -> list[tuple[str, str]]:
+    """(name, path) of every file a `label_maps` section (`{prefix: glob}`) matches, named `<prefix>_<file stem>`."""
+    out = []
+    for prefix, pattern in (label_maps or {}).items():
+        files = sorted(glob.glob(str(pattern)))
+        if not files:
+            raise FileNotFoundError(f"label_maps.{prefix}: no file matches {pattern}")
+        out += [(f"{prefix}_{Path(f).name.split('.')[0]}", f) for f in files]
     return out
 
 

@@ -11,7 +11,8 @@ the image's own grid: same shape and affine as the image, values 1..K in the ord
 
 A checkpoint that carries `familiarity` (`sam3d.engine.familiarity`) has only the slices that look like its
 training slices labelled; an image with none is refused (Sam3DInputError, HTTP 422) with a message that says so.
-Every answer reports, per class, its confidence: the mean probability of the class over the voxels given it.
+Every answer reports, per class, its confidence: the mean probability of the class over the voxels given it, and
+an answer without any class a `message` that says so (a model trained with negatives answers a brain that way).
 """
 
 import threading
@@ -162,6 +163,11 @@ class AutoEngine:
             "voxels": {n: int((mask == v).sum()) for n, v in self.label_names.items()},
             "confidence": {n: round(c, 3) for n, c in zip(self.class_names, confidence) if c is not None},
         }
+        if not any(info["voxels"].values()):
+            info["message"] = (
+                f"{self.model_name} found none of {', '.join(self.class_names)} in this image; a click model "
+                "segments anything"
+            )
         return SegmentResult(mask, sess.affine, timings, info)
 
     def _run_slices(

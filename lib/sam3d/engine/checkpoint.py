@@ -172,6 +172,14 @@ def configured_preset(model_config: dict, default: str = "sam_med3d_turbo") -> s
     return saved or model_config.get("preset", default)
 
 
+def configured_kind(model_config: dict) -> str:
+    """The kind of model a config serves (point, text or auto): text for a config whose names choose the classes
+    of an automatic model (`classes_from`, `sam3d.engine.named_class`), else its preset's kind."""
+    from ..models import model_kind
+
+    return "text" if model_config.get("classes_from") else model_kind(configured_preset(model_config))
+
+
 def resolve_checkpoint(model_config: dict, base_dir: str | os.PathLike | None = None) -> Path | None:
     """The configured checkpoint path (relative paths against `base_dir`), or None when none is set."""
     ckpt = model_config.get("checkpoint")

@@ -46,6 +46,13 @@ def _vocabulary_words(names) -> list[str]:
     return list(dict.fromkeys(words))
 
 
+def parse_text_prompt(text, foreground, background) -> tuple[str, np.ndarray, np.ndarray]:
+    """A request's text (normalised; an empty one is an input error) and clicks (N, 3), as text engines read them."""
+    if not isinstance(text, str) or not normalize_prompt(text):
+        raise Sam3DInputError("empty text: name the structure to segment, e.g. 'liver' or 'left kidney'")
+    return normalize_prompt(text), _parse_points(foreground, "foreground"), _parse_points(background, "background")
+
+
 def zoom_out_layout(shape: tuple[int, ...], size: int) -> tuple[tuple[slice, ...], tuple[int, ...]]:
     """Where a whole volume of `shape` goes in the zoom-out window: one scale for every axis (shapes keep their
     proportions; a scan of a few slices stays a slab), centred, the rest padding as for any short axis.
@@ -133,10 +140,7 @@ class TextEngine(InteractiveEngine):
     def segment_text(self, image_path: str, text: str, foreground=None, background=None) -> SegmentResult:
         """The structure `text` names, found in the whole image; clicks (optional) refine the last answer."""
         t_start = time.perf_counter()
-        if not isinstance(text, str) or not normalize_prompt(text):
-            raise Sam3DInputError("empty text: name the structure to segment, e.g. 'liver' or 'left kidney'")
-        text = normalize_prompt(text)
-        fg, bg = _parse_points(foreground, "foreground"), _parse_points(background, "background")
+        text, fg, bg = parse_text_prompt(text, foreground, background)
         with self._lock, torch.inference_mode():
             sess, key, cached_session = self._session(str(image_path))
             t_loaded = time.perf_counter()

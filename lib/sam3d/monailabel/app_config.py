@@ -36,9 +36,8 @@ from typing import Any
 import yaml
 
 from ..engine import weights_registry
-from ..engine.checkpoint import configured_preset
+from ..engine.checkpoint import configured_kind
 from ..engine.model_config import load_model_config
-from ..models import model_kind
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ class TaskSpec:
     labels: dict[str, int]
     error: str | None = None
     conf_prefix: str = ""  # how to override this task's keys on the command line
-    kind: str = "point"  # the model's kind (`sam3d.models.model_kind` of its preset): point, text or auto
+    kind: str = "point"  # the model's kind (`sam3d.engine.checkpoint.configured_kind`): point, text or auto
 
 
 @dataclass
@@ -248,6 +247,8 @@ def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[s
         return spec
 
     model_config.update({k: copy.deepcopy(v) for k, v in raw.items() if k not in TASK_KEYS})
+    if model_config.get("classes_from"):  # its models are found by name beside this one
+        model_config.setdefault("configs_dir", str(cfg_dir))
     if model_config.get("checkpoint"):
         model_config["checkpoint"] = _resolve_against(str(model_config["checkpoint"]), root)
     else:
@@ -257,7 +258,7 @@ def _task(name: str, raw: Any, cfg_dir: Path, root: Path, default_labels: dict[s
     spec.error = weights_registry.apply_to_model_config(model_config)  # `weights NAME`: the installed file
     if "factory" not in model_config:  # a user's own network (`factory`) is a point model
         try:
-            spec.kind = model_kind(configured_preset(model_config))
+            spec.kind = configured_kind(model_config)
         except ValueError as e:
             spec.error = f"model config {model_ref!r}: {e}"
     return spec

@@ -25,20 +25,22 @@ Recipe section (its presence selects this step; configs/train/autosam3d*.yaml):
 """
 
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from monai.transforms import RandAffined
+from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised, RandGaussianSmoothd
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from .. import metrics
 from ..data.clicks import derive_seed
-from ..data.training import Volume, _plain
+from ..data.synthesis import SynthesizeFromLabelsd, body_tissue_labels
+from ..data.training import Volume, _case_weight, _plain
 from ..engine.auto import SliceGeometry
 from ..engine.checkpoint import read_state_dict
 from ..engine.interactive import EngineConfig, normalize_window
@@ -51,6 +53,31 @@ from .step import TrainingStep
 logger = logging.getLogger("sam3d.training")
 
 HALF = 4  # a sample holds slices t-HALF..t+HALF: the longest chain (3) plus its outer neighbour
+
+
+@dataclass
+class SliceSampling:
+    """How `AutoSliceDataset` varies its samples beyond the in-plane motion (`augment`); all off by default."""
+
+    synth_prob: float = 0.0  # real images replaced by one synthesised from their label map (label maps: always)
+    partial_prob: float = 0.0  # the scan cut to a z-extent of 1..all slices (log-uniform) around slice t
+    flip_slices_prob: float = 0.0  # the slice order reversed (feet-first scans)
+    fov_prob: float = 0.0  # an in-plane crop of 50-100 % of each side: another field of view and pixel size
+    intensity_prob: float = 0.0  # contrast (gamma), blur and noise after normalisation
+    case_weights: dict | None = None  # {name or glob: weight}, first match wins; else 1
+
+    @classmethod
+    def from_recipe(cls, auto: dict) -> "SliceSampling":
+        return cls(**{f: auto[f] for f in cls.__dataclass_fields__ if f in auto})
+
+
+@dataclass
+class _SliceVolume:
+    name: str
+    image: torch.Tensor | None  # (X, Y, Z) normalised as the engine normalises the whole scan; None: a label map
+    tissues: torch.Tensor  # (X, Y, Z) int32 label map with the body's tissues (`body_tissue_labels`): synthesis
+    classes: torch.Tensor  # (X, Y, Z) class indices
+    fg_slices: np.ndarray
 
 
 class AutoSliceDataset(Dataset):
@@ -67,8 +94,10 @@ class AutoSliceDataset(Dataset):
         foreground_slices: float = 0.9,
         augment: float = 0.0,
         length: int = 10**9,
+        sampling: SliceSampling | None = None,
     ) -> None:
         self.size, self.seed, self.length, self.fg = int(size), int(seed), int(length), float(foreground_slices)
+        self.cfg = sampling or SliceSampling()
         # the slices are the channels of one 2D image: one in-plane motion for all; no flips (left/right organs)
         self.affine = RandAffined(
             ["image", "label"],
@@ -79,6 +108,17 @@ class AutoSliceDataset(Dataset):
             mode=("bilinear", "nearest"),
             padding_mode="border",
         )
+        self.synth = SynthesizeFromLabelsd(prob=1.0)
+        # a synthesised image is not in HU: normalised without the CT window, as the engine normalises an MR
+        self.engine_config, self.synth_config = engine_config, replace(engine_config, clip=None, ct_clip=None)
+        p = self.cfg.intensity_prob
+        self.intensity = Compose(
+            [
+                RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=p),
+                RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), prob=p / 3),
+                RandGaussianNoised("image", std=0.1, prob=p),
+            ]
+        )
         self.items = []
         for v in volumes:
             table = {name: value for value, name in (names.get(v.name) or {}).items()}
@@ -86,32 +126,59 @@ class AutoSliceDataset(Dataset):
             found = [(k + 1, table[n]) for k, n in enumerate(class_names) if n in table and table[n] < len(lut)]
             for k, value in found:
                 lut[value] = k
-            if not found:
-                logger.warning(f"{v.name}: none of the classes {class_names} in its label names; skipped")
-                continue
+            if not found:  # kept: its slices teach that a scan without these organs gets an empty answer
+                logger.info(f"{v.name}: none of the classes {class_names}; its slices are all background")
             classes = torch.from_numpy(lut)[v.label[0].long()]  # (X, Y, Z) class indices
-            image = normalize_window(v.image[0], engine_config)
+            image = None if v.image is None else normalize_window(v.image[0], engine_config, v.hounsfield)
+            raw = None if v.image is None else v.image[0].numpy()
+            tissues = torch.from_numpy(body_tissue_labels(v.label[0].numpy(), raw, engine_config.spacing))
             fg_slices = np.flatnonzero(classes.flatten(0, 1).amax(0).numpy() > 0)
-            self.items.append((v.name, image, classes, fg_slices, SliceGeometry(tuple(image.shape[:2]), self.size)))
-        if not self.items:
+            self.items.append(_SliceVolume(v.name, image, tissues, classes, fg_slices))
+        if not any(len(v.fg_slices) for v in self.items):
             raise ValueError(f"no training volume holds any of the classes {class_names}")
+        weights = np.array([_case_weight(self.cfg.case_weights, v.name) for v in self.items])
+        self.weights = weights / weights.sum()
+
+    def keep_only(self, names: list[str]) -> None:
+        """Draw from these volumes alone (their weights renormalised)."""
+        keep = [i for i, v in enumerate(self.items) if v.name in names]
+        self.items = [self.items[i] for i in keep]
+        self.weights = self.weights[keep] / self.weights[keep].sum()
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
+        c = self.cfg
         rng = np.random.default_rng(derive_seed(self.seed, "auto", int(index)))
-        name, image, classes, fg_slices, geo = self.items[int(rng.integers(len(self.items)))]
-        n = image.shape[2]
-        if len(fg_slices) and rng.random() < self.fg:
-            t = int(rng.choice(fg_slices))
+        v = self.items[int(rng.choice(len(self.items), p=self.weights))]
+        x, y, n = v.classes.shape
+        t = int(rng.choice(v.fg_slices)) if len(v.fg_slices) and rng.random() < self.fg else int(rng.integers(n))
+        lo, hi = 0, n - 1
+        if rng.random() < c.partial_prob:  # a scan of `length` slices that holds slice t
+            length = int(np.clip(round(np.exp(rng.uniform(0, np.log(n)))), 1, n))
+            lo = int(rng.integers(max(0, t - length + 1), min(t, n - length) + 1))
+            hi = lo + length - 1
+        idx = np.clip(np.arange(t - HALF, t + HALF + 1), lo, hi)  # beyond the scan: its edge slice again
+        if rng.random() < c.flip_slices_prob:
+            idx = idx[::-1].copy()
+        xs, ys = slice(0, x), slice(0, y)
+        if rng.random() < c.fov_prob:
+            xs, ys = (_crop(side, rng) for side in (x, y))
+        synthetic = v.image is None or rng.random() < c.synth_prob
+        if synthetic:
+            self.synth.set_random_state(int(rng.integers(2**31 - 1)))
+            img = self.synth({"label": v.tissues[xs, ys][None, ..., idx]})["image"][0]
+            img = normalize_window(img, self.synth_config)
         else:
-            t = int(rng.integers(n))
-        idx = np.clip(np.arange(t - HALF, t + HALF + 1), 0, n - 1)  # beyond the volume: its edge slice again
-        img = geo.to_model(image[..., idx].permute(2, 0, 1), fill=float(image.min()))[:, 0]
+            img = v.image[xs, ys][..., idx]
+        geo = SliceGeometry((img.shape[0], img.shape[1]), self.size)
+        img = geo.to_model(img.permute(2, 0, 1), fill=float(img.min()))[:, 0]
         # an intensity change per sample: scale and shift of the normalised values
         img = img * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
-        lab = geo.to_model(classes[..., idx].permute(2, 0, 1).float(), fill=0.0, mode="nearest")[:, 0]
+        self.intensity.set_random_state(int(rng.integers(2**31 - 1)))
+        img = _plain(self.intensity({"image": img})["image"])
+        lab = geo.to_model(v.classes[xs, ys][..., idx].permute(2, 0, 1).float(), fill=0.0, mode="nearest")[:, 0]
         self.affine.set_random_state(int(rng.integers(2**31 - 1)))
         moved = self.affine({"image": img, "label": lab})
         img, lab = _plain(moved["image"]), _plain(moved["label"])
@@ -120,10 +187,17 @@ class AutoSliceDataset(Dataset):
             "label": lab.contiguous(),
             "index": int(index),
             "seed": derive_seed(self.seed, "chain", int(index)),
-            "case": name,
+            "case": v.name,
             "target": f"slice {t}",
-            "synthetic": False,
+            "synthetic": bool(synthetic),
         }
+
+
+def _crop(side: int, rng: np.random.Generator) -> slice:
+    """A random 50-100 % of an axis."""
+    keep = max(1, int(round(side * rng.uniform(0.5, 1.0))))
+    start = int(rng.integers(0, side - keep + 1))
+    return slice(start, start + keep)
 
 
 def auto_dataset(volumes, engine_config, model, recipe: dict, root, seed: int) -> AutoSliceDataset:
@@ -137,6 +211,7 @@ def auto_dataset(volumes, engine_config, model, recipe: dict, root, seed: int) -
         seed=seed,
         foreground_slices=float(a.get("foreground_slices", 0.9)),
         augment=float(a.get("augment", 0.5)),
+        sampling=SliceSampling.from_recipe(a),
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..data.training import SamplingConfig
+from .auto_step import SliceSampling
 from .interactive import InteractiveConfig
 
 _DATA_KEYS = {"dir", "cases", "exclude", "datastore", "label_maps", "shapes"}
@@ -44,7 +45,8 @@ RECIPE_KEYS: dict[str, set | None] = {
     "validation": {"every", "samples", "clicks", "data"},
     "log": {"every", "tensorboard", "progress"},
     "text": {"refine_rounds", "zoom_out_prob", "synonym_prob", "names", "model"},
-    "auto": {"augment", "box_loss_weight", "foreground_slices", "max_previous", "sam_checkpoint", "teacher_boxes"},
+    "auto": {"augment", "box_loss_weight", "foreground_slices", "max_previous", "sam_checkpoint", "teacher_boxes"}
+    | {f.name for f in fields(SliceSampling)},
     "debug": {"exit_at_step"},
 }
 _NESTED = {

@@ -40,6 +40,7 @@ from ..models import build_network, model_kind
 from ..models.lora import add_lora, is_lora_parameter
 from .auto_step import AutoStep
 from .point_step import PointStep
+from .resume_state import restore_first_moments
 from .step import TrainingStep
 from .text_step import TextStep
 
@@ -308,7 +309,8 @@ def _resume(out: Path, recipe: dict, root: Path, model, optimizer, scheduler, ra
         raise FileExistsError(f"{source} exists and resume is off: choose another output folder")
     state = torch.load(source, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"])  # float moments take the parameters' dtype
+    restore_first_moments(optimizer)  # a committed compact state (`sam3d.training.resume_state`) has none
     scheduler.load_state_dict(state["scheduler"])
     if rank == 0:
         logger.info(f"resuming from {source} at step {int(state['step'])}")
