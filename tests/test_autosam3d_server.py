@@ -72,6 +72,7 @@ def test_info_lists_the_task_with_the_checkpoints_class_names(server):
 def test_answer_is_the_librarys_multi_class_volume_on_the_image_grid(server):
     from sam3d.engine import EngineConfig, load_model
     from sam3d.engine.auto import AutoEngine
+    from sam3d.engine.model_config import load_model_config
 
     tmp, studies, client = server
     f, params = _infer(client, "sam3d_auto")
@@ -83,7 +84,7 @@ def test_answer_is_the_librarys_multi_class_volume_on_the_image_grid(server):
     assert params["order"] == "middle" and params["network"] == "autosam3d_tiny" and params["model_id"]
     engine = AutoEngine(
         load_model({"checkpoint": str(tmp / "auto.safetensors")}),
-        EngineConfig(spacing=(3.0, 3.0, 3.0), clip=(-200.0, 300.0), normalize="zscore"),
+        EngineConfig.from_dict(load_model_config("autosam3d", REPO / "configs")),  # the served grid and intensities
     )
     np.testing.assert_array_equal(labels, engine.segment(str(studies / "ct.nii.gz")).mask)
 

@@ -1,5 +1,6 @@
-"""An auto model knows when it does not know (sam3d.engine.familiarity): slices unlike its training slices get no
-label, and an image with none is refused; the shipped 3D-SAutoMed weights carry their training slices' measure."""
+"""An auto model knows when it does not know: slices unlike its training slices get no label and an image with none
+is refused (sam3d.engine.familiarity); the shipped 3D-SAutoMed weights, trained with heads as negatives, answer a
+brain with no organ and a message, and carry the measure of the slices their recipe trains on."""
 
 from pathlib import Path
 
@@ -34,8 +35,18 @@ def engine():
     return auto_engine_from_config(load_model_config("autosam3d", REPO / "configs"))
 
 
-def test_the_shipped_abdominal_model_refuses_a_brain(engine):
+def test_the_shipped_abdominal_model_finds_no_organ_in_a_brain_and_says_so(engine):
     assert engine.familiarity is not None and engine.familiarity.slices > 0
+    res = engine.segment(str(SHARED / "colin27_aal" / "image.nii.gz"))
+    assert sum(res.info["voxels"].values()) == 0 and not res.mask.any()
+    assert "found none of spleen, kidney_right" in res.info["message"]
+
+
+def test_an_image_without_a_familiar_slice_is_refused():
+    """The gate itself: measured on one abdominal MR's slices alone, a brain's slices are all too far."""
+    engine = auto_engine_from_config(load_model_config("autosam3d", REPO / "configs"))  # its own answer cache
+    mr = engine.prepare(str(SHARED / "totalseg_mr" / "image.nii.gz"))[2]
+    engine.familiarity = Familiarity.fit(slice_points(engine.encode(mr)))
     with pytest.raises(Sam3DInputError, match="none of its 61 slices looks like the scans it was trained on"):
         engine.segment(str(SHARED / "colin27_aal" / "image.nii.gz"))
 

@@ -78,6 +78,7 @@ def server(shared_data, tmp_path_factory):
         (f"infers.{NOWEIGHTS}.model", "sam3d_small"),
         (f"infers.{NOWEIGHTS}.checkpoint", tmp / "absent" / "sam3d_small.safetensors"),
         ("infers.sam3d_semantic_point.checkpoint", _tiny_segsam3d(tmp / "segsam3d.safetensors")),
+        ("infers.sam3d_text.model", "refsam3d"),  # RefSAM3D behind the text task (the default names autosam3d)
         ("infers.sam3d_text.checkpoint", _tiny_refsam3d(tmp / "refsam3d.safetensors")),
         ("infers.sam3d_text.spacing", "[3, 3, 3]"),  # a tiny network's 32^3 windows: cover more of the CT
     ]

@@ -3,7 +3,7 @@
 For every case in --data holding the structure, each phrasing goes through the text engine's `segment_text` (the
 text alone, no click; RefSAM3D's `TextEngine` or the `NamedClassEngine` of autosam3d_text) and its mask is scored
 against the reference: Dice, HD95, the trained name the text was matched to and how close it was (a name the
-model refuses: an empty mask, matched to "refused"). Phrasings: the label's every template and synonym
+model refuses: an empty mask, "refused" and the closest class). Phrasings: the label's every template and synonym
 (`sam3d.text.prompt_variants`, what training draws from), its dataset code, and any --text given (e.g. an
 unrelated structure, to see the gate).
 
@@ -25,7 +25,7 @@ from sam3d.engine import Sam3DInputError
 from sam3d.engine.model_config import load_model_config
 from sam3d.metrics import segmentation_metrics
 from sam3d.predictor import load_engine
-from sam3d.text import prompt_variants
+from sam3d.text import normalize_prompt, prompt_variants
 
 from . import REPO
 from .provenance import report_header
@@ -101,7 +101,9 @@ def main(argv=None) -> int:
                 res = engine.segment_text(str(case.image), text)
                 mask, info, seconds = res.mask > 0, res.info, res.timings.get("total")
             except Sam3DInputError:  # a name the model does not know (sam3d.engine.named_class refuses it)
-                mask, info, seconds = np.zeros_like(reference), {"closest_name": "refused"}, None
+                name, _, similarity = engine.closest_class(normalize_prompt(text))
+                info = {"closest_name": f"refused (closest: {name})", "text_similarity": similarity}
+                mask, seconds = np.zeros_like(reference), None
             m = segmentation_metrics(mask, reference, loaded.spacing)
             rows.append(
                 {

@@ -28,8 +28,9 @@ from scipy import ndimage
 from ..text.encoder import load_text_encoder
 from ..text.variants import prompt_variants
 from .auto import AutoEngine, auto_engine_from_config
+from .checkpoint import load_model
 from .errors import Sam3DInputError
-from .interactive import InteractiveEngine, SegmentResult
+from .interactive import EngineConfig, InteractiveEngine, SegmentResult
 from .model_config import load_model_config
 from .text_search import parse_text_prompt
 
@@ -125,9 +126,8 @@ def named_class_engine_from_config(model_config: dict, device: str = "cpu", text
         auto_cfg["checkpoint"] = str(model_config["checkpoint"])
     auto = auto_engine_from_config(auto_cfg, device)
     click = None
-    if model_config.get("refine_with"):
-        from ..predictor import load_engine  # the point engine, as the point task loads it
-
-        click = load_engine(config(str(model_config["refine_with"])), device, "point")
+    if model_config.get("refine_with"):  # the point engine, as the point task builds it
+        click_cfg = config(str(model_config["refine_with"]))
+        click = InteractiveEngine(load_model(click_cfg), EngineConfig.from_dict(click_cfg), device=device)
     encoder = text_encoder or load_text_encoder(model_config.get("text_model"), device=device)
     return NamedClassEngine(auto, click, encoder, float(model_config.get("text_min_similarity", 0.75)))
