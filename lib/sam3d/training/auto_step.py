@@ -2,7 +2,9 @@
 
 Samples (`AutoSliceDataset`): nine neighbouring axial slices t-4..t+4 of a volume on the model grid, normalised
 and padded/resized exactly as `sam3d.engine.auto` prepares slices, with their class-index maps (the recipe's
-class names looked up in each case's label names; other structures are background).
+class names looked up in each case's label names; other structures are background). `SliceSampling` varies them
+as scans vary: images synthesised from the label map (always for a label map alone), partial scans, the slice
+order reversed, other fields of view, contrast and noise; a volume without any class gives negatives.
 
 Step (`AutoStep`): per batch a chain length n (1-3, `auto.max_previous`) and per sample a direction (towards
 t from below or from above) drawn from the sample's seed. The n previous slices run first, each reading its
@@ -22,6 +24,7 @@ Recipe section (its presence selects this step; configs/train/autosam3d*.yaml):
       foreground_slices: 0.9   # share of samples whose slice t holds a class (else any slice)
       augment: 0.5             # share of samples moved in-plane (rotation, scale, shift; all nine slices alike)
       sam_checkpoint: null     # Meta's sam_vit_b_01ec64.pth: its encoder into a frozen ViT-B encoder
+      synth_prob: 0.0          # and the other `SliceSampling` fields (configs/train/autosam3d_synth.yaml)
 """
 
 import logging
@@ -110,7 +113,7 @@ class AutoSliceDataset(Dataset):
         )
         self.synth = SynthesizeFromLabelsd(prob=1.0)
         # a synthesised image is not in HU: normalised without the CT window, as the engine normalises an MR
-        self.engine_config, self.synth_config = engine_config, replace(engine_config, clip=None, ct_clip=None)
+        self.synth_config = replace(engine_config, clip=None, ct_clip=None)
         p = self.cfg.intensity_prob
         self.intensity = Compose(
             [
