@@ -174,3 +174,18 @@ def test_text_phrasings_scores_every_phrasing_and_gates_unknown_text(tmp_path, s
         [*cmd[:-4], "--label", "femur_left", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO
     )
     assert bad.returncode != 0 and "no case" in bad.stderr
+
+
+def test_text_phrasings_reports_a_refused_name_under_the_structure_it_was_asked_for(tmp_path, shared_data):
+    from sam3d.cli.text_phrasings import main
+
+    out = tmp_path / "phrasings"
+    args = ["--model", "autosam3d_text", "--data", str(shared_data / "totalseg_mr"), "--label", "liver"]
+    assert main([*args, "--text", "pancreas", "--out", str(out)]) == 0
+    with open(out / "phrasings.csv") as f:
+        rows = list(csv.DictReader(f))
+    refused = next(r for r in rows if r["text"] == "pancreas")
+    assert refused["label"] == "liver" and refused["closest_name"] == "refused (closest: stomach)"
+    assert float(refused["dice"]) == 0.0 and float(refused["similarity"]) < 0.75
+    assert all(r["label"] == "liver" for r in rows)
+    assert float(next(r for r in rows if r["text"] == "hepar")["dice"]) > 0.5

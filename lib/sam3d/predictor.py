@@ -26,15 +26,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .engine.checkpoint import configured_kind, load_model, saved_config
-from .engine.interactive import EngineConfig, InteractiveEngine
+from .engine.checkpoint import configured_kind, saved_config
+from .engine.interactive import point_engine_from_config
 from .engine.model_config import load_model_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the project's configs (an editable install)
-
-
-def _point_engine(model_config: dict, device: str):
-    return InteractiveEngine(load_model(model_config), EngineConfig.from_dict(model_config), device=device)
 
 
 def _text_engine(model_config: dict, device: str):
@@ -54,7 +50,8 @@ def _auto_engine(model_config: dict, device: str):
     return auto_engine_from_config(model_config, device)
 
 
-ENGINES = {"point": _point_engine, "text": _text_engine, "auto": _auto_engine}  # the engine of each model kind
+# the engine of each model kind
+ENGINES = {"point": point_engine_from_config, "text": _text_engine, "auto": _auto_engine}
 
 
 def load_engine(model_config: dict, device: str = "cpu", kind: str | None = None):

@@ -3,13 +3,12 @@
     python scripts/export_weights.py runs/sam3d_default_cpu/model.safetensors models/sam3d_small.safetensors --half
 
 Writes DST (safetensors) and its sidecar DST.yaml (the network, plus the run's step and recipe), each replaced
-atomically, so a running server never reads half a file. With --state, SRC is a run's state.pt and DST the small
-resume state a recipe's `resume_from` names (`sam3d.training.resume_state`):
+atomically, so a running server never reads half a file. Prints the largest difference of the logits of the
+exported model from the source's on a random window and clicks, or random slices for 3D-SAutoMed (the cost of
+float16). With --state, SRC is a run's state.pt and DST the small resume state a recipe's `resume_from` names
+(`sam3d.training.resume_state`):
 
     python scripts/export_weights.py runs/autosam3d_synth/state.pt models/autosam3d.state.pt --state
- Prints the largest difference of the logits of the
-exported model from the source's on a random window and clicks, or random slices for 3D-SAutoMed (the cost of
-float16).
 """
 
 import argparse

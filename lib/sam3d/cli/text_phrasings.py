@@ -101,8 +101,8 @@ def main(argv=None) -> int:
                 res = engine.segment_text(str(case.image), text)
                 mask, info, seconds = res.mask > 0, res.info, res.timings.get("total")
             except Sam3DInputError:  # a name the model does not know (sam3d.engine.named_class refuses it)
-                name, _, similarity = engine.closest_class(normalize_prompt(text))
-                info = {"closest_name": f"refused (closest: {name})", "text_similarity": similarity}
+                closest, _, similarity = engine.closest_class(normalize_prompt(text))
+                info = {"closest_name": f"refused (closest: {closest})", "text_similarity": similarity}
                 mask, seconds = np.zeros_like(reference), None
             m = segmentation_metrics(mask, reference, loaded.spacing)
             rows.append(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import ByteLRU
-from .checkpoint import LoadedModel
+from .checkpoint import LoadedModel, load_model
 from .errors import Sam3DInputError
 from .image_session import ImageKey, ImageSession
 from .windows import (
@@ -417,6 +417,11 @@ class InteractiveEngine:
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def point_engine_from_config(model_config: dict, device: str = "cpu") -> InteractiveEngine:
+    """The model config's network and weights as an `InteractiveEngine` (what the point task serves)."""
+    return InteractiveEngine(load_model(model_config), EngineConfig.from_dict(model_config), device=device)
 
 
 def _box_to_model(sess: ImageSession, box_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

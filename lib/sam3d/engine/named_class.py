@@ -28,9 +28,8 @@ from scipy import ndimage
 from ..text.encoder import load_text_encoder
 from ..text.variants import prompt_variants
 from .auto import AutoEngine, auto_engine_from_config
-from .checkpoint import load_model
 from .errors import Sam3DInputError
-from .interactive import EngineConfig, InteractiveEngine, SegmentResult
+from .interactive import InteractiveEngine, SegmentResult, point_engine_from_config
 from .model_config import load_model_config
 from .text_search import parse_text_prompt
 
@@ -96,12 +95,10 @@ class NamedClassEngine:
         info.update(score=confidence if confidence is not None else 0.0, familiar_slices=found.info["familiar_slices"])
         timings = {f"auto_{k}": v for k, v in found.timings.items()}
         if len(fg) or len(bg):
-            if self.click is None:
-                raise Sam3DInputError(f"{self.model_name}: no click model (refine_with) to refine a named class")
             if not len(fg) and mask.any():  # the click model needs a foreground click: the answer's deepest voxel
                 depth = ndimage.distance_transform_edt(mask, sampling=np.linalg.norm(found.affine[:3, :3], axis=0))
                 fg = np.argwhere(depth == depth.max())[:1]
-            refined = self.click.segment(image_path, fg, bg, label=f"text:{name}", prior=mask)
+            refined = self.segment(image_path, fg, bg, label=f"text:{name}", prior=mask)
             mask = refined.mask
             timings.update(refined.timings)
             info["windows"] = refined.info.get("windows", [])
@@ -126,8 +123,7 @@ def named_class_engine_from_config(model_config: dict, device: str = "cpu", text
         auto_cfg["checkpoint"] = str(model_config["checkpoint"])
     auto = auto_engine_from_config(auto_cfg, device)
     click = None
-    if model_config.get("refine_with"):  # the point engine, as the point task builds it
-        click_cfg = config(str(model_config["refine_with"]))
-        click = InteractiveEngine(load_model(click_cfg), EngineConfig.from_dict(click_cfg), device=device)
+    if model_config.get("refine_with"):
+        click = point_engine_from_config(config(str(model_config["refine_with"])), device)
     encoder = text_encoder or load_text_encoder(model_config.get("text_model"), device=device)
     return NamedClassEngine(auto, click, encoder, float(model_config.get("text_min_similarity", 0.75)))
