@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from scipy import ndimage
 
+from sam3d.data.prior_masks import perturbed_mask
 from sam3d.data.shapes import blob, shape_label_map, sheet, shell
 from sam3d.data.training import SamplingConfig, WindowDataset, list_sources, load_volumes
 from sam3d.engine import EngineConfig, load_model
@@ -145,6 +146,37 @@ def test_last_round_training_step_backpropagates_through_the_last_round_only():
     loss, dice = step(torch.randn(2, 1, 16, 16, 16), labels, [5, 6], torch.tensor([[2, 2, 2], [-1, -1, -1]]))
     loss.backward()
     assert torch.isfinite(loss) and dice.shape == (3,)
+
+
+def test_prior_mask_samples_start_from_a_near_correct_mask():
+    """With `prior_mask_prob` 1 every sample's first decode sees a mask near the reference, not an empty one."""
+    gt = np.zeros((32, 32, 32), bool)
+    gt[8:24, 10:22, 6:26] = True
+    rng = np.random.default_rng(0)
+    dices = [float(2 * (m & gt).sum() / (m.sum() + gt.sum())) for m in (perturbed_mask(gt, rng) for _ in range(40))]
+    assert min(dices) > 0.3 and 1.0 in dices and np.mean(dices) < 0.95
+    assert not perturbed_mask(np.zeros((8, 8, 8), bool), rng).any()
+
+    net, seen = _tiny().train(), []
+    decode = net.decode
+
+    def spy(*args, mask_input=None, **kwargs):
+        seen.append(mask_input.clone())
+        return decode(*args, mask_input=mask_input, **kwargs)
+
+    net.decode = spy
+    cfg = InteractiveConfig(
+        rounds=1, grad_rounds="last", loss_resolution="low", iou_loss_weight=0.0, box_prob=0.0, prior_mask_prob=1.0
+    )
+    labels = torch.zeros(2, 1, 16, 16, 16)
+    labels[:, :, 4:12, 5:11, 3:13] = 1
+    loss, _ = PointStep(net, cfg, build_loss("dice_ce"))(torch.randn(2, 1, 16, 16, 16), labels, [5, 6])
+    loss.backward()
+    prior = seen[0] > 0
+    assert prior.shape == labels.shape
+    for b in range(2):
+        overlap = (prior[b] & (labels[b] > 0)).sum() / (labels[b] > 0).sum()
+        assert overlap > 0.3, "a prior sample's previous mask is the reference, perturbed"
 
 
 def test_smoke_run_is_killed_and_resumes_to_the_same_weights(tmp_path):

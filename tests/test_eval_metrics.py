@@ -119,6 +119,35 @@ def test_perfect_predictor_scores_dice_1_hd95_0_noc_1(protocol):
         assert seg.calls == 1 and all(r["seconds"] == 0.0 for r in rows[1:])
 
 
+class KeepsThePrior:
+    """A method that answers the mask it was given, whatever the clicks."""
+
+    name = "keeps"
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def segment(self, image_path, foreground, background, roi, label, prior=None):
+        self.calls.append((list(foreground), list(background), prior))
+        return prior
+
+
+def test_prior_protocol_gives_the_perturbed_reference_and_clicks_on_its_errors():
+    label = np.zeros((32, 32, 32), np.int32)
+    label[6:26, 8:24, 4:28] = 3
+    seg = KeepsThePrior()
+    rows = run_target(seg, _loaded(label), 3, EvalConfig(clicks=3, seed=4, prior="perturbed")).rows
+    prior = seg.calls[0][2].astype(bool)
+    assert all(c[2] is seg.calls[0][2] for c in seg.calls)  # the same prior with every call
+    first = rows[0]["prior_dice"]
+    assert 0.3 < first < 1.0 and all(r["prior_dice"] == first for r in rows)
+    assert all(r["dice"] == first for r in rows)  # a method that keeps the prior scores the prior
+    (fg, bg, _), errors = seg.calls[0], prior != (label == 3)
+    assert len(fg) + len(bg) == 1 and all(errors[tuple(p)] for p in [*fg, *bg])  # the first click corrects it
+    again = run_target(KeepsThePrior(), _loaded(label), 3, EvalConfig(clicks=1, seed=4, prior="perturbed")).rows
+    assert again[0]["prior_dice"] == first  # seeded per target
+
+
 def test_random_walker_baseline_on_a_bright_ball():
     from sam3d.evaluation import random_walker_segment
 

@@ -115,6 +115,18 @@ def test_cli_model_and_baseline_on_a_real_case(shared_data, tiny_checkpoint, tmp
     ]
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [([], "--prior needs a library point model and --no-baseline"), (["--no-baseline", "--protocol", "box"], "box")],
+)
+def test_cli_prior_refuses_what_cannot_take_a_mask(shared_data, tmp_path, extra, message):
+    r = _evaluate(
+        "--model", "clicknet", "--data", shared_data / "totalseg_mr", "--out", tmp_path, "--prior", "perturbed", *extra
+    )
+    assert r.returncode == 2 and message in r.stderr
+    assert not (tmp_path / "results.csv").exists()
+
+
 def test_cli_missing_weights_is_a_clear_error(shared_data, tmp_path):
     r = _evaluate(
         "--model",

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from sam3d.data.cases import find_cases
 from sam3d.data.clicks import PROTOCOLS
 from sam3d.evaluation import (
@@ -73,6 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--near-mm", type=float, default=10.0, help="noisy1/noisy2: band around the target (mm)")
     p.add_argument("--box-jitter-mm", type=float, default=0.0, help="box: each face moved by up to this (mm)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument(
+        "--prior",
+        choices=("perturbed",),
+        help="start each target from the reference, perturbed (a mask to correct); the first click corrects it",
+    )
     p.add_argument("--no-baseline", action="store_true", help="do not run the random-walker baseline")
     p.add_argument("--save-masks", action="store_true", help="write the last mask of every target")
     p.add_argument("--server", metavar="URL", help="evaluate a running sam3d MONAI Label server instead")
@@ -93,6 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--clicks must be at least 1")
     if args.model == "baseline" and args.no_baseline and not args.server:
         p.error("--model baseline with --no-baseline leaves nothing to evaluate")
+    if args.prior and (args.server or args.model == "baseline" or not args.no_baseline):
+        p.error("--prior needs a library point model and --no-baseline: the random walker and a server take no mask")
+    if args.prior and args.protocol in ("text", "box"):
+        p.error(f"--prior starts from a mask and corrects it with clicks; protocol {args.protocol} starts from nothing")
     return args
 
 
@@ -169,6 +180,7 @@ def main(argv=None) -> int:
         near_mm=args.near_mm,
         box_jitter_mm=args.box_jitter_mm,
         save_masks=out / "masks" if args.save_masks else None,
+        prior=args.prior,
     )
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.perf_counter()
@@ -186,6 +198,9 @@ def main(argv=None) -> int:
         protocol += f", near band {args.near_mm:g} mm"
     if args.protocol == "box":
         protocol += f", box jitter {args.box_jitter_mm:g} mm"
+    if args.prior:
+        first = {(r["case"], r["label"]): r["prior_dice"] for r in rows}
+        protocol += f", from the reference perturbed (mean Dice {np.mean(list(first.values())):.3f}) as a prior"
     meta = {
         "command": command_line("evaluate", argv),
         "commit": git_commit(EVALUATED_CODE),

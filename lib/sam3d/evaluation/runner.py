@@ -9,6 +9,11 @@ the structure's name alone (the method gets its label name and no click), later 
 errors. Iteration i adds the simulator's points (one for most protocols, several for noisy1/noisy2, a box for
 `box`), and the method gets every prompt so far.
 
+With `prior: perturbed` a target starts from a previous mask, as when a user corrects an automatic result: the
+reference, perturbed as training perturbs it (`sam3d.data.prior_masks`, seeded per target), given to the method
+with every call; the first click already answers that mask's errors. The prior's own metrics are in every row
+(`prior_dice`). Only a method that takes a mask (`segment(..., prior=)`) can run it.
+
 When a prediction is already perfect the simulator has nothing to add: the remaining iterations repeat its
 metrics with 0 s and no call. A failed call (an exception from the method) is recorded in the `error` column
 with empty metrics, and the target continues from the last good mask.
@@ -24,6 +29,7 @@ import numpy as np
 
 from ..data.cases import Case, load_case
 from ..data.clicks import ClickSimulator, Prompt, derive_seed
+from ..data.prior_masks import perturbed_mask
 from ..metrics import METRICS, segmentation_metrics
 
 logger = logging.getLogger(__name__)
@@ -45,6 +51,7 @@ COLUMNS = (
     "n_foreground",
     "n_background",
     "error",
+    "prior_dice",
 )
 
 
@@ -57,6 +64,7 @@ class EvalConfig:
     near_mm: float = 10.0  # noisy1/noisy2: "near the target"
     box_jitter_mm: float = 0.0  # box protocol
     save_masks: Path | None = None  # folder for the last mask of every (method, case, label)
+    prior: str | None = None  # "perturbed": each target starts from the reference, perturbed
 
 
 @dataclass
@@ -103,9 +111,14 @@ def run_target(segmenter, loaded, value: int, config: EvalConfig, progress=None)
         box_jitter_mm=config.box_jitter_mm,
     )
     trace = Trace()
-    pred, last_metrics = None, None
+    pred, last_metrics, given, extra = None, None, {}, {}
+    if config.prior == "perturbed":
+        pred = perturbed_mask(gt, np.random.default_rng(derive_seed(config.seed, case.name, value, "prior")))
+        last_metrics = segmentation_metrics(pred, gt, loaded.spacing)
+        given, extra = {"prior": pred.astype(np.uint8)}, {"prior_dice": last_metrics["dice"]}
     for it in range(1, config.clicks + 1):
-        prompt = Prompt() if text and it == 1 else sim.next(gt, pred, it)
+        # with a prior, the first click already corrects a mask, as a second click does
+        prompt = Prompt() if text and it == 1 else sim.next(gt, pred, it + bool(given))
         row = {
             "method": segmenter.name,
             "case": case.name,
@@ -113,6 +126,7 @@ def run_target(segmenter, loaded, value: int, config: EvalConfig, progress=None)
             "label_name": name,
             "click": it,
             "error": "",
+            **extra,
         }
         if not prompt and pred is not None:  # perfect already: nothing to click on
             row.update(last_metrics, seconds=0.0)
@@ -123,7 +137,7 @@ def run_target(segmenter, loaded, value: int, config: EvalConfig, progress=None)
                 trace.roi = prompt.roi()
             t = time.perf_counter()
             try:
-                mask = segmenter.segment(str(case.image), trace.foreground, trace.background, trace.roi, name)
+                mask = segmenter.segment(str(case.image), trace.foreground, trace.background, trace.roi, name, **given)
                 seconds = time.perf_counter() - t
                 mask = np.asarray(mask)
                 if mask.shape != gt.shape:

@@ -77,7 +77,8 @@ class PredictorSegmenter:
             out.update({"order": e.order, "classes": ", ".join(e.class_names)})
         return out
 
-    def segment(self, image_path, foreground, background, roi, label) -> np.ndarray:
+    def segment(self, image_path, foreground, background, roi, label, prior=None) -> np.ndarray:
+        """`prior`: a 0/1 mask the first click of a sequence refines (point models)."""
         p = self.predictor
         if self._image != str(image_path):
             p.set_image(str(image_path))
@@ -92,6 +93,7 @@ class PredictorSegmenter:
             points=points,
             point_labels=[1] * len(foreground) + [0] * len(background),
             box=box,
+            mask_input=prior,
             text=label if self.read_text else None,
             label=label,
         )

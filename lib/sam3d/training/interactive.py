@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.clicks import ClickSimulator, Prompt, center_click
+from ..data.prior_masks import perturbed_mask
 from ..metrics import batch_dice
 
 
@@ -34,6 +35,9 @@ class InteractiveConfig:
     # last with gradients and a loss, the earlier ones simulate the clicks so far (RITM's, nnInteractive's way):
     # for a network that runs again on every click, one backward pass per sample instead of one per round.
     grad_rounds: str = "all"
+    # `grad_rounds: last` only: the share of samples that start from a near-correct previous mask
+    # (`sam3d.data.prior_masks`) instead of none, half with a first click, half with a click on its errors
+    prior_mask_prob: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "InteractiveConfig":
@@ -151,11 +155,17 @@ def _batch_last_round(core, emb, gt, seeds, cfg, loss_fn, autocast, first_clicks
     clicks = [[] for _ in range(n)]
     preds = [None] * n
     low = torch.zeros((n, 1, size, size, size), device=device)
+    offset = [0] * n  # 1: the sample's first click corrects its prior, as a second click would
+    for b in range(n):
+        if boxes is None and first_clicks[b] is None and rngs[b].random() < cfg.prior_mask_prob:
+            preds[b] = perturbed_mask(gt_np[b], rngs[b])
+            low[b, 0] = torch.from_numpy(preds[b]).float() * 2 - 1
+            offset[b] = int(rngs[b].random() < 0.5)
     dice = np.zeros(cfg.rounds)
     for r in range(1, last + 1):
         for b in range(n):
             if r > 1 or boxes is None:
-                clicks[b] += _next_prompt(sims[b], gt_np[b], preds[b], r, first_clicks[b]).points
+                clicks[b] += _next_prompt(sims[b], gt_np[b], preds[b], r + offset[b], first_clicks[b]).points
         most = max(1, max(len(c) for c in clicks))
         coords = torch.zeros((n, most, 3), device=device)
         labels = torch.full((n, most), -1, dtype=torch.int64, device=device)  # -1: padding
