@@ -13,7 +13,8 @@ from sam3d.engine.cache import ByteLRU
 
 
 class BallModel(nn.Module):
-    """Logits = radius - distance to the first positive click, plus the previous mask when `accumulate`."""
+    """Logits = radius - distance to the first positive click, plus the previous mask when `accumulate` (then the
+    last positive click, and each negative click carves a ball of `radius` out)."""
 
     img_size = 128
     low_res_size = 128  # no upsampling in the engine: the ball lands exactly where the model puts it
@@ -33,10 +34,14 @@ class BallModel(nn.Module):
     def decode(self, emb, points=None, boxes=None, mask_input=None, multimask_output=False):
         coords, labels = points
         self.mask_inputs.append(mask_input)
-        click = coords[0][labels[0] == 1][-1 if self.accumulate else 0]
-        ball = self.radius - ((self.grid - click) ** 2).sum(-1).sqrt()
+        positive, negative = coords[0][labels[0] == 1], coords[0][labels[0] == 0]
+        ball = torch.full(self.grid.shape[:3], -10.0)
+        if len(positive):
+            ball = self.radius - ((self.grid - positive[-1 if self.accumulate else 0]) ** 2).sum(-1).sqrt()
         if self.accumulate and mask_input is not None:
             ball = torch.maximum(ball, mask_input[0, 0])
+            for click in negative:
+                ball = torch.minimum(ball, ((self.grid - click) ** 2).sum(-1).sqrt() - self.radius)
         return ball[None, None], torch.ones(1, 1)
 
 
@@ -124,6 +129,19 @@ def test_a_prior_mask_starts_a_new_click_sequence(ct, shared_data):
     assert (more.mask.astype(bool) & liver).sum() == inter
     with pytest.raises(Sam3DInputError, match="does not match the image"):
         eng.segment(ct, [click], [], label="spleen", prior=liver[:-1])
+
+
+def test_a_prior_is_corrected_by_background_clicks_alone(ct, shared_data):
+    """An automatic answer that went too far: a background click takes part away and keeps the rest."""
+    liver = np.asarray(nib.load(shared_data / "totalseg_ct" / "label.nii.gz").dataobj) == 5
+    eng = engine_for(BallModel(radius=3.0, accumulate=True))
+    inside = np.argwhere(liver)[len(np.argwhere(liver)) // 2].tolist()
+    with pytest.raises(Sam3DInputError, match="only background"):  # nothing to take away from
+        eng.segment(ct, [], [inside], label="liver")
+    res = eng.segment(ct, [], [inside], label="liver", prior=liver)
+    kept = (res.mask.astype(bool) & liver).sum() / liver.sum()
+    assert res.mask[tuple(inside)] == 0 and 0.9 < kept < 1.0
+    assert (res.mask.astype(bool) & ~liver).sum() < 0.05 * liver.sum()  # only the resampling's rim
 
 
 def test_structure_larger_than_a_window_is_followed(ct):

@@ -209,8 +209,6 @@ class InteractiveEngine:
         bg = _parse_points(background, "background")
         if len(fg) == 0 and len(bg) == 0 and roi is None:
             raise Sam3DInputError("no prompt: give at least one foreground click or a box (roi)")
-        if len(fg) == 0 and roi is None:
-            raise Sam3DInputError("only background clicks: add a foreground click or a box (roi) on the structure")
         with self._lock, torch.inference_mode():
             sess, key, cached_session = self._session(str(image_path))
             t_loaded = time.perf_counter()
@@ -252,6 +250,8 @@ class InteractiveEngine:
         # the client resends every click so far: a request that extends the last one continues it
         if state is not None and not _extends(prompts, state.prompts):
             state = None
+        if len(fg) == 0 and box_image is None and state is None and prior is None:  # nothing to take away from
+            raise Sam3DInputError("only background clicks: add a foreground click or a box (roi) on the structure")
         zoom = state.zoom if state is not None else self._zoom_to_fit(path, box_image)
         while True:
             sess, _, _ = self._session(path, zoom)
@@ -287,7 +287,8 @@ class InteractiveEngine:
             box_m = np.stack(_box_to_model(sess, box_image))
             if not self.model.supports_boxes and len(fg_m) == 0:  # a click-only model gets the box's centre
                 fg_m = box_m.mean(0, keepdims=True)
-        anchor = fg_m.mean(0) if len(fg_m) else box_m.mean(0)
+        # the structure's clicks or box; a correction with background clicks alone looks where the last one is
+        anchor = fg_m.mean(0) if len(fg_m) else (box_m.mean(0) if box_m is not None else bg_m[-1])
         every_point = np.concatenate([fg_m, bg_m] + ([box_m] if box_m is not None else []))
         primary = None
         if state is not None and state.low_res:
