@@ -9,6 +9,10 @@ state; `top_down` runs from the top (superior) slice to the bottom. The class lo
 back, the argmax (background first) makes one label per voxel, and the label volume is resampled (nearest) onto
 the image's own grid: same shape and affine as the image, values 1..K in the order of the model's class names.
 
+The 3D candidate (`sam3d.models.AutoSeg3D`, issue 19) labels the same normalised volume on its model grid by
+sliding windows of its `img_size`^3 (overlap 0.25, Gaussian blending; beyond the scan, its minimum, as it trains),
+then the softmax's argmax; everything else (the image grid, the confidence, the messages) is the slice model's.
+
 A checkpoint that carries `familiarity` (`sam3d.engine.familiarity`) has only the slices that look like its
 training slices labelled; an image with none is refused (Sam3DInputError, HTTP 422) with a message that says so.
 Every answer reports, per class, its confidence: the mean probability of the class over the voxels given it, and
@@ -22,17 +26,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
 from monai.transforms import SpatialResample
 
 from ..models.autosam3d.boxes import label_boxes
+from ..models.autoseg3d import AutoSeg3D
 from .cache import ByteLRU
 from .checkpoint import LoadedModel, load_model
 from .errors import Sam3DInputError
 from .familiarity import Familiarity, slice_points
 from .image_session import ImageKey, ImageSession
-from .interactive import EngineConfig, InteractiveEngine, SegmentResult, normalize_window
+from .interactive import EngineConfig, InteractiveEngine, SegmentResult, normalize_window, precision_context
 
 ORDERS = ("middle", "top_down")
+WINDOWS = "sliding_window"  # the 3D model's traversal, reported as its order: it has no slice order
 
 
 def slice_schedule(n: int, order: str) -> list[list[tuple[int, int]]]:
@@ -90,10 +97,11 @@ class AutoEngine:
         self.model = loaded.model.to(self.device).eval()
         self.checkpoint = loaded.checkpoint
         self.model_name, self.model_id = loaded.display_name, loaded.model_id
-        self.order, self.encode_batch = order, int(encode_batch)
+        self.windowed = isinstance(self.model, AutoSeg3D)  # a 3D network: sliding windows, no slice order
+        self.order, self.encode_batch = WINDOWS if self.windowed else order, int(encode_batch)
         self.class_names = list(self.model.class_names)
-        known = (loaded.saved or {}).get("familiarity")
-        self.familiarity = Familiarity.from_dict(known) if known else None
+        known = (loaded.saved or {}).get("familiarity")  # measured on the slice encoder's features
+        self.familiarity = Familiarity.from_dict(known) if known and not self.windowed else None
         # answers per (image, weights, order): the same request again costs nothing (cache_mb of the model config)
         self._results = ByteLRU(self.config.cache_mb << 20, sizeof=lambda r: r.mask.nbytes)
         self._lock = threading.Lock()
@@ -104,8 +112,10 @@ class AutoEngine:
 
     def segment(self, image_path: str, order: str | None = None) -> SegmentResult:
         order = order or self.order
-        if order not in ORDERS:
+        if order not in (*ORDERS, self.order):
             raise Sam3DInputError(f"unknown slice order {order!r}: use one of {', '.join(ORDERS)}")
+        if self.windowed:  # any slice order asked gives the one answer
+            order = WINDOWS
         key = (ImageKey.of(image_path), self.model_id, order)
         with self._lock:  # one volume at a time: a second request for it waits and gets the cached answer
             cached = self._results.get(key)
@@ -115,12 +125,20 @@ class AutoEngine:
             self._results.put(key, result)
             return result
 
+    def load(self, image_path: str) -> tuple[ImageSession, torch.Tensor]:
+        """The image on the model grid and its volume (X, Y, Z) normalised as one window."""
+        sess = ImageSession(image_path, self.config.spacing, self.config.max_voxels)
+        return sess, normalize_window(sess.volume, self.config, sess.hounsfield)
+
+    def slices(self, vol: torch.Tensor) -> tuple[SliceGeometry, torch.Tensor]:
+        """The slice geometry of a normalised volume and its axial slices as the slice network takes them."""
+        geo = SliceGeometry(tuple(vol.shape[:2]), self.model.img_size)
+        return geo, geo.to_model(vol.permute(2, 0, 1), fill=float(vol.min())).to(self.device)
+
     def prepare(self, image_path: str) -> tuple[ImageSession, SliceGeometry, torch.Tensor]:
         """The image on the model grid, its slice geometry and its axial slices as the network takes them."""
-        sess = ImageSession(image_path, self.config.spacing, self.config.max_voxels)
-        vol = normalize_window(sess.volume, self.config, sess.hounsfield)  # (X, Y, Z) on the model grid
-        geo = SliceGeometry(tuple(vol.shape[:2]), self.model.img_size)
-        return sess, geo, geo.to_model(vol.permute(2, 0, 1), fill=float(vol.min())).to(self.device)
+        sess, vol = self.load(image_path)
+        return (sess, *self.slices(vol))
 
     @torch.no_grad()
     def encode(self, slices: torch.Tensor) -> torch.Tensor:
@@ -134,30 +152,17 @@ class AutoEngine:
     @torch.no_grad()
     def _segment(self, image_path: str, order: str) -> SegmentResult:
         timings, t0 = {}, time.perf_counter()
-        sess, geo, slices = self.prepare(image_path)
-        timings["load"], t = time.perf_counter() - t0, time.perf_counter()
-        feats = self.encode(slices)
-        timings["encode"], t = time.perf_counter() - t, time.perf_counter()
-        familiar = torch.ones(len(feats), dtype=torch.bool)
-        if self.familiarity is not None:
-            familiar = self.familiarity.familiar(slice_points(feats)).cpu()
-            if not familiar.any():
-                raise Sam3DInputError(
-                    f"{self.model_name} answers nothing for this image: none of its {len(feats)} slices looks like "
-                    f"the scans it was trained on ({', '.join(self.class_names)}); a click model segments anything"
-                )
-
-        labels, confidence = self._run_slices(feats, geo, order, familiar)
-        timings["decode"], t = time.perf_counter() - t, time.perf_counter()
-
+        sess, vol = self.load(image_path)
+        timings["load"] = time.perf_counter() - t0
+        labels, confidence, details = self._label_volume(vol, order, timings)
+        t = time.perf_counter()
         mask = self._to_image_grid(sess, labels)
         timings["resample"] = time.perf_counter() - t
         info = {
             "model": self.model_name,
             "checkpoint": self.checkpoint,
             "order": order,
-            "slices": len(feats),
-            "familiar_slices": int(familiar.sum()),
+            **details,
             "label_names": self.label_names,
             "cached": False,
             "voxels": {n: int((mask == v).sum()) for n, v in self.label_names.items()},
@@ -169,6 +174,54 @@ class AutoEngine:
                 "segments anything"
             )
         return SegmentResult(mask, sess.affine, timings, info)
+
+    def _label_volume(self, vol: torch.Tensor, order: str, timings: dict) -> tuple[torch.Tensor, list, dict]:
+        """The model-grid label volume of a normalised volume (X, Y, Z), the confidence per class (as
+        `_run_slices`) and what the answer's info says about it; each network its own way."""
+        if self.windowed:
+            return self._label_windows(vol, timings)
+        return self._label_slices(vol, order, timings)
+
+    def _label_slices(self, vol: torch.Tensor, order: str, timings: dict) -> tuple[torch.Tensor, list, dict]:
+        t = time.perf_counter()
+        geo, slices = self.slices(vol)
+        timings["load"] += time.perf_counter() - t
+        t = time.perf_counter()
+        feats = self.encode(slices)
+        timings["encode"], t = time.perf_counter() - t, time.perf_counter()
+        familiar = torch.ones(len(feats), dtype=torch.bool)
+        if self.familiarity is not None:
+            familiar = self.familiarity.familiar(slice_points(feats)).cpu()
+            if not familiar.any():
+                raise Sam3DInputError(
+                    f"{self.model_name} answers nothing for this image: none of its {len(feats)} slices looks like "
+                    f"the scans it was trained on ({', '.join(self.class_names)}); a click model segments anything"
+                )
+        labels, confidence = self._run_slices(feats, geo, order, familiar)
+        timings["decode"] = time.perf_counter() - t
+        return labels, confidence, {"slices": len(feats), "familiar_slices": int(familiar.sum())}
+
+    def _label_windows(self, vol: torch.Tensor, timings: dict) -> tuple[torch.Tensor, list, dict]:
+        """Sliding windows over the whole volume; every slice is labelled (no familiarity for this network)."""
+        t = time.perf_counter()
+        k, s = self.model.num_classes, self.model.img_size
+        with precision_context(self.config.precision, self.device)():
+            logits = sliding_window_inference(
+                vol[None, None].to(self.device),
+                (s, s, s),
+                sw_batch_size=2,
+                predictor=self.model,
+                overlap=0.25,
+                mode="gaussian",
+                cval=float(vol.min()),  # beyond the scan: its minimum, as the training windows are padded
+            )
+        prob, label = logits.float().softmax(1).max(1)  # (1, X, Y, Z)
+        self._synchronize()
+        labels = label[0].to(torch.uint8 if k < 256 else torch.int16).cpu()
+        prob_sum, voxels = self._tally(label, prob, k)
+        timings["decode"] = time.perf_counter() - t
+        n = int(vol.shape[2])
+        return labels, self._confidence(prob_sum, voxels), {"slices": n, "familiar_slices": n}
 
     def _run_slices(
         self, feats: torch.Tensor, geo: SliceGeometry, order: str, familiar: torch.Tensor | None = None
@@ -206,9 +259,24 @@ class AutoEngine:
             prob, label = geo.to_slice(res["logits"]).softmax(1).max(1)
             label = label * familiar[ts].to(label.device)[:, None, None]
             out[..., ts] = label.permute(1, 2, 0).to(out.dtype).cpu()
-            prob_sum += torch.bincount(label.flatten().cpu(), prob.flatten().double().cpu(), minlength=k + 1)
-            voxels += torch.bincount(label.flatten().cpu(), minlength=k + 1)
-        return out, [float(p / v) if v else None for p, v in zip(prob_sum[1:], voxels[1:])]
+            p, c = self._tally(label, prob, k)
+            prob_sum += p
+            voxels += c
+        return out, self._confidence(prob_sum, voxels)
+
+    @staticmethod
+    def _tally(label: torch.Tensor, prob: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per label value 0..k: the sum of the winning probability over its voxels, and their count."""
+        label = label.flatten().cpu()
+        return (
+            torch.bincount(label, prob.flatten().double().cpu(), minlength=k + 1),
+            torch.bincount(label, minlength=k + 1),
+        )
+
+    @staticmethod
+    def _confidence(prob_sum: torch.Tensor, voxels: torch.Tensor) -> list:
+        """Per class the mean probability over the voxels given it (None for a class no voxel got)."""
+        return [float(p / v) if v else None for p, v in zip(prob_sum[1:], voxels[1:])]
 
     @staticmethod
     def _to_image_grid(sess: ImageSession, labels: torch.Tensor) -> np.ndarray:

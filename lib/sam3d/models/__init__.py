@@ -1,6 +1,7 @@
 """torch.nn modules only: no file I/O, no MONAI Label."""
 
 from .autosam3d.network import AUTOSAM3D_PRESETS, AutoSam3D, AutoSam3DConfig
+from .autoseg3d import AUTOSEG3D_PRESETS, AutoSeg3D, AutoSeg3DConfig
 from .clicknet import CLICKNET_PRESETS, ClickNet3D, ClickNetConfig
 from .refsam3d import REFSAM3D_PRESETS, RefSam3D, RefSam3DConfig
 from .sam3d import PRESETS, Sam3D, Sam3DConfig, build_sam3d
@@ -11,6 +12,7 @@ _VARIANTS = (
     (PRESETS, Sam3DConfig, Sam3D, "point"),
     (REFSAM3D_PRESETS, RefSam3DConfig, RefSam3D, "text"),
     (AUTOSAM3D_PRESETS, AutoSam3DConfig, AutoSam3D, "auto"),
+    (AUTOSEG3D_PRESETS, AutoSeg3DConfig, AutoSeg3D, "auto"),
     (CLICKNET_PRESETS, ClickNetConfig, ClickNet3D, "point"),
 )
 KINDS = ("point", "text", "auto")
@@ -37,6 +39,9 @@ __all__ = [
     "AUTOSAM3D_PRESETS",
     "AutoSam3D",
     "AutoSam3DConfig",
+    "AUTOSEG3D_PRESETS",
+    "AutoSeg3D",
+    "AutoSeg3DConfig",
     "CLICKNET_PRESETS",
     "ClickNet3D",
     "ClickNetConfig",

@@ -29,6 +29,7 @@ Recipe section (its presence selects this step; configs/train/autosam3d*.yaml):
 
 import logging
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +76,66 @@ class SliceSampling:
 
 
 @dataclass
-class _SliceVolume:
+class ClassVolume:
+    """One training volume as the automatic models learn from it, whatever they sample from it (slices, windows)."""
+
     name: str
     image: torch.Tensor | None  # (X, Y, Z) normalised as the engine normalises the whole scan; None: a label map
     tissues: torch.Tensor  # (X, Y, Z) int32 label map with the body's tissues (`body_tissue_labels`): synthesis
     classes: torch.Tensor  # (X, Y, Z) class indices
-    fg_slices: np.ndarray
+
+    @cached_property
+    def fg_slices(self) -> np.ndarray:
+        """The axial slices that hold a class."""
+        return np.flatnonzero(self.classes.flatten(0, 1).amax(0).numpy() > 0)
+
+
+def class_volumes(
+    volumes: list[Volume], engine_config: EngineConfig, class_names: list[str], names: dict[str, dict[int, str]]
+) -> list[ClassVolume]:
+    """Each volume with its class-index map (the class names looked up in the case's label names; other structures
+    are background), its image normalised as the engine normalises it and its tissue labels for synthesis."""
+    items = []
+    for v in volumes:
+        table = {name: value for value, name in (names.get(v.name) or {}).items()}
+        lut = np.zeros(int(v.label.max()) + 1, dtype=np.int64)
+        found = [(k + 1, table[n]) for k, n in enumerate(class_names) if n in table and table[n] < len(lut)]
+        for k, value in found:
+            lut[value] = k
+        if not found:  # kept: its samples teach that a scan without these organs gets an empty answer
+            logger.info(f"{v.name}: none of the classes {class_names}; its samples are all background")
+        classes = torch.from_numpy(lut)[v.label[0].long()]  # (X, Y, Z) class indices
+        image = None if v.image is None else normalize_window(v.image[0], engine_config, v.hounsfield)
+        raw = None if v.image is None else v.image[0].numpy()
+        tissues = torch.from_numpy(body_tissue_labels(v.label[0].numpy(), raw, engine_config.spacing))
+        items.append(ClassVolume(v.name, image, tissues, classes))
+    if not any(bool(v.classes.any()) for v in items):
+        raise ValueError(f"no training volume holds any of the classes {class_names}")
+    return items
+
+
+def case_probabilities(items: list[ClassVolume], case_weights: dict | None) -> np.ndarray:
+    """How often each volume is drawn: its case weight (first matching name or glob, else 1), normalised."""
+    weights = np.array([_case_weight(case_weights, v.name) for v in items])
+    return weights / weights.sum()
+
+
+def intensity_transforms(p: float) -> Compose:
+    """Contrast (gamma), blur and noise after normalisation, each with probability about `p`."""
+    return Compose(
+        [
+            RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=p),
+            RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), prob=p / 3),
+            RandGaussianNoised("image", std=0.1, prob=p),
+        ]
+    )
+
+
+def vary_intensity(img: torch.Tensor, intensity: Compose, rng: np.random.Generator) -> torch.Tensor:
+    """A scale and shift of the normalised values per sample, then `intensity_transforms`, seeded by `rng`."""
+    img = img * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
+    intensity.set_random_state(int(rng.integers(2**31 - 1)))
+    return _plain(intensity({"image": img})["image"])
 
 
 class AutoSliceDataset(Dataset):
@@ -114,33 +169,9 @@ class AutoSliceDataset(Dataset):
         self.synth = SynthesizeFromLabelsd(prob=1.0)
         # a synthesised image is not in HU: normalised without the CT window, as the engine normalises an MR
         self.synth_config = replace(engine_config, clip=None, ct_clip=None)
-        p = self.cfg.intensity_prob
-        self.intensity = Compose(
-            [
-                RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=p),
-                RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), prob=p / 3),
-                RandGaussianNoised("image", std=0.1, prob=p),
-            ]
-        )
-        self.items = []
-        for v in volumes:
-            table = {name: value for value, name in (names.get(v.name) or {}).items()}
-            lut = np.zeros(int(v.label.max()) + 1, dtype=np.int64)
-            found = [(k + 1, table[n]) for k, n in enumerate(class_names) if n in table and table[n] < len(lut)]
-            for k, value in found:
-                lut[value] = k
-            if not found:  # kept: its slices teach that a scan without these organs gets an empty answer
-                logger.info(f"{v.name}: none of the classes {class_names}; its slices are all background")
-            classes = torch.from_numpy(lut)[v.label[0].long()]  # (X, Y, Z) class indices
-            image = None if v.image is None else normalize_window(v.image[0], engine_config, v.hounsfield)
-            raw = None if v.image is None else v.image[0].numpy()
-            tissues = torch.from_numpy(body_tissue_labels(v.label[0].numpy(), raw, engine_config.spacing))
-            fg_slices = np.flatnonzero(classes.flatten(0, 1).amax(0).numpy() > 0)
-            self.items.append(_SliceVolume(v.name, image, tissues, classes, fg_slices))
-        if not any(len(v.fg_slices) for v in self.items):
-            raise ValueError(f"no training volume holds any of the classes {class_names}")
-        weights = np.array([_case_weight(self.cfg.case_weights, v.name) for v in self.items])
-        self.weights = weights / weights.sum()
+        self.intensity = intensity_transforms(self.cfg.intensity_prob)
+        self.items = class_volumes(volumes, engine_config, class_names, names)
+        self.weights = case_probabilities(self.items, self.cfg.case_weights)
 
     def keep_only(self, names: list[str]) -> None:
         """Draw from these volumes alone (their weights renormalised)."""
@@ -177,10 +208,7 @@ class AutoSliceDataset(Dataset):
             img = v.image[xs, ys][..., idx]
         geo = SliceGeometry((img.shape[0], img.shape[1]), self.size)
         img = geo.to_model(img.permute(2, 0, 1), fill=float(img.min()))[:, 0]
-        # an intensity change per sample: scale and shift of the normalised values
-        img = img * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
-        self.intensity.set_random_state(int(rng.integers(2**31 - 1)))
-        img = _plain(self.intensity({"image": img})["image"])
+        img = vary_intensity(img, self.intensity, rng)
         lab = geo.to_model(v.classes[xs, ys][..., idx].permute(2, 0, 1).float(), fill=0.0, mode="nearest")[:, 0]
         self.affine.set_random_state(int(rng.integers(2**31 - 1)))
         moved = self.affine({"image": img, "label": lab})
@@ -255,6 +283,10 @@ class AutoStep(TrainingStep):
     def __init__(self, model: nn.Module, recipe: dict, autocast, root=".") -> None:
         super().__init__()
         a = recipe.get("auto") or {}
+        if "foreground_windows" in a:  # the window model's; refused rather than silently ignored
+            raise ValueError(
+                "auto.foreground_windows: a setting of the window model; the slice model reads auto.foreground_slices"
+            )
         self.model, self.autocast, self.recipe, self.root = model, autocast, recipe, root
         self.max_previous = int(a.get("max_previous", 3))
         if not 1 <= self.max_previous <= HALF - 1:

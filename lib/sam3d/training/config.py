@@ -46,6 +46,7 @@ RECIPE_KEYS: dict[str, set | None] = {
     "log": {"every", "tensorboard", "progress"},
     "text": {"refine_rounds", "zoom_out_prob", "synonym_prob", "names", "model"},
     "auto": {"augment", "box_loss_weight", "foreground_slices", "max_previous", "sam_checkpoint", "teacher_boxes"}
+    | {"foreground_windows"}  # the window model's (sam3d.training.auto_window_step)
     | {f.name for f in fields(SliceSampling)},
     "debug": {"exit_at_step"},
 }

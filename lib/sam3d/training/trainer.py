@@ -36,9 +36,10 @@ from torch.utils.data import DataLoader, Sampler
 from ..data.training import SamplingConfig, WindowDataset, load_volumes
 from ..engine.checkpoint import atomic_write, read_state_dict, save_checkpoint
 from ..engine.interactive import EngineConfig
-from ..models import build_network, model_kind
+from ..models import AutoSeg3D, build_network, model_kind
 from ..models.lora import add_lora, is_lora_parameter
 from .auto_step import AutoStep
+from .auto_window_step import AutoWindowStep
 from .point_step import PointStep
 from .resume_state import restore_first_moments
 from .step import TrainingStep
@@ -48,6 +49,8 @@ logger = logging.getLogger("sam3d.training")
 
 # the step of each kind of network (sam3d.models.model_kind); the recipe sections `text` and `auto` configure theirs
 STEPS: dict[str, type[TrainingStep]] = {"point": PointStep, "text": TextStep, "auto": AutoStep}
+# a network that trains unlike the rest of its kind: the 3D automatic model learns from windows, not slice chains
+NETWORK_STEPS: dict[type, type[TrainingStep]] = {AutoSeg3D: AutoWindowStep}
 
 
 class StepBatchSampler(Sampler):
@@ -253,7 +256,8 @@ def train(local_rank, recipe: dict, root: str | os.PathLike = ".") -> dict:
 
 
 def _training_step(model, recipe: dict, root: Path, sidecar: dict, engine_cfg, autocast) -> TrainingStep:
-    """The step of the network's kind; a section that configures another kind's step is an error."""
+    """The step of the network's kind (or of the network itself, `NETWORK_STEPS`); a section that configures
+    another kind's step is an error."""
     kind = model_kind(sidecar["preset"])
     for section in ("text", "auto"):
         if recipe.get(section) and section != kind:
@@ -261,7 +265,8 @@ def _training_step(model, recipe: dict, root: Path, sidecar: dict, engine_cfg, a
                 f"the recipe's `{section}` section trains a {section} model, and {sidecar['preset']!r} is "
                 f"a {kind} model: set model.preset to a {section} preset or remove the section"
             )
-    return STEPS[kind].from_recipe(model, recipe, root, sidecar, engine_cfg, autocast)
+    step = NETWORK_STEPS.get(type(model), STEPS[kind])
+    return step.from_recipe(model, recipe, root, sidecar, engine_cfg, autocast)
 
 
 def _add_lora(model, optim: dict, rank: int) -> None:
