@@ -46,14 +46,18 @@ def _keep(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 PERTURBATIONS = (_grow, _cut, _shift, _keep)
 
 
-def perturbed_mask(gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A bool mask near `gt` (bool, any shape); never empty when `gt` is not (an emptied mask falls back to `gt`)."""
+def perturbed_mask(gt: np.ndarray, rng: np.random.Generator, may_keep: bool = True) -> np.ndarray:
+    """A bool mask near `gt` (bool, any shape); never empty when `gt` is not (an emptied mask falls back to `gt`).
+    `may_keep=False` (evaluation: a right mask leaves nothing to correct) always changes something."""
     gt = np.asarray(gt, dtype=bool)
     if not gt.any():
         return gt.copy()
+    kinds = PERTURBATIONS if may_keep else PERTURBATIONS[:-1]
     out = gt
     for _ in range(int(rng.integers(1, 3))):
-        out = PERTURBATIONS[int(rng.integers(len(PERTURBATIONS)))](out, rng)
+        out = kinds[int(rng.integers(len(kinds)))](out, rng)
         if not out.any():
             out = gt
+    if not may_keep and np.array_equal(out, gt):
+        return _cut(gt, rng) if gt.sum() > 1 else gt
     return out

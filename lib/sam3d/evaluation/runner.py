@@ -10,9 +10,9 @@ errors. Iteration i adds the simulator's points (one for most protocols, several
 `box`), and the method gets every prompt so far.
 
 With `prior: perturbed` a target starts from a previous mask, as when a user corrects an automatic result: the
-reference, perturbed as training perturbs it (`sam3d.data.prior_masks`, seeded per target), given to the method
-with every call; the first click already answers that mask's errors. The prior's own metrics are in every row
-(`prior_dice`). Only a method that takes a mask (`segment(..., prior=)`) can run it.
+reference, perturbed as training perturbs it but never left right (`sam3d.data.prior_masks`, seeded per target),
+given to the method with every call; the first click already answers that mask's errors. The prior's own metrics
+are in every row (`prior_dice`). Only a method that takes a mask (`segment(..., prior=)`) can run it.
 
 When a prediction is already perfect the simulator has nothing to add: the remaining iterations repeat its
 metrics with 0 s and no call. A failed call (an exception from the method) is recorded in the `error` column
@@ -113,7 +113,8 @@ def run_target(segmenter, loaded, value: int, config: EvalConfig, progress=None)
     trace = Trace()
     pred, last_metrics, given, extra = None, None, {}, {}
     if config.prior == "perturbed":
-        pred = perturbed_mask(gt, np.random.default_rng(derive_seed(config.seed, case.name, value, "prior")))
+        rng = np.random.default_rng(derive_seed(config.seed, case.name, value, "prior"))
+        pred = perturbed_mask(gt, rng, may_keep=False)
         last_metrics = segmentation_metrics(pred, gt, loaded.spacing)
         given, extra = {"prior": pred.astype(np.uint8)}, {"prior_dice": last_metrics["dice"]}
     for it in range(1, config.clicks + 1):
