@@ -76,8 +76,9 @@ def test_clicks_refine_the_named_class_from_its_mask(predictor, ct):
     assert refined[at] == 1 and not np.array_equal(refined, named)
     assert _dice(refined > 0, named > 0) > 0.3  # refined from the named mask, not started afresh
     inside = np.argwhere(named > 0)
-    # a background click alone (a new sequence): the click model still gets a foreground click, inside the mask
-    alone, _ = predictor.predict(text="liver", points=[inside[inside[:, 0].argmax()]], point_labels=[0])
-    assert alone.sum() > 0 and not np.array_equal(alone, named)
+    # a background click alone (a new sequence) corrects the named mask there (how much it keeps: BENCHMARKS.md)
+    edge = inside[inside[:, 0].argmax()]
+    alone, _ = predictor.predict(text="liver", points=[edge], point_labels=[0])
+    assert alone.sum() > 0 and alone[tuple(edge)] == 0 and not np.array_equal(alone, named)
     with pytest.raises(Sam3DInputError, match="outside the image"):
         predictor.predict(text="liver", points=[[0, 0, 99]], point_labels=[1])

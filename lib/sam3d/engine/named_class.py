@@ -6,8 +6,8 @@ similarity of the pooled embeddings) chooses the class, and the automatic model'
 image by `AutoEngine`) gives its mask. A name less similar than `min_similarity` to every phrasing is not a
 structure the model knows: refused (`Sam3DInputError`, HTTP 422) with the closest class named. Clicks that follow
 refine the class's mask with the click model, the mask being the prior of the first click (as a click refines a
-`sam3d_auto` class), so the annotator's corrections land where the name pointed; background clicks alone come
-with the answer's deepest voxel as its foreground click (the click model always has one).
+`sam3d_auto` class), so the annotator's corrections land where the name pointed; background clicks alone take
+part of it away.
 
 The model config (configs/models/autosam3d_text.yaml) names the two models and the gate:
 
@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ..text.encoder import load_text_encoder
 from ..text.variants import prompt_variants
@@ -95,9 +94,6 @@ class NamedClassEngine:
         info.update(score=confidence if confidence is not None else 0.0, familiar_slices=found.info["familiar_slices"])
         timings = {f"auto_{k}": v for k, v in found.timings.items()}
         if len(fg) or len(bg):
-            if not len(fg) and mask.any():  # the click model needs a foreground click: the answer's deepest voxel
-                depth = ndimage.distance_transform_edt(mask, sampling=np.linalg.norm(found.affine[:3, :3], axis=0))
-                fg = np.argwhere(depth == depth.max())[:1]
             refined = self.segment(image_path, fg, bg, label=f"text:{name}", prior=mask)
             mask = refined.mask
             timings.update(refined.timings)
