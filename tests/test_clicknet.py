@@ -141,6 +141,8 @@ def test_last_round_training_step_backpropagates_through_the_last_round_only():
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="grad_rounds"):
         InteractiveConfig.from_dict({"grad_rounds": "some"})
+    with pytest.raises(ValueError, match="prior_mask_prob needs grad_rounds: last"):
+        InteractiveConfig.from_dict({"prior_mask_prob": 0.3})
     # a sample that gives its first click (on air: an empty target) trains beside one the simulator clicks
     labels[0] = 0
     loss, dice = step(torch.randn(2, 1, 16, 16, 16), labels, [5, 6], torch.tensor([[2, 2, 2], [-1, -1, -1]]))

@@ -50,6 +50,8 @@ class InteractiveConfig:
                 d[k] = tuple(d[k])
         if d.get("grad_rounds", "all") not in ("all", "last"):
             raise ValueError(f"interactive.grad_rounds must be 'all' or 'last', got {d['grad_rounds']!r}")
+        if d.get("prior_mask_prob") and d.get("grad_rounds", "all") != "last":
+            raise ValueError("interactive.prior_mask_prob needs grad_rounds: last (the rounds it starts from a mask)")
         return cls(**d)
 
 
