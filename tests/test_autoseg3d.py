@@ -10,9 +10,10 @@ import torch
 
 from sam3d.engine import EngineConfig, LoadedModel, load_model, save_checkpoint
 from sam3d.engine.auto import AutoEngine
+from sam3d.engine.windows import crop
 from sam3d.models import AutoSeg3D, AutoSeg3DConfig, build_network, model_kind
 from sam3d.training.auto_step import AutoStep
-from sam3d.training.auto_window_step import AutoWindowDataset, AutoWindowStep, SliceSampling, crop_padded
+from sam3d.training.auto_window_step import AutoWindowDataset, AutoWindowStep, SliceSampling
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tests" / "recipes" / "autoseg3d_smoke.yaml"
@@ -49,9 +50,10 @@ def test_a_checkpoint_round_trip_rebuilds_the_network_from_its_sidecar(tmp_path)
         torch.testing.assert_close(loaded.model(x), model.eval()(x))
 
 
-def test_crop_padded_fills_beyond_the_volume():
+def test_a_window_beyond_the_volume_is_filled():
+    """The training windows are cut with the engine's `crop`, which pads where a window leaves the scan."""
     x = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(4, 5, 6)
-    w = crop_padded(x, (-2, 1, 3), 4, -1.0)
+    w = crop(x, (-2, 1, 3), 4, -1.0)
     assert w.shape == (4, 4, 4) and (w[:2] == -1).all() and (w[:, :, 3:] == -1).all()
     assert torch.equal(w[2:, :, :3], x[0:2, 1:5, 3:6])
 

@@ -138,6 +138,16 @@ def vary_intensity(img: torch.Tensor, intensity: Compose, rng: np.random.Generat
     return _plain(intensity({"image": img})["image"])
 
 
+def partial_scan(n: int, t: int, prob: float, rng: np.random.Generator) -> tuple[int, int]:
+    """The first and last slice of the scan a sample sees: with probability `prob` a run of 1..n slices
+    (log-uniform) that holds slice t, else all n."""
+    if rng.random() >= prob:
+        return 0, n - 1
+    length = int(np.clip(round(np.exp(rng.uniform(0, np.log(n)))), 1, n))
+    lo = int(rng.integers(max(0, t - length + 1), min(t, n - length) + 1))
+    return lo, lo + length - 1
+
+
 class AutoSliceDataset(Dataset):
     """`length` deterministic samples: {"image", "label": (2 HALF + 1, S, S), "seed", ...}; see the module doc."""
 
@@ -188,11 +198,7 @@ class AutoSliceDataset(Dataset):
         v = self.items[int(rng.choice(len(self.items), p=self.weights))]
         x, y, n = v.classes.shape
         t = int(rng.choice(v.fg_slices)) if len(v.fg_slices) and rng.random() < self.fg else int(rng.integers(n))
-        lo, hi = 0, n - 1
-        if rng.random() < c.partial_prob:  # a scan of `length` slices that holds slice t
-            length = int(np.clip(round(np.exp(rng.uniform(0, np.log(n)))), 1, n))
-            lo = int(rng.integers(max(0, t - length + 1), min(t, n - length) + 1))
-            hi = lo + length - 1
+        lo, hi = partial_scan(n, t, c.partial_prob, rng)
         idx = np.clip(np.arange(t - HALF, t + HALF + 1), lo, hi)  # beyond the scan: its edge slice again
         if rng.random() < c.flip_slices_prob:
             idx = idx[::-1].copy()

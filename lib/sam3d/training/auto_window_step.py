@@ -34,12 +34,14 @@ from ..data.clicks import derive_seed
 from ..data.synthesis import SynthesizeFromLabelsd
 from ..data.training import Volume, _plain
 from ..engine.interactive import EngineConfig, normalize_window
+from ..engine.windows import crop
 from .auto_step import (
     SliceSampling,
     _dice,
     case_probabilities,
     class_volumes,
     intensity_transforms,
+    partial_scan,
     vary_intensity,
 )
 from .names import case_names
@@ -47,16 +49,6 @@ from .step import TrainingStep
 
 # the slice model's settings that have no meaning for windows: refused, not silently ignored
 SLICE_ONLY = {"max_previous", "teacher_boxes", "box_loss_weight", "sam_checkpoint", "foreground_slices", "fov_prob"}
-
-
-def crop_padded(x: torch.Tensor, start, size: int, fill: float) -> torch.Tensor:
-    """The (size, size, size) window of `x` (X, Y, Z) whose first voxel is `start` (may lie outside), `fill`
-    where it leaves `x`."""
-    out = x.new_full((size,) * 3, fill)
-    src = tuple(slice(max(a, 0), min(a + size, n)) for a, n in zip(start, x.shape))
-    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start))
-    out[dst] = x[src]
-    return out
 
 
 def _inside(start, size: int, shape) -> torch.Tensor:
@@ -127,28 +119,24 @@ class AutoWindowDataset(Dataset):
         else:
             centre = tuple(int(rng.integers(n)) for n in shape)
         n, z = shape[2], int(centre[2])
-        lo, hi = 0, n - 1
-        if rng.random() < c.partial_prob:  # a scan of `length` slices that holds the window's centre
-            length = int(np.clip(round(np.exp(rng.uniform(0, np.log(n)))), 1, n))
-            lo = int(rng.integers(max(0, z - length + 1), min(z, n - length) + 1))
-            hi = lo + length - 1
+        lo, hi = partial_scan(n, z, c.partial_prob, rng)  # a scan of some slices that holds the window's centre
         # the window in the (possibly cut) scan: beyond it, padding
         scan = (slice(None), slice(None), slice(lo, hi + 1))
         start = [int(a) - s // 2 for a in centre]
         start[2] -= lo
         inside = _inside(start, s, (shape[0], shape[1], hi - lo + 1))
-        lab = crop_padded(v.classes[scan], start, s, 0).float()
+        lab = crop(v.classes[scan], start, s, 0).float()
         synthetic = v.image is None or rng.random() < c.synth_prob
         if synthetic:
             self.synth.set_random_state(int(rng.integers(2**31 - 1)))
-            tissues = crop_padded(v.tissues[scan], start, s, 0)
+            tissues = crop(v.tissues[scan], start, s, 0)
             raw = self.synth({"label": tissues[None]})["image"][0]
             # normalised over the scan's voxels alone, then padded with its minimum: as the engine treats a scan
             values = normalize_window(raw[inside], self.synth_config)
             img = raw.new_full(raw.shape, float(values.min()))
             img[inside] = values
         else:
-            img = crop_padded(v.image[scan], start, s, float(v.image.min()))
+            img = crop(v.image[scan], start, s, float(v.image.min()))
         if rng.random() < c.flip_slices_prob:  # a feet-first scan
             img, lab = img.flip(-1), lab.flip(-1)
         img = vary_intensity(img[None], self.intensity, rng)
