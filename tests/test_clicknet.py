@@ -150,6 +150,40 @@ def test_last_round_training_step_backpropagates_through_the_last_round_only():
     assert torch.isfinite(loss) and dice.shape == (3,)
 
 
+def test_last_round_probs_choose_the_round_with_gradients():
+    """`last_round_probs` [1, 0, 0]: every batch stops after its first click (the rounds after repeat its Dice);
+    a weight per round, under grad_rounds: last, or the recipe is refused."""
+    net, calls = _tiny().train(), []
+    decode = net.decode
+
+    def count(*args, **kwargs):
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    net.decode = count
+    cfg = InteractiveConfig.from_dict(
+        {
+            "rounds": 3,
+            "grad_rounds": "last",
+            "loss_resolution": "low",
+            "iou_loss_weight": 0.0,
+            "box_prob": 0.0,
+            "spacing_mm": 2.0,
+            "last_round_probs": [1, 0, 0],
+        }
+    )
+    labels = torch.zeros(2, 1, 16, 16, 16)
+    labels[:, :, 4:10, 5:11, 6:12] = 1
+    for seeds in ([5, 6], [7, 8], [9, 10]):
+        _, dice = PointStep(net, cfg, build_loss("dice_ce"))(torch.randn(2, 1, 16, 16, 16), labels, seeds)
+        assert dice[0] == dice[1] == dice[2]
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="last_round_probs"):
+        InteractiveConfig.from_dict({"grad_rounds": "last", "rounds": 3, "last_round_probs": [1, 1]})
+    with pytest.raises(ValueError, match="last_round_probs"):
+        InteractiveConfig.from_dict({"rounds": 2, "last_round_probs": [1, 1]})
+
+
 def test_prior_mask_samples_start_from_a_near_correct_mask():
     """With `prior_mask_prob` 1 every sample's first decode sees a mask near the reference, not an empty one."""
     gt = np.zeros((32, 32, 32), bool)

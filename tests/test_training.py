@@ -376,6 +376,28 @@ def test_balanced_dice_ce_pushes_a_missed_target_up():
         build_loss("dice_focal", balanced=True)
 
 
+def test_empty_target_penalty_shrinks_a_blob_on_an_empty_target():
+    """A 512-voxel blob on an empty target (a click on air): Dice + CE barely push it down; the penalty does, and it
+    leaves a sample with a target as it was."""
+    from sam3d.training.losses import EmptyTargetPenalty, build_loss
+
+    target = torch.zeros(2, 1, 32, 32, 32)
+    target[1, :, 4:12, 4:12, 4:12] = 1  # sample 0: empty
+    pushes = {}
+    for voxels in (0.0, 1000.0):
+        logits = torch.full((2, 1, 32, 32, 32), -8.0)
+        logits[0, :, 10:18, 10:18, 10:18] = 2.0
+        logits.requires_grad_(True)
+        loss = build_loss("dice_ce", empty_target_voxels=voxels)
+        assert isinstance(loss, EmptyTargetPenalty) == (voxels > 0)
+        loss(logits, target).backward()
+        pushes[voxels] = float(logits.grad[0, :, 10:18, 10:18, 10:18].mean())
+    assert pushes[1000.0] > 3 * pushes[0.0] > 0
+    plain, penalised = build_loss("dice_ce"), build_loss("dice_ce", empty_target_voxels=1000.0)
+    full = target[1:].clone()
+    assert float(penalised(full * 4 - 2, full)) == pytest.approx(float(plain(full * 4 - 2, full)))
+
+
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_whole_files_and_resumes(tmp_path, tiny_cases):
     """SIGKILL (no handler runs) while a run checkpoints every step, three times at different moments: each

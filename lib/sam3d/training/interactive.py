@@ -38,6 +38,8 @@ class InteractiveConfig:
     # `grad_rounds: last` only: the share of samples that start from a near-correct previous mask
     # (`sam3d.data.prior_masks`) instead of none, half with a first click, half with a click on its errors
     prior_mask_prob: float = 0.0
+    # `grad_rounds: last` only: how often each round (1..rounds) is the one with gradients; uniform when empty
+    last_round_probs: tuple = ()
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "InteractiveConfig":
@@ -45,14 +47,17 @@ class InteractiveConfig:
         bad = set(d) - set(cls.__dataclass_fields__)
         if bad:
             raise ValueError(f"unknown interactive settings {sorted(bad)}")
-        for k in ("protocols", "protocol_probs"):
+        for k in ("protocols", "protocol_probs", "last_round_probs"):
             if k in d:
                 d[k] = tuple(d[k])
         if d.get("grad_rounds", "all") not in ("all", "last"):
             raise ValueError(f"interactive.grad_rounds must be 'all' or 'last', got {d['grad_rounds']!r}")
         if d.get("prior_mask_prob") and d.get("grad_rounds", "all") != "last":
             raise ValueError("interactive.prior_mask_prob needs grad_rounds: last (the rounds it starts from a mask)")
-        return cls(**d)
+        out = cls(**d)
+        if out.last_round_probs and (out.grad_rounds != "last" or len(out.last_round_probs) != out.rounds):
+            raise ValueError("interactive.last_round_probs needs grad_rounds: last and one weight per round")
+        return out
 
 
 def click_config(recipe: dict, engine_cfg) -> InteractiveConfig:
@@ -142,7 +147,11 @@ def _batch_last_round(core, emb, gt, seeds, cfg, loss_fn, autocast, first_clicks
     n, size, device = emb.shape[0], core.img_size, emb.device
     first_clicks = first_clicks or [None] * n
     rngs = [np.random.default_rng(int(s)) for s in seeds]
-    last = int(rngs[0].integers(1, cfg.rounds + 1))
+    if cfg.last_round_probs:
+        weights = np.asarray(cfg.last_round_probs, dtype=np.float64)
+        last = int(rngs[0].choice(np.arange(1, cfg.rounds + 1), p=weights / weights.sum()))
+    else:
+        last = int(rngs[0].integers(1, cfg.rounds + 1))
     probs = np.asarray(cfg.protocol_probs) / np.sum(cfg.protocol_probs)
     sims = [ClickSimulator(str(r.choice(list(cfg.protocols), p=probs)), seed=r, spacing=cfg.spacing_mm) for r in rngs]
     gt_np = gt[:, 0].detach().cpu().numpy() > 0.5

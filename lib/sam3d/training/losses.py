@@ -29,8 +29,34 @@ class BalancedDiceCELoss(nn.Module):
         return self.lambda_dice * self.dice(logits, target) + self.lambda_ce * torch.stack(parts).mean()
 
 
-def build_loss(name: str = "dice_ce", balanced: bool = False, **kwargs) -> nn.Module:
-    """A loss of (logits (B, 1, ...), binary target (B, 1, ...)); sigmoid inside, averaged over the batch."""
+class EmptyTargetPenalty(nn.Module):
+    """`loss` plus, for each sample whose target is empty (a click on air), log(1 + V / `voxels`) of its soft
+    predicted volume V, averaged over the batch. Dice gives a false blob on an empty target no gradient (its
+    numerator is 0 whatever the blob's size) and the CE spreads its push over the whole window; this term is 0
+    for an empty answer and pushes each voxel of a blob by 1 / (V + `voxels`), as Dice pushes a false positive
+    beside a target of about that size."""
+
+    def __init__(self, loss: nn.Module, voxels: float) -> None:
+        super().__init__()
+        self.loss, self.voxels = loss, float(voxels)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = self.loss(logits, target)
+        empty = target.flatten(1).amax(1) < 0.5
+        if bool(empty.any()):
+            volume = torch.sigmoid(logits[empty].float()).flatten(1).sum(1)
+            out = out + torch.log1p(volume / self.voxels).sum() / logits.shape[0]
+        return out
+
+
+def build_loss(name: str = "dice_ce", balanced: bool = False, empty_target_voxels: float = 0.0, **kwargs) -> nn.Module:
+    """A loss of (logits (B, 1, ...), binary target (B, 1, ...)); sigmoid inside, averaged over the batch.
+    `empty_target_voxels` > 0 adds `EmptyTargetPenalty` with that scale."""
+    loss = _segmentation_loss(name, balanced, **kwargs)
+    return EmptyTargetPenalty(loss, empty_target_voxels) if empty_target_voxels > 0 else loss
+
+
+def _segmentation_loss(name: str, balanced: bool, **kwargs) -> nn.Module:
     if name == "dice_ce":
         if balanced:
             return BalancedDiceCELoss(**kwargs)
