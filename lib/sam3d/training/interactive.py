@@ -50,11 +50,11 @@ class InteractiveConfig:
         for k in ("protocols", "protocol_probs", "last_round_probs"):
             if k in d:
                 d[k] = tuple(d[k])
-        if d.get("grad_rounds", "all") not in ("all", "last"):
-            raise ValueError(f"interactive.grad_rounds must be 'all' or 'last', got {d['grad_rounds']!r}")
-        if d.get("prior_mask_prob") and d.get("grad_rounds", "all") != "last":
-            raise ValueError("interactive.prior_mask_prob needs grad_rounds: last (the rounds it starts from a mask)")
         out = cls(**d)
+        if out.grad_rounds not in ("all", "last"):
+            raise ValueError(f"interactive.grad_rounds must be 'all' or 'last', got {out.grad_rounds!r}")
+        if out.prior_mask_prob and out.grad_rounds != "last":
+            raise ValueError("interactive.prior_mask_prob needs grad_rounds: last (the rounds it starts from a mask)")
         if out.last_round_probs and (out.grad_rounds != "last" or len(out.last_round_probs) != out.rounds):
             raise ValueError("interactive.last_round_probs needs grad_rounds: last and one weight per round")
         return out
@@ -147,7 +147,7 @@ def _batch_last_round(core, emb, gt, seeds, cfg, loss_fn, autocast, first_clicks
     n, size, device = emb.shape[0], core.img_size, emb.device
     first_clicks = first_clicks or [None] * n
     rngs = [np.random.default_rng(int(s)) for s in seeds]
-    if cfg.last_round_probs:
+    if cfg.last_round_probs:  # (uniform keeps its own draw: the earlier legs' recipe samples as it did)
         weights = np.asarray(cfg.last_round_probs, dtype=np.float64)
         last = int(rngs[0].choice(np.arange(1, cfg.rounds + 1), p=weights / weights.sum()))
     else:
