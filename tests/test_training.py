@@ -487,3 +487,24 @@ def test_zoom_shows_a_structure_larger_than_the_window_whole():
     # the validation windows (no augmentation) never zoom
     cfg = SamplingConfig(size=32, min_voxels=8, zoom_prob=1.0)
     assert all(WindowDataset([vol], EngineConfig(), cfg, seed=0, augment=False)[i]["zoom"] == 1.0 for i in range(4))
+
+
+def test_zoom_choices_show_each_structure_on_a_grid_drawn_from_them():
+    from sam3d.data.training import Volume
+
+    label = torch.zeros(1, 100, 100, 60, dtype=torch.int32)
+    label[0, 5:95, 10:90, 5:55] = 1  # larger than a 32-voxel window at 1x
+    vol = Volume("large", None, label)
+    cfg = SamplingConfig(
+        size=32, min_voxels=8, random_window_prob=0.0, deform_prob=0.0, jitter=0.0, zoom_choices=(0.5, 2.0)
+    )
+    seen = {0.5: [], 2.0: []}
+    for i in range(16):
+        s = WindowDataset([vol], EngineConfig(), cfg, seed=0)[i]
+        seen[s["zoom"]].append(float(s["label"].sum()) * s["zoom"] ** 3)  # model-grid voxels of organ in view
+    assert all(seen.values())
+    # a window on the finer grid sees a 16-voxel cube of the organ at most, on the coarser one up to a 64-voxel cube
+    assert max(seen[0.5]) <= 16**3 + 1e-6 and min(seen[2.0]) > 16**3
+    # validation windows (no augmentation) stay on the model's grid
+    plain = WindowDataset([vol], EngineConfig(), cfg, seed=0, augment=False)
+    assert all(plain[i]["zoom"] == 1.0 for i in range(4))

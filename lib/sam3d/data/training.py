@@ -207,6 +207,7 @@ class SamplingConfig:
     zoom_prob: float = 0.0  # a structure larger than the window is seen whole, on a grid up to zoom_max times coarser
     zoom_max: float = 4.0
     zoom_fill: tuple = (0.5, 1.0)  # the fraction of the zoomed window its largest side then fills
+    zoom_choices: tuple = ()  # each structure's window on one of these grids (multiples of the spacing), at random
     background_prob: float = 0.0  # samples that click on air and expect an empty mask (see the module's docstring)
     background_cases: tuple = ()  # names or globs of volumes whose label 0 is air; a real CT's air is found by HU
     background_margin_mm: float = 6.0  # the click on air is at least this far from anything that is not air
@@ -338,7 +339,9 @@ class WindowDataset(Dataset):
             else:
                 wanted = int(rng.choice(vol.values))
             center = vol.random_voxel(wanted, rng) + rng.uniform(-c.jitter, c.jitter, 3) * size
-            if c.zoom_prob and self.augment and rng.random() < c.zoom_prob:
+            if c.zoom_choices and self.augment:
+                zoom = float(rng.choice(c.zoom_choices))
+            elif c.zoom_prob and self.augment and rng.random() < c.zoom_prob:
                 zoom, box_center = self._zoom_for(vol, wanted, rng)
                 if zoom > 1.0:
                     center = box_center + rng.uniform(-c.jitter, c.jitter, 3) * size
@@ -346,7 +349,7 @@ class WindowDataset(Dataset):
             lo, hi = vol.foreground_box()
             center = rng.uniform(lo, hi + 1)
         start = window_start(center, size, shape)
-        if zoom > 1.0:  # the zoomed window's centre is the structure's, even where a plain window would be clamped
+        if zoom != 1.0:  # the zoomed window's centre is the structure's, even where a plain window would be clamped
             start = tuple(int(v) for v in np.round(center - (size - 1) / 2))
         d = {"label": vol.label, "start": start, "zoom": zoom}
         if vol.image is not None:  # a label map alone gets its image from the synthesis below
