@@ -50,8 +50,8 @@ def test_bfloat16_answers_as_float32_does(shared_data):
 
 
 def test_a_click_on_air_answers_a_small_mask_around_it_not_a_slab(shared_data):
-    """Outside the body of a CT (air, -1000 HU) the shipped model answers a small blob near the click (1,260-2,980 of
-    the CT's 1.4 M voxels at step 4,700: `scripts/air_clicks.py`); a mask that spreads through the air would be a slab
+    """Outside the body of a CT (air, -1000 HU) the shipped model answers a small blob near the click (1,925-3,335 of
+    the CT's 1.4 M voxels at step 5,200: `scripts/air_clicks.py`); a mask that spreads through the air would be a slab
     of the image."""
     from sam3d import Sam3DPredictor
     from sam3d.cli.air_clicks import AIR_CLICKS, air_answers
