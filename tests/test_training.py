@@ -498,9 +498,9 @@ def test_zoom_choices_show_each_structure_on_a_grid_drawn_from_them():
     cfg = SamplingConfig(
         size=32, min_voxels=8, random_window_prob=0.0, deform_prob=0.0, jitter=0.0, zoom_choices=(0.5, 2.0)
     )
-    seen = {0.5: [], 2.0: []}
+    windows, seen = WindowDataset([vol], EngineConfig(), cfg, seed=0), {0.5: [], 2.0: []}
     for i in range(16):
-        s = WindowDataset([vol], EngineConfig(), cfg, seed=0)[i]
+        s = windows[i]
         seen[s["zoom"]].append(float(s["label"].sum()) * s["zoom"] ** 3)  # model-grid voxels of organ in view
     assert all(seen.values())
     # a window on the finer grid sees a 16-voxel cube of the organ at most, on the coarser one up to a 64-voxel cube

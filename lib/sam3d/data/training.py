@@ -349,7 +349,7 @@ class WindowDataset(Dataset):
             lo, hi = vol.foreground_box()
             center = rng.uniform(lo, hi + 1)
         start = window_start(center, size, shape)
-        if zoom != 1.0:  # the zoomed window's centre is the structure's, even where a plain window would be clamped
+        if zoom != 1.0:  # a zoomed window stays centred where it was aimed, even where a plain window would be clamped
             start = tuple(int(v) for v in np.round(center - (size - 1) / 2))
         d = {"label": vol.label, "start": start, "zoom": zoom}
         if vol.image is not None:  # a label map alone gets its image from the synthesis below
